@@ -1,1 +1,1259 @@
-//! compile
+//! Compile: model + capabilities → [`Plan`] `{ hw, sw }`, deterministic and side-effect free.
+//!
+//! # How the rules are laid out
+//! Rules are ingress rules created per port (`rte_flow` ingress domain: groups are per port).
+//!
+//! **Group 0** classifies by port:
+//! - a VPC port: `eth type=IPv4|IPv6 → [meter(VPC)], mark(resume in VRF), jump(VRF chain)`;
+//! - an uplink: VXLAN to our VTEP with a known VNI and inner `eth type` →
+//!   `decap, mark(VPC VRF), jump(VPC chain)` (priority 0); any other VXLAN to our VTEP and every
+//!   NAT outside address → `queue` (software, priority 1); then `eth type → mark(underlay),
+//!   jump(underlay chain)` (priority 2). An uplink's final jump is installed only when every rule
+//!   above it is, so that nothing meant for software can fall through into the underlay table.
+//!
+//! **Longest-prefix match** lives in a chain of groups per (VRF, family). A route of length `L`
+//! gets the *level* `max_len − L` (0 for a /32 or /128). A group holds `P − 1` levels (`P` = the
+//! target's priorities) and closes with a catch-all at priority `P − 1` that jumps to the next
+//! group of the chain, or queues to software in the last one. So level `l` is group
+//! `chain[l / (P−1)]`, priority `l % (P−1)`, and a more specific route always wins: either a
+//! lower priority in the same group, or an earlier group. Groups are budgeted up front in a fixed
+//! order (underlay v4, underlay v6, then each VPC by table id, v4 then v6); levels beyond a
+//! truncated chain go to software as `PrioritiesExhausted` (they are the shortest prefixes,
+//! so no more specific hardware rule is harmed). On targets without groups (`TapLike`), routes
+//! go straight into group 0 of the VRF's own ports at priority `1 + level`, behind the
+//! classification traps.
+//!
+//! **Software routes inside hardware routes.** A route that must run in software gets a *trap*
+//! rule at its own level (`queue`), so a covering hardware route cannot steal its packets. When
+//! even the trap cannot be installed the route is *untrapped*, and every hardware route covering
+//! it is demoted to software (`ShadowsSoftwareRoute`), and no new covering route is put into
+//! hardware while it lasts. So `hw` then `sw` forwards every packet as the model does.
+//!
+//! **Capacity** is first come, first served in a canonical order (structure rules, then routes by
+//! table and prefix). An incremental update that frees space does not promote anything; the
+//! next full compile does. Correctness never depends on it.
+//!
+//! # What stays in software, by design
+//! ECMP (the IR has no hash-select action), VPC breakout to the underlay (with its NAT), NAPT44
+//! and NAT64 (stateful; established sessions may be offloaded later, see
+//! [`crate::soft::nat`]), VXLAN routes whose VTEP does not resolve.
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::caps::{Caps, Refusal};
+use crate::ir::{
+    self, mark, Action, ActionKind, Attr, EthFields, Ipv4Fields, Ipv6Fields, Item, L4Fields,
+    Masked, MeterRef, Rule, VxlanEncap, VxlanFields,
+};
+use crate::model::{
+    MacAddr, MeterProfile, MeterTarget, Model, Name, NatKind, Nexthop, ObjectKey,
+    PortId, Prefix, Route, RouteKey, TableId, UNDERLAY_TABLE,
+};
+
+/// IPv4 or IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    /// Both, in layout order.
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    fn of(p: &Prefix) -> Family {
+        if p.is_v4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    fn max_len(self) -> u32 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    /// The EtherType.
+    pub fn ethertype(self) -> u16 {
+        match self {
+            Family::V4 => 0x0800,
+            Family::V6 => 0x86dd,
+        }
+    }
+}
+
+/// The stable identity of a hardware rule: the same object always compiles to the same id, so
+/// reconcile can tell create from modify from destroy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum RuleId {
+    /// Group 0 of a VPC port: classify one family into the VPC's chain.
+    Classify {
+        /// The port.
+        port: PortId,
+        /// The family.
+        family: Family,
+    },
+    /// Group 0 of an uplink: decapsulate one VNI / inner family.
+    Decap {
+        /// The uplink.
+        port: PortId,
+        /// The VPC's table.
+        table: TableId,
+        /// Inner family.
+        family: Family,
+    },
+    /// Group 0 of an uplink: other VXLAN to our VTEP goes to software.
+    VxlanTrap {
+        /// The uplink.
+        port: PortId,
+    },
+    /// Group 0 of an uplink: a NAT outside block goes to software.
+    NatTrap {
+        /// The uplink.
+        port: PortId,
+        /// The block.
+        block: Prefix,
+    },
+    /// Group 0 of an uplink: everything else into the underlay chain.
+    UplinkDefault {
+        /// The uplink.
+        port: PortId,
+        /// The family.
+        family: Family,
+    },
+    /// The closing catch-all of one group of a chain.
+    ChainEnd {
+        /// The port the chain is instantiated on.
+        port: PortId,
+        /// The VRF.
+        table: TableId,
+        /// The family.
+        family: Family,
+        /// Position in the chain.
+        index: u32,
+    },
+    /// A route (or its trap), instantiated on one port.
+    Route {
+        /// The port.
+        port: PortId,
+        /// The route.
+        key: RouteKey,
+    },
+    /// The implicit route of a NAT64 prefix: always a trap.
+    Nat64Prefix {
+        /// The port.
+        port: PortId,
+        /// The rule.
+        nat: Name,
+    },
+}
+
+impl RuleId {
+    /// The model object a rule belongs to, for status reports.
+    pub fn object(&self) -> Option<ObjectKey> {
+        match self {
+            RuleId::Route { key, .. } => Some(ObjectKey::Route(*key)),
+            RuleId::Nat64Prefix { nat, .. } => Some(ObjectKey::Nat(nat.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// Why an object runs in software: machine-readable, shown to operators.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, thiserror::Error)]
+pub enum SwReason {
+    /// The target refuses the rule's shape (names the item or action).
+    #[error("target refuses the rule: {0}")]
+    Unsupported(Refusal),
+    /// No room in the rule table.
+    #[error("rule table full")]
+    TableFull,
+    /// No meter left.
+    #[error("no hardware meter left")]
+    MetersExhausted,
+    /// The prefix length has no priority level in the target's groups.
+    #[error("priorities exhausted for this prefix length")]
+    PrioritiesExhausted,
+    /// The VRF got no group from the budget or has no port to enter through.
+    #[error("VRF has no hardware path (groups exhausted or no ports)")]
+    NoHardwarePath,
+    /// Needs per-flow state (NAPT44, NAT64).
+    #[error("needs per-flow state")]
+    NeedsState,
+    /// ECMP needs a hash-select action the IR does not have.
+    #[error("ECMP runs in software")]
+    Ecmp,
+    /// Breakout from a VPC to the underlay (and its NAT) runs in software.
+    #[error("VPC breakout runs in software")]
+    Breakout,
+    /// The VXLAN next hop's VTEP has no usable underlay route.
+    #[error("remote VTEP {0} unresolved in the underlay")]
+    Unresolved(Ipv4Addr),
+    /// A more specific route runs in software and could not be trapped.
+    #[error("covers software route {0:?} that could not be trapped")]
+    ShadowsSoftwareRoute(RouteKey),
+    /// The object's meter runs in software.
+    #[error("its meter runs in software")]
+    MeterInSoftware,
+    /// Every object of a VPC whose ingress runs in software.
+    #[error("the VPC's ingress runs in software")]
+    VpcInSoftware,
+}
+
+/// What goes to hardware.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HwPlan {
+    /// Rules by identity.
+    pub rules: BTreeMap<RuleId, Rule>,
+    /// Meters by reference.
+    pub meters: BTreeMap<MeterRef, MeterProfile>,
+}
+
+/// The compiled plan. Every object of the model is in hardware unless `sw` names it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Hardware rules and meters.
+    pub hw: HwPlan,
+    /// Objects that run (wholly or partly) in software, and why.
+    pub sw: BTreeMap<ObjectKey, SwReason>,
+}
+
+/// A change to the hardware state, recorded as the compiler makes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Create a meter (before the rules using it).
+    CreateMeter(MeterRef, MeterProfile),
+    /// Change a meter's profile in place (`rte_mtr_meter_profile_update`).
+    UpdateMeter(MeterRef, MeterProfile),
+    /// Create a rule.
+    Create(RuleId, Rule),
+    /// Replace a rule: make before break (create the new one, then destroy the old).
+    Replace(RuleId, Rule),
+    /// Destroy a rule.
+    Destroy(RuleId),
+    /// Destroy a meter (after the rules using it).
+    DestroyMeter(MeterRef),
+}
+
+/// Where a (VRF, family)'s routes are instantiated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Chain {
+    /// Ports the chain is instantiated on.
+    ports: Vec<PortId>,
+    /// Group ids in order; empty in direct mode.
+    groups: Vec<u32>,
+    /// Levels available.
+    levels: u32,
+}
+
+/// Per (VRF, family) route placement state.
+#[derive(Debug, Clone, Default)]
+struct VrfState {
+    /// Software routes that have no trap.
+    untrapped: BTreeSet<Prefix>,
+    /// Hardware routes (forwarding rules, not traps).
+    in_hw: BTreeSet<Prefix>,
+}
+
+/// The compiler: holds the plan and what incremental updates need.
+#[derive(Debug, Clone)]
+pub struct Compiler {
+    caps: Caps,
+    plan: Plan,
+    chains: BTreeMap<(TableId, Family), Chain>,
+    vrfs: BTreeMap<(TableId, Family), VrfState>,
+    meter_refs: BTreeMap<Name, MeterRef>,
+    /// VXLAN route keys by remote VTEP, to recompile when the underlay changes.
+    vtep_users: BTreeMap<Ipv4Addr, BTreeSet<RouteKey>>,
+    ops: Vec<Op>,
+}
+
+/// A plan compiled from scratch.
+pub fn compile(model: &Model, caps: &Caps) -> Plan {
+    let mut c = Compiler::new(caps.clone());
+    c.rebuild(model);
+    c.plan
+}
+
+fn exact4(a: Ipv4Addr) -> Masked<Ipv4Fields> {
+    Masked {
+        spec: Ipv4Fields {
+            dst: a,
+            ..Default::default()
+        },
+        mask: Ipv4Fields {
+            dst: Ipv4Addr::BROADCAST,
+            ..Default::default()
+        },
+    }
+}
+
+fn eth_type(family: Family) -> Item {
+    Item::Eth(Masked {
+        spec: EthFields {
+            ethertype: family.ethertype(),
+            ..Default::default()
+        },
+        mask: EthFields {
+            ethertype: 0xffff,
+            ..Default::default()
+        },
+    })
+}
+
+fn dst_prefix_items(p: &Prefix, ethertype: bool) -> Vec<Item> {
+    let eth = if ethertype {
+        eth_type(Family::of(p))
+    } else {
+        Item::Eth(Masked::default())
+    };
+    let ip = match p.addr() {
+        IpAddr::V4(a) => Item::Ipv4(Masked {
+            spec: Ipv4Fields {
+                dst: a,
+                ..Default::default()
+            },
+            mask: Ipv4Fields {
+                dst: Ipv4Addr::from(crate::model::mask32(p.len())),
+                ..Default::default()
+            },
+        }),
+        IpAddr::V6(a) => Item::Ipv6(Masked {
+            spec: Ipv6Fields {
+                dst: a,
+                ..Default::default()
+            },
+            mask: Ipv6Fields {
+                dst: Ipv6Addr::from(crate::model::mask128(p.len())),
+                ..Default::default()
+            },
+        }),
+    };
+    vec![eth, ip]
+}
+
+impl Default for Masked<EthFields> {
+    fn default() -> Self {
+        Masked {
+            spec: EthFields::default(),
+            mask: EthFields::default(),
+        }
+    }
+}
+
+/// Group number of a chain member: stable across compiles.
+fn group_id(table: TableId, family: Family, index: u32) -> u32 {
+    let fam = match family {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    };
+    1 + ((table.0 << 9) | (fam << 8) | index)
+}
+
+fn trap() -> Vec<Action> {
+    vec![Action::Queue(ir::SOFTWARE_QUEUE)]
+}
+
+impl Compiler {
+    /// An empty compiler for a target.
+    pub fn new(caps: Caps) -> Compiler {
+        Compiler {
+            caps,
+            plan: Plan::default(),
+            chains: BTreeMap::new(),
+            vrfs: BTreeMap::new(),
+            meter_refs: BTreeMap::new(),
+            vtep_users: BTreeMap::new(),
+            ops: Vec::new(),
+        }
+    }
+
+    /// The plan in force.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The target's capabilities.
+    pub fn caps(&self) -> &Caps {
+        &self.caps
+    }
+
+    /// The operations made since the last call, in a safe order (see [`crate::reconcile`]).
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        crate::reconcile::order(std::mem::take(&mut self.ops))
+    }
+
+    /// Recompiles everything from the model (after VPC, NAT, meter or node changes, or to
+    /// re-pack capacity). Records the operations from the previous plan.
+    pub fn rebuild(&mut self, model: &Model) {
+        let old = std::mem::take(&mut self.plan);
+        let mut fresh = Compiler::new(self.caps.clone());
+        fresh.build(model);
+        self.ops.extend(crate::reconcile::diff(&old, &fresh.plan));
+        fresh.ops = std::mem::take(&mut self.ops);
+        *self = fresh;
+    }
+
+    /// Recompiles one route after the model changed it (created, replaced or deleted), and any
+    /// VXLAN routes whose VTEP resolution it changes. O(1) rules for a route that no VTEP
+    /// depends on.
+    pub fn update_route(&mut self, model: &Model, key: RouteKey) {
+        let vteps_before = self.vteps_resolved_by(model, key);
+        let was_untrapped = self.is_untrapped(key);
+        self.remove_route(key);
+        if let Some(route) = model.routes().get(&key) {
+            self.place_route(model, route);
+        }
+        if was_untrapped && !self.is_untrapped(key) {
+            // Routes demoted because of it may go back to hardware.
+            for len in (0..key.prefix.len()).rev() {
+                let cover = RouteKey {
+                    table: key.table,
+                    prefix: key.prefix.truncate(len),
+                };
+                let demoted_by_it = self.plan.sw.get(&ObjectKey::Route(cover))
+                    == Some(&SwReason::ShadowsSoftwareRoute(key));
+                if demoted_by_it {
+                    if let Some(route) = model.routes().get(&cover) {
+                        self.remove_route(cover);
+                        self.place_route(model, route);
+                    }
+                }
+            }
+        }
+        if key.table == UNDERLAY_TABLE && key.prefix.is_v4() {
+            let mut users: BTreeSet<RouteKey> = BTreeSet::new();
+            for (vtep, keys) in &self.vtep_users {
+                if key.prefix.contains(IpAddr::V4(*vtep)) || vteps_before.contains(vtep) {
+                    users.extend(keys.iter().copied());
+                }
+            }
+            for user in users {
+                self.remove_route(user);
+                if let Some(route) = model.routes().get(&user) {
+                    self.place_route(model, route);
+                }
+            }
+        }
+    }
+
+    fn is_untrapped(&self, key: RouteKey) -> bool {
+        self.vrfs
+            .get(&(key.table, Family::of(&key.prefix)))
+            .is_some_and(|v| v.untrapped.contains(&key.prefix))
+    }
+
+    fn vteps_resolved_by(&self, model: &Model, key: RouteKey) -> Vec<Ipv4Addr> {
+        if key.table != UNDERLAY_TABLE {
+            return Vec::new();
+        }
+        self.vtep_users
+            .keys()
+            .filter(|v| {
+                model
+                    .lookup(UNDERLAY_TABLE, IpAddr::V4(**v))
+                    .is_some_and(|r| r.key == key)
+            })
+            .copied()
+            .collect()
+    }
+
+    fn build(&mut self, model: &Model) {
+        self.alloc_meters(model);
+        self.alloc_chains(model);
+        self.build_structure(model);
+        for route in model.routes().values() {
+            self.place_route(model, route);
+        }
+        self.place_nat(model);
+    }
+
+    fn set_rule(&mut self, id: RuleId, rule: Option<Rule>) {
+        match (self.plan.hw.rules.get(&id), rule) {
+            (None, None) => {}
+            (Some(_), None) => {
+                self.plan.hw.rules.remove(&id);
+                self.ops.push(Op::Destroy(id));
+            }
+            (None, Some(r)) => {
+                self.ops.push(Op::Create(id.clone(), r.clone()));
+                self.plan.hw.rules.insert(id, r);
+            }
+            (Some(old), Some(r)) => {
+                if *old != r {
+                    self.ops.push(Op::Replace(id.clone(), r.clone()));
+                    self.plan.hw.rules.insert(id, r);
+                }
+            }
+        }
+    }
+
+    fn room_for(&self, n: usize) -> bool {
+        self.plan.hw.rules.len() + n <= self.caps.max_rules as usize
+    }
+
+    fn alloc_meters(&mut self, model: &Model) {
+        let usable = self.caps.actions.contains(&ActionKind::Meter);
+        for (i, (name, meter)) in model.meters().iter().enumerate() {
+            if usable && (i as u64) < u64::from(self.caps.max_meters) {
+                let r = MeterRef(i as u32);
+                self.meter_refs.insert(name.clone(), r);
+                self.plan.hw.meters.insert(r, meter.profile);
+                self.ops.push(Op::CreateMeter(r, meter.profile));
+            } else {
+                let reason = if usable {
+                    SwReason::MetersExhausted
+                } else {
+                    SwReason::Unsupported(Refusal::Action {
+                        index: 0,
+                        action: ActionKind::Meter,
+                    })
+                };
+                self.plan.sw.insert(ObjectKey::Meter(name.clone()), reason);
+            }
+        }
+    }
+
+    fn meter_ref(&self, model: &Model, target: &MeterTarget) -> Result<Option<MeterRef>, SwReason> {
+        match model.meter_for(target) {
+            None => Ok(None),
+            Some(m) => self
+                .meter_refs
+                .get(&m.name)
+                .copied()
+                .map(Some)
+                .ok_or(SwReason::MeterInSoftware),
+        }
+    }
+
+    fn alloc_chains(&mut self, model: &Model) {
+        let uplinks: Vec<PortId> = model
+            .node()
+            .map(|n| n.uplinks.iter().copied().collect())
+            .unwrap_or_default();
+        let mut vrfs: Vec<(TableId, Vec<PortId>)> = vec![(UNDERLAY_TABLE, uplinks.clone())];
+        for vpc in model.vpcs().values() {
+            vrfs.push((vpc.table, vpc.ports.iter().copied().collect()));
+        }
+        let grouped = self.caps.has_groups();
+        let p = self.caps.priorities;
+        let mut budget = self.caps.max_groups;
+        for (table, own_ports) in vrfs {
+            for family in Family::BOTH {
+                let needed_levels = family.max_len() + 1;
+                let chain = if grouped && p >= 2 {
+                    let per_group = p - 1;
+                    let want = needed_levels.div_ceil(per_group);
+                    let got = want.min(budget);
+                    budget -= got;
+                    let mut ports = own_ports.clone();
+                    if table != UNDERLAY_TABLE {
+                        ports.extend(uplinks.iter().copied());
+                    }
+                    ports.sort();
+                    ports.dedup();
+                    Chain {
+                        ports,
+                        groups: (0..got).map(|i| group_id(table, family, i)).collect(),
+                        levels: (got * per_group).min(needed_levels),
+                    }
+                } else {
+                    Chain {
+                        ports: own_ports.clone(),
+                        groups: Vec::new(),
+                        levels: needed_levels.min(p.saturating_sub(1)),
+                    }
+                };
+                self.chains.insert((table, family), chain);
+                self.vrfs.insert((table, family), VrfState::default());
+            }
+        }
+    }
+
+    /// Where a level lands: (group, priority), or None when out of levels.
+    fn slot(&self, chain: &Chain, level: u32) -> Option<(u32, u32)> {
+        if level >= chain.levels {
+            return None;
+        }
+        if chain.groups.is_empty() {
+            Some((0, 1 + level))
+        } else {
+            let per = self.caps.priorities - 1;
+            let g = chain.groups.get((level / per) as usize)?;
+            Some((*g, level % per))
+        }
+    }
+
+    fn build_structure(&mut self, model: &Model) {
+        let Some(node) = model.node().cloned() else {
+            return;
+        };
+        // Chain ends first: a jump may only target a group that is closed.
+        let chains: Vec<((TableId, Family), Chain)> =
+            self.chains.iter().map(|(k, c)| (*k, c.clone())).collect();
+        for ((table, family), chain) in &chains {
+            for port in &chain.ports {
+                for (i, g) in chain.groups.iter().enumerate() {
+                    let next = chain.groups.get(i + 1);
+                    let actions = match next {
+                        Some(n) => vec![Action::Jump(*n)],
+                        None => trap(),
+                    };
+                    let rule = Rule {
+                        port: *port,
+                        attr: ingress(*g, self.caps.priorities - 1),
+                        pattern: Vec::new(),
+                        actions,
+                    };
+                    let id = RuleId::ChainEnd {
+                        port: *port,
+                        table: *table,
+                        family: *family,
+                        index: i as u32,
+                    };
+                    if self.caps.check(&rule).is_ok() && self.room_for(1) {
+                        self.set_rule(id, Some(rule));
+                    }
+                }
+            }
+        }
+        // VPC ports.
+        for vpc in model.vpcs().values() {
+            let meter = self.meter_ref(model, &MeterTarget::Vpc(vpc.name.clone()));
+            let mut all_in = true;
+            for family in Family::BOTH {
+                let Some(chain) = self.chains.get(&(vpc.table, family)).cloned() else {
+                    continue;
+                };
+                let Some(first) = chain.groups.first().copied() else {
+                    // Direct mode: routes sit in group 0 of the VPC's ports; a VPC meter
+                    // cannot be expressed there.
+                    all_in &= !matches!(meter, Ok(Some(_)) | Err(_));
+                    continue;
+                };
+                if !chain_complete(&self.plan, &chain, vpc.table, family) {
+                    all_in = false;
+                    continue;
+                }
+                let mut actions = Vec::new();
+                match meter {
+                    Ok(Some(m)) => actions.push(Action::Meter(m)),
+                    Ok(None) => {}
+                    Err(_) => {
+                        all_in = false;
+                        continue;
+                    }
+                }
+                actions.push(Action::Mark(mark::resume_in_vrf(vpc.table.0)));
+                actions.push(Action::Jump(first));
+                for port in &vpc.ports {
+                    let rule = Rule {
+                        port: *port,
+                        attr: ingress(0, 0),
+                        pattern: vec![eth_type(family)],
+                        actions: actions.clone(),
+                    };
+                    if self.caps.check(&rule).is_ok() && self.room_for(1) {
+                        self.set_rule(
+                            RuleId::Classify {
+                                port: *port,
+                                family,
+                            },
+                            Some(rule),
+                        );
+                    } else {
+                        all_in = false;
+                    }
+                }
+            }
+            if !all_in || vpc.ports.is_empty() {
+                let reason = match meter {
+                    Err(r) => r,
+                    _ => SwReason::NoHardwarePath,
+                };
+                self.plan.sw.insert(ObjectKey::Vpc(vpc.name.clone()), reason);
+            }
+        }
+        // Uplinks.
+        let blocks: Vec<Prefix> = model
+            .nat_rules()
+            .values()
+            .filter_map(|n| n.kind.outside_v4())
+            .flat_map(|r| r.to_prefixes())
+            .collect();
+        let static66: Vec<Ipv6Addr> = model
+            .nat_rules()
+            .values()
+            .filter_map(|n| match n.kind {
+                NatKind::Static66 { outside, .. } => Some(outside),
+                _ => None,
+            })
+            .collect();
+        for port in node.uplinks.iter().copied() {
+            let mut complete = true;
+            let grouped = self.caps.has_groups();
+            // Decap per VPC and inner family.
+            if grouped {
+                for vpc in model.vpcs().values() {
+                    for family in Family::BOTH {
+                        let Some(chain) = self.chains.get(&(vpc.table, family)).cloned() else {
+                            continue;
+                        };
+                        let Some(first) = chain.groups.first().copied() else {
+                            continue;
+                        };
+                        if !chain_complete(&self.plan, &chain, vpc.table, family) {
+                            continue;
+                        }
+                        let mut pattern = vxlan_to(node.vtep);
+                        pattern.push(Item::Vxlan(Masked {
+                            spec: VxlanFields {
+                                vni: vpc.vni.get(),
+                            },
+                            mask: VxlanFields { vni: 0x00ff_ffff },
+                        }));
+                        pattern.push(eth_type(family));
+                        let rule = Rule {
+                            port,
+                            attr: ingress(0, 0),
+                            pattern,
+                            actions: vec![
+                                Action::VxlanDecap,
+                                Action::Mark(mark::resume_in_vrf(vpc.table.0)),
+                                Action::Jump(first),
+                            ],
+                        };
+                        // A refused decap is covered by the VXLAN trap below.
+                        if self.caps.check(&rule).is_ok() && self.room_for(1) {
+                            self.set_rule(
+                                RuleId::Decap {
+                                    port,
+                                    table: vpc.table,
+                                    family,
+                                },
+                                Some(rule),
+                            );
+                        }
+                    }
+                }
+            }
+            let prio = if grouped { 1 } else { 0 };
+            let vx = Rule {
+                port,
+                attr: ingress(0, prio),
+                pattern: vxlan_to(node.vtep),
+                actions: trap(),
+            };
+            complete &= self.try_rule(RuleId::VxlanTrap { port }, vx);
+            for block in &blocks {
+                let rule = Rule {
+                    port,
+                    attr: ingress(0, prio),
+                    pattern: dst_prefix_items(block, true),
+                    actions: trap(),
+                };
+                complete &= self.try_rule(
+                    RuleId::NatTrap {
+                        port,
+                        block: *block,
+                    },
+                    rule,
+                );
+            }
+            for a in &static66 {
+                let Ok(block) = Prefix::v6(*a, 128) else {
+                    continue;
+                };
+                let rule = Rule {
+                    port,
+                    attr: ingress(0, prio),
+                    pattern: dst_prefix_items(&block, true),
+                    actions: trap(),
+                };
+                complete &= self.try_rule(RuleId::NatTrap { port, block }, rule);
+            }
+            if !complete {
+                // Something meant for software would fall into the underlay table: keep the
+                // underlay's rules off this port.
+                for family in Family::BOTH {
+                    if let Some(chain) = self.chains.get_mut(&(UNDERLAY_TABLE, family)) {
+                        chain.ports.retain(|p| *p != port);
+                    }
+                }
+                for (id, _) in self.rules_of_port_chain(port) {
+                    self.set_rule(id, None);
+                }
+                continue;
+            }
+            if grouped {
+                for family in Family::BOTH {
+                    let Some(chain) = self.chains.get(&(UNDERLAY_TABLE, family)).cloned() else {
+                        continue;
+                    };
+                    let Some(first) = chain.groups.first().copied() else {
+                        continue;
+                    };
+                    if !chain_complete(&self.plan, &chain, UNDERLAY_TABLE, family) {
+                        continue;
+                    }
+                    let rule = Rule {
+                        port,
+                        attr: ingress(0, 2),
+                        pattern: vec![eth_type(family)],
+                        actions: vec![
+                            Action::Mark(mark::resume_in_vrf(UNDERLAY_TABLE.0)),
+                            Action::Jump(first),
+                        ],
+                    };
+                    self.try_rule(RuleId::UplinkDefault { port, family }, rule);
+                }
+            }
+        }
+        // Chains nobody can enter are useless: drop their ports so no route rule lands there.
+        let entered: Vec<(TableId, Family)> = self.chains.keys().copied().collect();
+        for (table, family) in entered {
+            let reachable: BTreeSet<PortId> = self
+                .plan
+                .hw
+                .rules
+                .iter()
+                .filter(|(_, r)| r.attr.group == 0)
+                .filter(|(_, r)| {
+                    self.chains.get(&(table, family)).is_some_and(|c| {
+                        c.groups
+                            .first()
+                            .is_some_and(|g| r.actions.contains(&Action::Jump(*g)))
+                    })
+                })
+                .map(|(_, r)| r.port)
+                .collect();
+            let direct = self
+                .chains
+                .get(&(table, family))
+                .is_some_and(|c| c.groups.is_empty());
+            if direct {
+                // Direct mode: usable on a VPC port when the VPC has no meter; on uplinks when
+                // the classification traps are in (ports were already pruned above).
+                if table != UNDERLAY_TABLE {
+                    let metered = model
+                        .vpc_by_table(table)
+                        .and_then(|v| model.meter_for(&MeterTarget::Vpc(v.name.clone())))
+                        .is_some();
+                    if metered {
+                        if let Some(c) = self.chains.get_mut(&(table, family)) {
+                            c.ports.clear();
+                        }
+                    }
+                }
+                continue;
+            }
+            let stale: Vec<PortId> = self
+                .chains
+                .get(&(table, family))
+                .map(|c| c.ports.iter().filter(|p| !reachable.contains(p)).copied().collect())
+                .unwrap_or_default();
+            for port in stale {
+                if let Some(c) = self.chains.get_mut(&(table, family)) {
+                    c.ports.retain(|p| *p != port);
+                }
+                let ends: Vec<RuleId> = self
+                    .plan
+                    .hw
+                    .rules
+                    .keys()
+                    .filter(|id| {
+                        matches!(id, RuleId::ChainEnd { port: p, table: t, family: f, .. }
+                            if *p == port && *t == table && *f == family)
+                    })
+                    .cloned()
+                    .collect();
+                for id in ends {
+                    self.set_rule(id, None);
+                }
+            }
+        }
+    }
+
+    fn rules_of_port_chain(&self, port: PortId) -> Vec<(RuleId, ())> {
+        self.plan
+            .hw
+            .rules
+            .keys()
+            .filter(|id| match id {
+                RuleId::ChainEnd { port: p, table, .. } => *p == port && *table == UNDERLAY_TABLE,
+                RuleId::UplinkDefault { port: p, .. } => *p == port,
+                _ => false,
+            })
+            .map(|id| (id.clone(), ()))
+            .collect()
+    }
+
+    fn try_rule(&mut self, id: RuleId, rule: Rule) -> bool {
+        if self.caps.check(&rule).is_ok() && self.room_for(1) {
+            self.set_rule(id, Some(rule));
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The forwarding actions a route wants in hardware, or why it cannot have them.
+    fn route_actions(&self, model: &Model, route: &Route) -> Result<Vec<Action>, SwReason> {
+        let Some(node) = model.node() else {
+            return Err(SwReason::NoHardwarePath);
+        };
+        if route.nexthops.len() > 1 {
+            return Err(SwReason::Ecmp);
+        }
+        let meter = self.meter_ref(model, &MeterTarget::Route(route.key))?;
+        let count = self.caps.actions.contains(&ActionKind::Count);
+        let mut actions = Vec::new();
+        let forward_prelude = |actions: &mut Vec<Action>| {
+            actions.push(Action::DecTtl);
+            if let Some(m) = meter {
+                actions.push(Action::Meter(m));
+            }
+            if count {
+                actions.push(Action::Count);
+            }
+        };
+        match route.nexthops.first() {
+            None => return Err(SwReason::NoHardwarePath),
+            Some(Nexthop::Blackhole) => {
+                if let Some(m) = meter {
+                    actions.push(Action::Meter(m));
+                }
+                if count {
+                    actions.push(Action::Count);
+                }
+                actions.push(Action::Drop);
+            }
+            Some(Nexthop::Vrf { .. }) => return Err(SwReason::Breakout),
+            Some(Nexthop::Underlay { port, mac, .. }) => {
+                forward_prelude(&mut actions);
+                actions.push(Action::SetMacSrc(node.router_mac));
+                actions.push(Action::SetMacDst(*mac));
+                actions.push(Action::Port(*port));
+            }
+            Some(Nexthop::Vxlan {
+                vni,
+                remote_vtep,
+                router_mac,
+            }) => {
+                let (port, mac) =
+                    resolve_vtep(model, *remote_vtep).ok_or(SwReason::Unresolved(*remote_vtep))?;
+                forward_prelude(&mut actions);
+                actions.push(Action::SetMacSrc(node.router_mac));
+                actions.push(Action::SetMacDst(*router_mac));
+                actions.push(Action::VxlanEncap(VxlanEncap {
+                    eth_src: node.router_mac,
+                    eth_dst: mac,
+                    ip_src: node.vtep,
+                    ip_dst: *remote_vtep,
+                    vni: vni.get(),
+                    udp_src: ir::vxlan_source_port(vni.get()),
+                }));
+                actions.push(Action::Port(port));
+            }
+        }
+        Ok(actions)
+    }
+
+    fn place_route(&mut self, model: &Model, route: &Route) {
+        let key = route.key;
+        let family = Family::of(&key.prefix);
+        if let Some(Nexthop::Vxlan { remote_vtep, .. }) = route.nexthops.first() {
+            self.vtep_users.entry(*remote_vtep).or_default().insert(key);
+        }
+        let Some(chain) = self.chains.get(&(key.table, family)).cloned() else {
+            self.plan.sw.insert(ObjectKey::Route(key), SwReason::NoHardwarePath);
+            return;
+        };
+        let level = family.max_len() - u32::from(key.prefix.len());
+        let slot = self.slot(&chain, level);
+        let wanted = if chain.ports.is_empty() {
+            Err(SwReason::NoHardwarePath)
+        } else if slot.is_none() {
+            Err(SwReason::PrioritiesExhausted)
+        } else {
+            self.route_actions(model, route)
+        };
+        let pattern = dst_prefix_items(&key.prefix, chain.groups.is_empty());
+        let make = |actions: Vec<Action>, port: PortId| {
+            slot.map(|(group, priority)| Rule {
+                port,
+                attr: ingress(group, priority),
+                pattern: pattern.clone(),
+                actions,
+            })
+        };
+        let n = chain.ports.len();
+        let shadows = self.covers_untrapped(key.table, family, &key.prefix);
+        // 1. Forward in hardware.
+        let reason = match wanted {
+            Ok(actions) => {
+                let rules: Vec<(PortId, Option<Rule>)> = chain
+                    .ports
+                    .iter()
+                    .map(|p| (*p, make(actions.clone(), *p)))
+                    .collect();
+                let refused = rules
+                    .iter()
+                    .find_map(|(_, r)| r.as_ref().and_then(|r| self.caps.check(r).err()));
+                match (refused, shadows) {
+                    (Some(refusal), _) => SwReason::Unsupported(refusal),
+                    (None, Some(s)) => SwReason::ShadowsSoftwareRoute(RouteKey {
+                        table: key.table,
+                        prefix: s,
+                    }),
+                    (None, None) if !self.room_for(n) => SwReason::TableFull,
+                    (None, None) => {
+                        for (port, rule) in rules {
+                            self.set_rule(RuleId::Route { port, key }, rule);
+                        }
+                        if let Some(v) = self.vrfs.get_mut(&(key.table, family)) {
+                            v.in_hw.insert(key.prefix);
+                        }
+                        self.plan.sw.remove(&ObjectKey::Route(key));
+                        return;
+                    }
+                }
+            }
+            Err(r) => r,
+        };
+        self.plan.sw.insert(ObjectKey::Route(key), reason);
+        // 2. Trap to software so no covering hardware route takes its packets.
+        let traps: Vec<(PortId, Option<Rule>)> =
+            chain.ports.iter().map(|p| (*p, make(trap(), *p))).collect();
+        let trappable = slot.is_some()
+            && !chain.ports.is_empty()
+            && traps
+                .iter()
+                .all(|(_, r)| r.as_ref().is_some_and(|r| self.caps.check(r).is_ok()))
+            && self.room_for(n);
+        if trappable {
+            for (port, rule) in traps {
+                self.set_rule(RuleId::Route { port, key }, rule);
+            }
+            return;
+        }
+        // 3. Untrapped: demote every hardware route covering it.
+        if let Some(v) = self.vrfs.get_mut(&(key.table, family)) {
+            v.untrapped.insert(key.prefix);
+        }
+        for len in (0..key.prefix.len()).rev() {
+            let cover = key.prefix.truncate(len);
+            let is_hw = self
+                .vrfs
+                .get(&(key.table, family))
+                .is_some_and(|v| v.in_hw.contains(&cover));
+            if is_hw {
+                let ck = RouteKey {
+                    table: key.table,
+                    prefix: cover,
+                };
+                self.drop_route_rules(ck, &chain.ports);
+                if let Some(v) = self.vrfs.get_mut(&(key.table, family)) {
+                    v.in_hw.remove(&cover);
+                }
+                self.plan
+                    .sw
+                    .insert(ObjectKey::Route(ck), SwReason::ShadowsSoftwareRoute(key));
+            }
+        }
+    }
+
+    fn drop_route_rules(&mut self, key: RouteKey, ports: &[PortId]) {
+        for port in ports {
+            self.set_rule(RuleId::Route { port: *port, key }, None);
+        }
+    }
+
+    fn remove_route(&mut self, key: RouteKey) {
+        let family = Family::of(&key.prefix);
+        let ports = self
+            .chains
+            .get(&(key.table, family))
+            .map(|c| c.ports.clone())
+            .unwrap_or_default();
+        self.drop_route_rules(key, &ports);
+        if let Some(v) = self.vrfs.get_mut(&(key.table, family)) {
+            v.in_hw.remove(&key.prefix);
+            v.untrapped.remove(&key.prefix);
+        }
+        self.plan.sw.remove(&ObjectKey::Route(key));
+        for users in self.vtep_users.values_mut() {
+            users.remove(&key);
+        }
+    }
+
+    /// Some untrapped software prefix strictly inside (or equal to) `p`.
+    fn covers_untrapped(&self, table: TableId, family: Family, p: &Prefix) -> Option<Prefix> {
+        let v = self.vrfs.get(&(table, family))?;
+        let lo = *p;
+        v.untrapped
+            .range(lo..)
+            .take_while(|u| p.contains(u.addr()))
+            .find(|u| p.covers(u))
+            .copied()
+    }
+
+    fn place_nat(&mut self, model: &Model) {
+        for nat in model.nat_rules().values() {
+            let key = ObjectKey::Nat(nat.name.clone());
+            match &nat.kind {
+                NatKind::Static44 { .. } | NatKind::Static66 { .. } => {
+                    self.plan.sw.insert(key, SwReason::Breakout);
+                }
+                NatKind::Napt44 { .. } => {
+                    self.plan.sw.insert(key, SwReason::NeedsState);
+                }
+                NatKind::Nat64 { prefix, .. } => {
+                    self.plan.sw.insert(key, SwReason::NeedsState);
+                    // The NAT64 prefix acts as a route of the VPC: trap it so covering
+                    // hardware routes do not take its packets; if that fails, demote them.
+                    let Some(vpc) = model.vpcs().get(&nat.vpc) else {
+                        continue;
+                    };
+                    let route = Route {
+                        key: RouteKey {
+                            table: vpc.table,
+                            prefix: *prefix,
+                        },
+                        nexthops: vec![Nexthop::Vrf {
+                            table: UNDERLAY_TABLE,
+                        }],
+                    };
+                    self.place_nat64_trap(&nat.name, &route);
+                }
+            }
+        }
+    }
+
+    fn place_nat64_trap(&mut self, nat: &Name, route: &Route) {
+        let key = route.key;
+        let Some(chain) = self.chains.get(&(key.table, Family::V6)).cloned() else {
+            return;
+        };
+        let level = 128 - u32::from(key.prefix.len());
+        let slot = self.slot(&chain, level);
+        let pattern = dst_prefix_items(&key.prefix, chain.groups.is_empty());
+        let rules: Vec<(PortId, Option<Rule>)> = chain
+            .ports
+            .iter()
+            .map(|p| {
+                (
+                    *p,
+                    slot.map(|(group, priority)| Rule {
+                        port: *p,
+                        attr: ingress(group, priority),
+                        pattern: pattern.clone(),
+                        actions: trap(),
+                    }),
+                )
+            })
+            .collect();
+        let ok = rules
+            .iter()
+            .all(|(_, r)| r.as_ref().is_some_and(|r| self.caps.check(r).is_ok()))
+            && self.room_for(rules.len());
+        if ok {
+            for (port, rule) in rules {
+                self.set_rule(
+                    RuleId::Nat64Prefix {
+                        port,
+                        nat: nat.clone(),
+                    },
+                    rule,
+                );
+            }
+            return;
+        }
+        if let Some(v) = self.vrfs.get_mut(&(key.table, Family::V6)) {
+            v.untrapped.insert(key.prefix);
+        }
+        for len in (0..key.prefix.len()).rev() {
+            let cover = key.prefix.truncate(len);
+            let is_hw = self
+                .vrfs
+                .get(&(key.table, Family::V6))
+                .is_some_and(|v| v.in_hw.contains(&cover));
+            if is_hw {
+                let ck = RouteKey {
+                    table: key.table,
+                    prefix: cover,
+                };
+                self.drop_route_rules(ck, &chain.ports);
+                if let Some(v) = self.vrfs.get_mut(&(key.table, Family::V6)) {
+                    v.in_hw.remove(&cover);
+                }
+                self.plan
+                    .sw
+                    .insert(ObjectKey::Route(ck), SwReason::ShadowsSoftwareRoute(key));
+            }
+        }
+    }
+}
+
+/// Whether every group of a chain is closed on every port of the chain.
+fn chain_complete(plan: &Plan, chain: &Chain, table: TableId, family: Family) -> bool {
+    chain.ports.iter().all(|port| {
+        (0..chain.groups.len()).all(|index| {
+            plan.hw.rules.contains_key(&RuleId::ChainEnd {
+                port: *port,
+                table,
+                family,
+                index: index as u32,
+            })
+        })
+    })
+}
+
+fn ingress(group: u32, priority: u32) -> Attr {
+    Attr {
+        group,
+        priority,
+        ingress: true,
+        egress: false,
+        transfer: false,
+    }
+}
+
+fn vxlan_to(vtep: Ipv4Addr) -> Vec<Item> {
+    let mut ip = exact4(vtep);
+    ip.spec.proto = 17;
+    ip.mask.proto = 0xff;
+    vec![
+        eth_type(Family::V4),
+        Item::Ipv4(ip),
+        Item::Udp(Masked {
+            spec: L4Fields {
+                src_port: 0,
+                dst_port: crate::packet::VXLAN_PORT,
+            },
+            mask: L4Fields {
+                src_port: 0,
+                dst_port: 0xffff,
+            },
+        }),
+    ]
+}
+
+/// The underlay next hop (port, MAC) toward a remote VTEP: the longest underlay route covering
+/// it, which must have underlay next hops; with ECMP, the first. The software pipeline uses the
+/// same rule.
+pub fn resolve_vtep(model: &Model, vtep: Ipv4Addr) -> Option<(PortId, MacAddr)> {
+    let route = model.lookup(UNDERLAY_TABLE, IpAddr::V4(vtep))?;
+    match route.nexthops.first()? {
+        Nexthop::Underlay { port, mac, .. } => Some((*port, *mac)),
+        _ => None,
+    }
+}
