@@ -20,4 +20,5 @@ pub mod packet;
 pub mod reconcile;
 pub mod refnic;
 pub mod soft;
+pub mod status;
 pub mod wire;
