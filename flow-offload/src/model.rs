@@ -222,6 +222,8 @@ pub struct Prefix {
     len: u8,
 }
 
+// `len` is the prefix length, not a collection size.
+#[allow(clippy::len_without_is_empty)]
 impl Prefix {
     /// A prefix; refuses lengths beyond the family and set host bits.
     pub fn new(addr: IpAddr, len: u8) -> Result<Prefix, Problem> {
