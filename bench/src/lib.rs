@@ -1,1 +1,4 @@
-//! placeholder
+//! Benchmarks of the offload core, and the table generators they use.
+#![forbid(unsafe_code)]
+
+pub mod tables;

@@ -1,1 +1,1225 @@
-//! lpm
+//! Longest-prefix match for the software pipeline: one table per VRF and address family.
+//!
+//! # Layout
+//!
+//! A fixed-stride multibit trie with controlled prefix expansion. The first level is a
+//! 65536-entry array indexed by the top 16 bits of the key; every further level is a 256-entry
+//! *group* indexed by the next 8 bits (IPv4: 16 + 8 + 8, IPv6: 16 + 14 × 8). Groups live in one
+//! `Vec<u32>` arena and are recycled through an intrusive free list.
+//!
+//! Every entry is 4 bytes: `valid` (bit 31), `group` (bit 30), the prefix length (`depth`) of
+//! the route that filled it (bits 29..22) and a 22-bit payload, the group index or the value.
+//! A lookup reads the first level and then follows group indices: no hashing, no allocation,
+//! at most 3 dependent loads for IPv4.
+//!
+//! # Rule store
+//!
+//! Updates must know the exact routes, to return the previous value and to find the covering
+//! route that a removal restores. A route of length 16, 24, 32, … (the end of a stride) fills
+//! exactly one entry, so the trie itself stores it exactly: the entry is a leaf of that depth,
+//! or it points to a child group whose *default* (the entry the child replaced, kept in a
+//! parallel `Vec<u32>`) has that depth. All other lengths are kept in one `HashMap<K, u32>` per
+//! length. On an Internet-like IPv4 table this keeps 60 % of the routes (the /24s) out of the
+//! hash maps, which is what keeps a 1M-route table under 96 MiB.
+//!
+//! A removal restores the longest remaining route shorter than the removed one: within the
+//! removed route's own stride it is found in the hash maps, above it it is the group default.
+//! A group whose entries all equal its default holds no route and no child; it is freed and
+//! its parent entry set back to the default, so memory stays bounded under churn, and a table
+//! emptied of all routes holds exactly the memory of a new one.
+//!
+//! A failed [`Lpm::insert`] leaves the table unchanged: every check (length, host bits, value,
+//! route and group limits) runs before the first mutation.
+
+use core::fmt;
+use core::hash::Hash;
+use core::mem::size_of;
+use std::collections::HashMap;
+
+/// Largest value a route can carry (22 bits).
+pub const MAX_VALUE: u32 = PAYLOAD;
+
+/// Bits of the key consumed by the first level.
+const L1_BITS: u32 = 16;
+/// Entries in the first level.
+const L1_SIZE: usize = 1 << L1_BITS;
+/// Bits consumed by every further level.
+const STRIDE: u32 = 8;
+/// Entries in one group.
+const GROUP_SIZE: usize = 1 << STRIDE;
+/// The entry holds something (a route or a group).
+const VALID: u32 = 1 << 31;
+/// The entry points to a group.
+const GROUP: u32 = 1 << 30;
+/// Position of the depth (prefix length) field.
+const DEPTH_SHIFT: u32 = 22;
+/// The payload: a value or a group index.
+const PAYLOAD: u32 = (1 << DEPTH_SHIFT) - 1;
+/// An empty entry.
+const INVALID: u32 = 0;
+/// Group indices fit the payload.
+const MAX_GROUPS: usize = 1 << DEPTH_SHIFT;
+/// End of the free list.
+const NO_GROUP: u32 = u32::MAX;
+/// Levels of the deepest trie (IPv6: the first level + 14 groups), with room to spare.
+const MAX_LEVELS: usize = 16;
+/// Keys per chunk in [`Lpm::lookup_batch`].
+const BATCH: usize = 16;
+
+mod sealed {
+    /// Key operations used by the trie; sealed so that only `u32` and `u128` are keys.
+    pub trait Sealed: Sized {
+        /// The top 16 bits, as a first-level index.
+        fn top16(self) -> usize;
+        /// The 8 bits at `shift` (`(self >> shift) & 0xff`).
+        fn byte_at(self, shift: u32) -> usize;
+        /// The key with only its top `len` bits kept.
+        fn masked(self, len: u8) -> Self;
+        /// Numeric widening.
+        fn to_u128(self) -> u128;
+        /// Numeric narrowing (the value must fit).
+        fn from_u128(v: u128) -> Self;
+    }
+}
+
+/// A key type for [`Lpm`]: `u32` (IPv4) or `u128` (IPv6), most significant bit first.
+pub trait LpmKey: sealed::Sealed + Copy + Eq + Hash + fmt::Debug {
+    /// Key width in bits.
+    const BITS: u8;
+}
+
+macro_rules! impl_key {
+    ($t:ty) => {
+        impl sealed::Sealed for $t {
+            #[inline(always)]
+            fn top16(self) -> usize {
+                (self >> (<$t>::BITS - L1_BITS)) as usize
+            }
+            #[inline(always)]
+            fn byte_at(self, shift: u32) -> usize {
+                (self.wrapping_shr(shift) & 0xff) as usize
+            }
+            #[inline]
+            fn masked(self, len: u8) -> Self {
+                match <$t>::BITS
+                    .checked_sub(u32::from(len))
+                    .and_then(|s| <$t>::MAX.checked_shl(s))
+                {
+                    Some(m) => self & m,
+                    None => 0,
+                }
+            }
+            #[inline]
+            fn to_u128(self) -> u128 {
+                u128::from(self)
+            }
+            #[inline]
+            #[allow(clippy::unnecessary_cast)]
+            fn from_u128(v: u128) -> Self {
+                v as $t
+            }
+        }
+        impl LpmKey for $t {
+            const BITS: u8 = <$t>::BITS as u8;
+        }
+    };
+}
+
+impl_key!(u32);
+impl_key!(u128);
+
+/// Size limits of one table; nothing is reserved up front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LpmLimits {
+    /// Most routes the table holds.
+    pub max_routes: usize,
+    /// Most 256-entry groups (1 KiB each) the table allocates (capped at 2^22).
+    pub max_groups: usize,
+}
+
+impl Default for LpmLimits {
+    /// Generous: 16M routes, 1M groups (1 GiB of groups).
+    fn default() -> Self {
+        LpmLimits {
+            max_routes: 1 << 24,
+            max_groups: 1 << 20,
+        }
+    }
+}
+
+/// Why an update was refused; the table is unchanged.
+#[derive(thiserror::Error, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LpmError {
+    /// The prefix length exceeds the key width.
+    #[error("prefix length {len} exceeds {max}")]
+    InvalidLength {
+        /// The length given.
+        len: u8,
+        /// The key width.
+        max: u8,
+    },
+    /// The address has bits set beyond the prefix length.
+    #[error("address has host bits set beyond the prefix length")]
+    HostBitsSet,
+    /// The value exceeds [`MAX_VALUE`].
+    #[error("value {value} exceeds the largest storable value")]
+    ValueTooLarge {
+        /// The value given.
+        value: u32,
+    },
+    /// The table already holds `max_routes` routes.
+    #[error("route table full ({max_routes} routes)")]
+    TableFull {
+        /// The limit.
+        max_routes: usize,
+    },
+    /// The route needs more groups than the limit allows.
+    #[error("trie groups exhausted ({max_groups} groups)")]
+    GroupsExhausted {
+        /// The limit.
+        max_groups: usize,
+    },
+}
+
+/// Which entries a [`Lpm::spread`] overwrites.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// Insert of a route of this length: empty entries and those of routes no longer.
+    Insert(u8),
+    /// Removal of a route of this length: exactly its entries.
+    Remove(u8),
+}
+
+impl Mode {
+    #[inline]
+    fn matches(self, e: u32) -> bool {
+        match self {
+            Mode::Insert(len) => e & VALID == 0 || depth(e) <= len,
+            Mode::Remove(len) => e & VALID != 0 && depth(e) == len,
+        }
+    }
+}
+
+/// A table of the trie: the first level or a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tab {
+    L1,
+    Group(usize),
+}
+
+#[inline]
+fn depth(e: u32) -> u8 {
+    ((e >> DEPTH_SHIFT) & 0xff) as u8
+}
+
+#[inline]
+fn leaf(len: u8, value: u32) -> u32 {
+    VALID | (u32::from(len) << DEPTH_SHIFT) | (value & PAYLOAD)
+}
+
+#[inline]
+fn pointer(g: usize) -> u32 {
+    VALID | GROUP | (g as u32 & PAYLOAD)
+}
+
+#[inline]
+fn group_of(e: u32) -> usize {
+    (e & PAYLOAD) as usize
+}
+
+#[inline]
+fn value_of(e: u32) -> Option<u32> {
+    if e & VALID != 0 {
+        Some(e & PAYLOAD)
+    } else {
+        None
+    }
+}
+
+/// The level whose table holds the entries of a route of length `len` (0 = first level).
+#[inline]
+fn level_of(len: u8) -> usize {
+    if len <= L1_BITS as u8 {
+        0
+    } else {
+        usize::from((len - L1_BITS as u8 - 1) / STRIDE as u8) + 1
+    }
+}
+
+/// The prefix length at the end of level `k`'s stride.
+#[inline]
+fn stride_end(k: usize) -> u8 {
+    (L1_BITS as usize + STRIDE as usize * k) as u8
+}
+
+/// Whether routes of this length are stored by the trie itself (one entry each).
+#[inline]
+fn is_boundary(len: u8) -> bool {
+    len >= L1_BITS as u8 && (len - L1_BITS as u8) & (STRIDE as u8 - 1) == 0
+}
+
+/// The index of `addr` in its table at level `k`.
+#[inline]
+fn index_at<K: LpmKey>(addr: K, k: usize) -> usize {
+    if k == 0 {
+        addr.top16()
+    } else {
+        addr.byte_at(u32::from(K::BITS).saturating_sub(u32::from(stride_end(k))))
+    }
+}
+
+/// Heap bytes of a hash map, from its capacity (hashbrown layout: a power-of-two bucket
+/// count at most 7/8 full, one control byte per bucket plus one SIMD group).
+fn map_bytes<K>(m: &HashMap<K, u32>) -> usize {
+    let cap = m.capacity();
+    if cap == 0 {
+        return 0;
+    }
+    let buckets = (cap.saturating_mul(8) / 7).next_power_of_two().max(4);
+    buckets * (size_of::<(K, u32)>() + 1) + 16
+}
+
+/// A longest-prefix-match table.
+#[derive(Clone)]
+pub struct Lpm<K: LpmKey> {
+    /// The first level, indexed by the top 16 bits.
+    l1: Box<[u32; L1_SIZE]>,
+    /// All groups, 256 entries each; a free group's first entry links the free list.
+    arena: Vec<u32>,
+    /// Per group: the entry its parent held before the group was created, kept up to date
+    /// (the longest route covering the group's whole range, or empty).
+    defaults: Vec<u32>,
+    /// First free group, or `NO_GROUP`.
+    free_head: u32,
+    /// Groups reachable from the first level.
+    groups_in_use: usize,
+    /// Routes of non-boundary lengths, indexed by length; boundary lengths stay empty.
+    maps: Vec<HashMap<K, u32>>,
+    /// Routes stored.
+    routes: usize,
+    limits: LpmLimits,
+}
+
+/// An IPv4 table.
+pub type Lpm4 = Lpm<u32>;
+/// An IPv6 table.
+pub type Lpm6 = Lpm<u128>;
+
+impl<K: LpmKey> fmt::Debug for Lpm<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lpm")
+            .field("bits", &K::BITS)
+            .field("routes", &self.routes)
+            .field("groups", &self.groups_in_use)
+            .field("memory_bytes", &self.memory_bytes())
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl<K: LpmKey> Default for Lpm<K> {
+    fn default() -> Self {
+        Self::new(LpmLimits::default())
+    }
+}
+
+impl<K: LpmKey> Lpm<K> {
+    /// An empty table (256 KiB for the first level).
+    pub fn new(limits: LpmLimits) -> Self {
+        let l1: Box<[u32; L1_SIZE]> = match vec![INVALID; L1_SIZE].into_boxed_slice().try_into() {
+            Ok(b) => b,
+            Err(_) => Box::new([INVALID; L1_SIZE]),
+        };
+        Lpm {
+            l1,
+            arena: Vec::new(),
+            defaults: Vec::new(),
+            free_head: NO_GROUP,
+            groups_in_use: 0,
+            maps: (0..=K::BITS).map(|_| HashMap::new()).collect(),
+            routes: 0,
+            limits,
+        }
+    }
+
+    /// The limits given at creation.
+    pub fn limits(&self) -> LpmLimits {
+        self.limits
+    }
+
+    /// Routes stored.
+    pub fn len(&self) -> usize {
+        self.routes
+    }
+
+    /// Whether no route is stored.
+    pub fn is_empty(&self) -> bool {
+        self.routes == 0
+    }
+
+    /// Groups in use (1 KiB each).
+    pub fn group_count(&self) -> usize {
+        self.groups_in_use
+    }
+
+    /// Heap bytes held, from capacities: the first level, the group arena (including free
+    /// groups), the group defaults and the hash maps of the rule store.
+    pub fn memory_bytes(&self) -> usize {
+        size_of::<[u32; L1_SIZE]>()
+            + self.arena.capacity() * size_of::<u32>()
+            + self.defaults.capacity() * size_of::<u32>()
+            + self.maps.capacity() * size_of::<HashMap<K, u32>>()
+            + self.maps.iter().map(map_bytes).sum::<usize>()
+    }
+
+    /// The longest-prefix match for `key`.
+    #[inline]
+    pub fn lookup(&self, key: K) -> Option<u32> {
+        let mut e = self.l1[key.top16()];
+        let mut shift = u32::from(K::BITS) - L1_BITS;
+        while e & GROUP != 0 {
+            shift = shift.wrapping_sub(STRIDE);
+            let i = (group_of(e) << STRIDE) | key.byte_at(shift);
+            e = self.arena.get(i).copied().unwrap_or(INVALID);
+        }
+        value_of(e)
+    }
+
+    /// [`Lpm::lookup`] for every key: `out[i]` is the match of `keys[i]`. Keys are processed
+    /// in chunks, one level at a time, so that the loads of a chunk overlap. Only
+    /// `min(keys.len(), out.len())` results are written.
+    pub fn lookup_batch(&self, keys: &[K], out: &mut [Option<u32>]) {
+        for (kc, oc) in keys.chunks(BATCH).zip(out.chunks_mut(BATCH)) {
+            let mut ent = [INVALID; BATCH];
+            let mut any = 0;
+            for (e, &k) in ent.iter_mut().zip(kc) {
+                *e = self.l1[k.top16()];
+                any |= *e;
+            }
+            let mut shift = u32::from(K::BITS) - L1_BITS;
+            while any & GROUP != 0 {
+                shift = shift.wrapping_sub(STRIDE);
+                any = 0;
+                for (e, &k) in ent.iter_mut().zip(kc) {
+                    if *e & GROUP != 0 {
+                        let i = (group_of(*e) << STRIDE) | k.byte_at(shift);
+                        *e = self.arena.get(i).copied().unwrap_or(INVALID);
+                    }
+                    any |= *e;
+                }
+            }
+            for (o, &e) in oc.iter_mut().zip(ent.iter().take(kc.len())) {
+                *o = value_of(e);
+            }
+        }
+    }
+
+    /// The value of exactly this prefix, if stored (`None` for an invalid prefix).
+    pub fn get(&self, addr: K, len: u8) -> Option<u32> {
+        if Self::check_prefix(addr, len).is_err() {
+            return None;
+        }
+        if !is_boundary(len) {
+            return self.maps.get(usize::from(len))?.get(&addr).copied();
+        }
+        let k = level_of(len);
+        let tab = self.find(addr, k)?;
+        let mut e = self.entry(tab, index_at(addr, k));
+        if e & GROUP != 0 {
+            e = self.defaults.get(group_of(e)).copied().unwrap_or(INVALID);
+        }
+        if e & VALID != 0 && depth(e) == len {
+            value_of(e)
+        } else {
+            None
+        }
+    }
+
+    /// Adds the route `addr/len → value`, or replaces the value of that exact prefix;
+    /// returns the previous value. On error the table is unchanged.
+    pub fn insert(&mut self, addr: K, len: u8, value: u32) -> Result<Option<u32>, LpmError> {
+        Self::check_prefix(addr, len)?;
+        if value > MAX_VALUE {
+            return Err(LpmError::ValueTooLarge { value });
+        }
+        let old = self.get(addr, len);
+        let k = level_of(len);
+        if old.is_none() {
+            if self.routes >= self.limits.max_routes {
+                return Err(LpmError::TableFull {
+                    max_routes: self.limits.max_routes,
+                });
+            }
+            let needed = self.groups_needed(addr, k);
+            if self.groups_in_use + needed > self.limits.max_groups.min(MAX_GROUPS) {
+                return Err(LpmError::GroupsExhausted {
+                    max_groups: self.limits.max_groups,
+                });
+            }
+        }
+        let tab = self.make_path(addr, k);
+        if !is_boundary(len) {
+            if let Some(m) = self.maps.get_mut(usize::from(len)) {
+                m.insert(addr, value);
+            }
+        }
+        let (lo, hi) = Self::range(addr, len, k);
+        self.spread(tab, lo, hi, leaf(len, value), Mode::Insert(len));
+        if old.is_none() {
+            self.routes += 1;
+        }
+        Ok(old)
+    }
+
+    /// Removes the route `addr/len`; returns its value, or `None` if it was not stored.
+    /// Addresses it matched fall back to the longest remaining covering route.
+    pub fn remove(&mut self, addr: K, len: u8) -> Result<Option<u32>, LpmError> {
+        Self::check_prefix(addr, len)?;
+        let Some(old) = self.get(addr, len) else {
+            return Ok(None);
+        };
+        let k = level_of(len);
+        let mut path = [Tab::L1; MAX_LEVELS];
+        let Some(tab) = self.walk(addr, k, &mut path) else {
+            return Ok(None);
+        };
+
+        // The longest remaining route covering this one: first within this stride (the
+        // non-boundary lengths in the hash maps), then above it (the group default).
+        let first = if k == 0 { 0 } else { stride_end(k - 1) + 1 };
+        let mut cover = match tab {
+            Tab::L1 => INVALID,
+            Tab::Group(g) => self.defaults.get(g).copied().unwrap_or(INVALID),
+        };
+        for l in (first..len).rev() {
+            let Some(m) = self.maps.get(usize::from(l)) else {
+                continue;
+            };
+            if m.is_empty() {
+                continue;
+            }
+            if let Some(&v) = m.get(&addr.masked(l)) {
+                cover = leaf(l, v);
+                break;
+            }
+        }
+
+        if !is_boundary(len) {
+            if let Some(m) = self.maps.get_mut(usize::from(len)) {
+                m.remove(&addr);
+                if m.is_empty() {
+                    m.shrink_to_fit();
+                } else if m.len() * 4 < m.capacity() {
+                    m.shrink_to(m.len() * 2);
+                }
+            }
+        }
+        let (lo, hi) = Self::range(addr, len, k);
+        self.spread(tab, lo, hi, cover, Mode::Remove(len));
+        self.routes -= 1;
+
+        // Free the groups left without routes or children, bottom up.
+        let mut j = k;
+        while j > 0 {
+            let Some(&Tab::Group(g)) = path.get(j) else {
+                break;
+            };
+            let d = self.defaults.get(g).copied().unwrap_or(INVALID);
+            if !self.table(Tab::Group(g)).iter().all(|&e| e == d) {
+                break;
+            }
+            let parent = path.get(j - 1).copied().unwrap_or(Tab::L1);
+            self.set_entry(parent, index_at(addr, j - 1), d);
+            self.free_group(g);
+            j -= 1;
+        }
+        Ok(Some(old))
+    }
+
+    /// All routes as `(addr, len, value)`, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (K, u8, u32)> + '_ {
+        let hashed = self
+            .maps
+            .iter()
+            .enumerate()
+            .flat_map(|(l, m)| m.iter().map(move |(&a, &v)| (a, l as u8, v)));
+        hashed.chain(BoundaryIter {
+            lpm: self,
+            stack: vec![Frame {
+                tab: Tab::L1,
+                next: 0,
+                level: 0,
+                base: 0,
+            }],
+        })
+    }
+
+    fn check_prefix(addr: K, len: u8) -> Result<(), LpmError> {
+        if len > K::BITS {
+            return Err(LpmError::InvalidLength { len, max: K::BITS });
+        }
+        if addr.masked(len) != addr {
+            return Err(LpmError::HostBitsSet);
+        }
+        Ok(())
+    }
+
+    /// The entry range `[lo, hi)` of route `addr/len` in its table at level `k`.
+    fn range(addr: K, len: u8, k: usize) -> (usize, usize) {
+        let lo = index_at(addr, k);
+        (lo, lo + (1usize << (stride_end(k) - len)))
+    }
+
+    fn table(&self, tab: Tab) -> &[u32] {
+        match tab {
+            Tab::L1 => &self.l1[..],
+            Tab::Group(g) => self
+                .arena
+                .get(g * GROUP_SIZE..(g + 1) * GROUP_SIZE)
+                .unwrap_or(&[]),
+        }
+    }
+
+    fn table_mut(&mut self, tab: Tab) -> &mut [u32] {
+        match tab {
+            Tab::L1 => &mut self.l1[..],
+            Tab::Group(g) => self
+                .arena
+                .get_mut(g * GROUP_SIZE..(g + 1) * GROUP_SIZE)
+                .unwrap_or(&mut []),
+        }
+    }
+
+    fn entry(&self, tab: Tab, i: usize) -> u32 {
+        self.table(tab).get(i).copied().unwrap_or(INVALID)
+    }
+
+    fn set_entry(&mut self, tab: Tab, i: usize, e: u32) {
+        if let Some(slot) = self.table_mut(tab).get_mut(i) {
+            *slot = e;
+        }
+    }
+
+    /// The table at level `k` on the path of `addr`, if all its groups exist.
+    fn find(&self, addr: K, k: usize) -> Option<Tab> {
+        let mut tab = Tab::L1;
+        for j in 0..k {
+            let e = self.entry(tab, index_at(addr, j));
+            if e & GROUP == 0 {
+                return None;
+            }
+            tab = Tab::Group(group_of(e));
+        }
+        Some(tab)
+    }
+
+    /// Like [`Lpm::find`], recording the table of every level in `path`.
+    fn walk(&self, addr: K, k: usize, path: &mut [Tab; MAX_LEVELS]) -> Option<Tab> {
+        let mut tab = Tab::L1;
+        for j in 0..k {
+            let e = self.entry(tab, index_at(addr, j));
+            if e & GROUP == 0 {
+                return None;
+            }
+            tab = Tab::Group(group_of(e));
+            *path.get_mut(j + 1)? = tab;
+        }
+        Some(tab)
+    }
+
+    /// Groups that [`Lpm::make_path`] would allocate.
+    fn groups_needed(&self, addr: K, k: usize) -> usize {
+        let mut tab = Tab::L1;
+        for j in 0..k {
+            let e = self.entry(tab, index_at(addr, j));
+            if e & GROUP == 0 {
+                return k - j;
+            }
+            tab = Tab::Group(group_of(e));
+        }
+        0
+    }
+
+    /// The table at level `k` on the path of `addr`, creating missing groups.
+    fn make_path(&mut self, addr: K, k: usize) -> Tab {
+        let mut tab = Tab::L1;
+        for j in 0..k {
+            let i = index_at(addr, j);
+            let e = self.entry(tab, i);
+            let g = if e & GROUP != 0 {
+                group_of(e)
+            } else {
+                let g = self.alloc_group(e);
+                self.set_entry(tab, i, pointer(g));
+                g
+            };
+            tab = Tab::Group(g);
+        }
+        tab
+    }
+
+    /// Writes `new` into the entries `[lo, hi)` of `tab` that `mode` selects, and into the
+    /// groups below whose default it selects.
+    fn spread(&mut self, tab: Tab, lo: usize, hi: usize, new: u32, mode: Mode) {
+        let mut children = false;
+        if let Some(s) = self.table_mut(tab).get_mut(lo..hi) {
+            for e in s {
+                if *e & GROUP != 0 {
+                    children = true;
+                } else if mode.matches(*e) {
+                    *e = new;
+                }
+            }
+        }
+        if !children {
+            return;
+        }
+        for i in lo..hi {
+            let e = self.entry(tab, i);
+            if e & GROUP == 0 {
+                continue;
+            }
+            let g = group_of(e);
+            match self.defaults.get_mut(g) {
+                Some(d) if mode.matches(*d) => *d = new,
+                _ => continue,
+            }
+            self.spread(Tab::Group(g), 0, GROUP_SIZE, new, mode);
+        }
+    }
+
+    /// A group filled with `default`; the caller links it.
+    fn alloc_group(&mut self, default: u32) -> usize {
+        self.groups_in_use += 1;
+        if self.free_head != NO_GROUP {
+            let g = self.free_head as usize;
+            let base = g * GROUP_SIZE;
+            self.free_head = self.arena.get(base).copied().unwrap_or(NO_GROUP);
+            if let Some(s) = self.arena.get_mut(base..base + GROUP_SIZE) {
+                s.fill(default);
+            }
+            if let Some(d) = self.defaults.get_mut(g) {
+                *d = default;
+            }
+            return g;
+        }
+        let g = self.defaults.len();
+        // Grow by 1/32 at a time: the arena dominates memory, so keep its slack small.
+        let extra = (g / 32).max(16);
+        if self.defaults.len() == self.defaults.capacity() {
+            self.defaults.reserve_exact(extra);
+        }
+        if self.arena.len() + GROUP_SIZE > self.arena.capacity() {
+            self.arena.reserve_exact(extra * GROUP_SIZE);
+        }
+        self.arena.resize(self.arena.len() + GROUP_SIZE, default);
+        self.defaults.push(default);
+        g
+    }
+
+    /// Returns an unlinked group to the free list; releases the arena once no group is used.
+    fn free_group(&mut self, g: usize) {
+        self.groups_in_use -= 1;
+        if self.groups_in_use == 0 {
+            self.arena = Vec::new();
+            self.defaults = Vec::new();
+            self.free_head = NO_GROUP;
+            return;
+        }
+        if let Some(first) = self.arena.get_mut(g * GROUP_SIZE) {
+            *first = self.free_head;
+            self.free_head = g as u32;
+        }
+    }
+}
+
+/// One table being walked by [`BoundaryIter`].
+#[derive(Debug)]
+struct Frame {
+    tab: Tab,
+    next: usize,
+    level: usize,
+    /// The address bits above this table.
+    base: u128,
+}
+
+/// Walks the trie for the routes it stores itself (lengths at the end of a stride).
+struct BoundaryIter<'a, K: LpmKey> {
+    lpm: &'a Lpm<K>,
+    stack: Vec<Frame>,
+}
+
+impl<K: LpmKey> Iterator for BoundaryIter<'_, K> {
+    type Item = (K, u8, u32);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let f = self.stack.last_mut()?;
+            let size = if f.level == 0 { L1_SIZE } else { GROUP_SIZE };
+            if f.next >= size {
+                self.stack.pop();
+                continue;
+            }
+            let (tab, i, level, base) = (f.tab, f.next, f.level, f.base);
+            f.next += 1;
+            let end = stride_end(level);
+            let addr = base | ((i as u128) << (u32::from(K::BITS) - u32::from(end)));
+            let mut e = self.lpm.entry(tab, i);
+            if e & GROUP != 0 {
+                let g = group_of(e);
+                self.stack.push(Frame {
+                    tab: Tab::Group(g),
+                    next: 0,
+                    level: level + 1,
+                    base: addr,
+                });
+                e = self.lpm.defaults.get(g).copied().unwrap_or(INVALID);
+            }
+            if e & VALID != 0 && depth(e) == end {
+                return Some((K::from_u128(addr), end, e & PAYLOAD));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::sealed::Sealed;
+    use super::*;
+    use proptest::prelude::*;
+
+    impl<K: LpmKey> Lpm<K> {
+        /// Checks the structural invariants; returns the reachable group count.
+        fn check_invariants(&self) -> usize {
+            fn visit<K: LpmKey>(t: &Lpm<K>, tab: Tab, level: usize) -> usize {
+                let mut n = 0;
+                for &e in t.table(tab) {
+                    if e & GROUP != 0 {
+                        let g = group_of(e);
+                        let d = t.defaults[g];
+                        assert_eq!(d & GROUP, 0, "default is a leaf");
+                        assert!(
+                            d & VALID == 0 || depth(d) <= stride_end(level),
+                            "default depth within the parent's stride"
+                        );
+                        assert!(
+                            !t.table(Tab::Group(g)).iter().all(|&x| x == d),
+                            "group {g} holds nothing and should have been freed"
+                        );
+                        n += 1 + visit(t, Tab::Group(g), level + 1);
+                    }
+                }
+                n
+            }
+            let n = visit(self, Tab::L1, 0);
+            assert_eq!(n, self.groups_in_use);
+            n
+        }
+    }
+
+    /// The naive reference: a list of prefixes scanned for the longest match.
+    struct Naive<K> {
+        routes: Vec<(K, u8, u32)>,
+    }
+
+    impl<K: LpmKey> Naive<K> {
+        fn insert(&mut self, a: K, l: u8, v: u32) -> Option<u32> {
+            for r in &mut self.routes {
+                if r.0 == a && r.1 == l {
+                    return Some(core::mem::replace(&mut r.2, v));
+                }
+            }
+            self.routes.push((a, l, v));
+            None
+        }
+        fn remove(&mut self, a: K, l: u8) -> Option<u32> {
+            let i = self.routes.iter().position(|r| r.0 == a && r.1 == l)?;
+            Some(self.routes.swap_remove(i).2)
+        }
+        fn lookup(&self, key: K) -> Option<u32> {
+            self.routes
+                .iter()
+                .filter(|r| key.masked(r.1) == r.0)
+                .max_by_key(|r| r.1)
+                .map(|r| r.2)
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op<K> {
+        Insert(K, u8, u32),
+        Remove(K, u8),
+        /// Replace the value of the n-th stored route (modulo).
+        ReplaceNth(usize, u32),
+        /// Remove the n-th stored route (modulo).
+        RemoveNth(usize),
+    }
+
+    fn sorted<K: LpmKey>(mut v: Vec<(K, u8, u32)>) -> Vec<(u128, u8, u32)> {
+        let mut w: Vec<_> = v.drain(..).map(|(a, l, x)| (a.to_u128(), l, x)).collect();
+        w.sort_unstable();
+        w
+    }
+
+    fn check_same<K: LpmKey>(t: &Lpm<K>, n: &Naive<K>, keys: &[K]) {
+        assert_eq!(t.len(), n.routes.len());
+        assert_eq!(sorted(t.iter().collect()), sorted(n.routes.clone()));
+        for &(a, l, v) in &n.routes {
+            assert_eq!(t.get(a, l), Some(v), "get {a:?}/{l}");
+        }
+        let mut all: Vec<K> = keys.to_vec();
+        for &(a, l, _) in &n.routes {
+            all.push(a);
+            // The last address of the prefix.
+            let ones = K::from_u128(u128::MAX);
+            let last = a.to_u128() | (ones.to_u128() ^ ones.masked(l).to_u128());
+            all.push(K::from_u128(last));
+        }
+        let mut batch = vec![None; all.len()];
+        t.lookup_batch(&all, &mut batch);
+        for (&k, b) in all.iter().zip(&batch) {
+            let want = n.lookup(k);
+            assert_eq!(t.lookup(k), want, "lookup {k:?}");
+            assert_eq!(*b, want, "lookup_batch {k:?}");
+        }
+        t.check_invariants();
+    }
+
+    fn run_ops<K: LpmKey>(ops: &[Op<K>], keys: &[K]) {
+        let mut t = Lpm::<K>::new(LpmLimits::default());
+        let empty = t.memory_bytes();
+        let mut n = Naive { routes: Vec::new() };
+        for (i, op) in ops.iter().enumerate() {
+            match *op {
+                Op::Insert(a, l, v) => {
+                    assert_eq!(t.insert(a, l, v), Ok(n.insert(a, l, v)), "{op:?}");
+                }
+                Op::Remove(a, l) => {
+                    assert_eq!(t.remove(a, l), Ok(n.remove(a, l)), "{op:?}");
+                }
+                Op::ReplaceNth(i, v) => {
+                    if !n.routes.is_empty() {
+                        let (a, l, _) = n.routes[i % n.routes.len()];
+                        assert_eq!(t.insert(a, l, v), Ok(n.insert(a, l, v)), "{op:?}");
+                    }
+                }
+                Op::RemoveNth(i) => {
+                    if !n.routes.is_empty() {
+                        let (a, l, _) = n.routes[i % n.routes.len()];
+                        assert_eq!(t.remove(a, l), Ok(n.remove(a, l)), "{op:?}");
+                    }
+                }
+            }
+            if i % 32 == 31 {
+                check_same(&t, &n, keys);
+            }
+        }
+        check_same(&t, &n, keys);
+        // Removing everything returns all memory.
+        while let Some((a, l, v)) = n.routes.pop() {
+            assert_eq!(t.remove(a, l), Ok(Some(v)));
+        }
+        assert!(t.is_empty());
+        assert_eq!(t.group_count(), 0);
+        assert_eq!(t.memory_bytes(), empty);
+        for &k in keys {
+            assert_eq!(t.lookup(k), None);
+        }
+    }
+
+    /// IPv4 addresses with few distinct bits, so that prefixes overlap often.
+    fn v4_addr() -> BoxedStrategy<u32> {
+        const NOISE: u32 = 0x0003_c1c1;
+        prop_oneof![
+            9 => (prop::sample::select(vec![0x0a00_0000u32, 0x0a01_0000, 0xc0a8_0000]), any::<u32>())
+                .prop_map(|(base, r)| base ^ (r & NOISE)),
+            1 => any::<u32>(),
+        ]
+        .boxed()
+    }
+
+    fn v4_len() -> BoxedStrategy<u8> {
+        prop_oneof![
+            0u8..=32,
+            prop::sample::select(vec![0u8, 1, 7, 8, 15, 16, 17, 23, 24, 25, 31, 32]),
+        ]
+        .boxed()
+    }
+
+    /// IPv6 addresses with few distinct bits, one or two per level.
+    fn v6_addr() -> BoxedStrategy<u128> {
+        const NOISE: u128 = (1 << 112)
+            | (1 << 104)
+            | (1 << 103)
+            | (1 << 96)
+            | (1 << 88)
+            | (1 << 72)
+            | (1 << 64)
+            | (1 << 48)
+            | (1 << 40)
+            | (1 << 8)
+            | (1 << 7)
+            | 1;
+        prop_oneof![
+            9 => (
+                prop::sample::select(vec![
+                    0x2001_0db8u128 << 96,
+                    0x2001_0db9u128 << 96,
+                    0x2a00u128 << 112,
+                ]),
+                any::<u128>()
+            )
+                .prop_map(|(base, r)| base ^ (r & NOISE)),
+            1 => any::<u128>(),
+        ]
+        .boxed()
+    }
+
+    fn v6_len() -> BoxedStrategy<u8> {
+        prop_oneof![
+            0u8..=128,
+            prop::sample::select(vec![
+                0u8, 1, 15, 16, 17, 23, 24, 25, 31, 32, 33, 40, 47, 48, 49, 56, 63, 64, 65, 72,
+                104, 119, 120, 121, 127, 128
+            ]),
+        ]
+        .boxed()
+    }
+
+    fn ops<K: LpmKey + 'static>(
+        addr: impl Strategy<Value = K> + Clone + 'static,
+        len: impl Strategy<Value = u8> + Clone + 'static,
+    ) -> impl Strategy<Value = Vec<Op<K>>> {
+        let value = prop_oneof![0u32..8, Just(MAX_VALUE)];
+        let op = prop_oneof![
+            5 => (addr.clone(), len.clone(), value.clone())
+                .prop_map(|(a, l, v)| Op::Insert(a.masked(l), l, v)),
+            1 => (addr, len).prop_map(|(a, l)| Op::Remove(a.masked(l), l)),
+            1 => (any::<usize>(), value).prop_map(|(i, v)| Op::ReplaceNth(i, v)),
+            3 => any::<usize>().prop_map(Op::RemoveNth),
+        ];
+        prop::collection::vec(op, 0..160)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn v4_matches_naive(ops in ops(v4_addr(), v4_len()), keys in prop::collection::vec(v4_addr(), 0..64)) {
+            run_ops(&ops, &keys);
+        }
+
+        #[test]
+        fn v6_matches_naive(ops in ops(v6_addr(), v6_len()), keys in prop::collection::vec(v6_addr(), 0..64)) {
+            run_ops(&ops, &keys);
+        }
+    }
+
+    #[test]
+    fn removal_restores_covering_routes() {
+        let mut t = Lpm4::default();
+        let a = |s: [u8; 4]| u32::from_be_bytes(s);
+        t.insert(a([10, 0, 0, 0]), 8, 1).unwrap();
+        t.insert(a([10, 1, 0, 0]), 16, 2).unwrap();
+        t.insert(a([10, 1, 2, 0]), 23, 3).unwrap();
+        t.insert(a([10, 1, 2, 0]), 24, 4).unwrap();
+        t.insert(a([10, 1, 2, 128]), 25, 5).unwrap();
+        t.insert(a([10, 1, 2, 129]), 32, 6).unwrap();
+        let key = a([10, 1, 2, 129]);
+        let steps = [
+            ((a([10, 1, 2, 129]), 32), Some(5)),
+            ((a([10, 1, 2, 128]), 25), Some(4)),
+            ((a([10, 1, 2, 0]), 24), Some(3)),
+            ((a([10, 1, 2, 0]), 23), Some(2)),
+            ((a([10, 1, 0, 0]), 16), Some(1)),
+            ((a([10, 0, 0, 0]), 8), None),
+        ];
+        assert_eq!(t.lookup(key), Some(6));
+        for ((p, l), after) in steps {
+            t.remove(p, l).unwrap().unwrap();
+            assert_eq!(t.lookup(key), after, "after removing /{l}");
+            t.check_invariants();
+        }
+        assert_eq!(t.group_count(), 0);
+
+        // Removing a covering route first keeps the more specific ones.
+        t.insert(a([10, 0, 0, 0]), 8, 1).unwrap();
+        t.insert(a([10, 1, 2, 0]), 24, 4).unwrap();
+        t.insert(a([10, 1, 2, 128]), 25, 5).unwrap();
+        assert_eq!(t.remove(a([10, 1, 2, 0]), 24), Ok(Some(4)));
+        assert_eq!(t.lookup(a([10, 1, 2, 1])), Some(1));
+        assert_eq!(t.lookup(a([10, 1, 2, 200])), Some(5));
+        assert_eq!(t.remove(a([10, 0, 0, 0]), 8), Ok(Some(1)));
+        assert_eq!(t.lookup(a([10, 1, 2, 1])), None);
+        assert_eq!(t.lookup(a([10, 1, 2, 200])), Some(5));
+        t.check_invariants();
+    }
+
+    #[test]
+    fn default_route_and_host_routes() {
+        let mut t = Lpm6::default();
+        assert_eq!(t.insert(0, 0, 7), Ok(None));
+        assert_eq!(t.lookup(u128::MAX), Some(7));
+        let host = 0x2001_0db8_0000_0000_0000_0000_0000_0001u128;
+        assert_eq!(t.insert(host, 128, 9), Ok(None));
+        assert_eq!(t.lookup(host), Some(9));
+        assert_eq!(t.lookup(host + 1), Some(7));
+        assert_eq!(t.group_count(), 14);
+        assert_eq!(t.insert(0, 0, 8), Ok(Some(7)));
+        assert_eq!(t.lookup(host + 1), Some(8));
+        assert_eq!(t.get(host, 128), Some(9));
+        assert_eq!(t.remove(host, 128), Ok(Some(9)));
+        assert_eq!(t.group_count(), 0);
+        assert_eq!(t.lookup(host), Some(8));
+        assert_eq!(t.remove(0, 0), Ok(Some(8)));
+        assert_eq!(t.lookup(host), None);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn churn_keeps_memory_bounded() {
+        let mut t = Lpm4::default();
+        let empty = t.memory_bytes();
+        let mut x = 0x1234_5678u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        let mut peak = 0;
+        for round in 0..4 {
+            let routes: Vec<(u32, u8)> = (0..2000)
+                .map(|_| {
+                    let l = [20u8, 24, 26, 32][(next() % 4) as usize];
+                    (next().masked(l), l)
+                })
+                .collect();
+            for (i, &(a, l)) in routes.iter().enumerate() {
+                t.insert(a, l, i as u32).unwrap();
+            }
+            if round == 0 {
+                peak = t.memory_bytes();
+            }
+            assert!(t.memory_bytes() <= peak + peak / 8, "round {round}");
+            for &(a, l) in &routes {
+                t.remove(a, l).unwrap();
+            }
+            assert_eq!(t.memory_bytes(), empty);
+            assert_eq!(t.group_count(), 0);
+        }
+    }
+
+    #[test]
+    fn invalid_prefixes_are_refused() {
+        let mut t = Lpm4::default();
+        assert_eq!(
+            t.insert(0, 33, 1),
+            Err(LpmError::InvalidLength { len: 33, max: 32 })
+        );
+        assert_eq!(
+            Lpm6::default().insert(0, 129, 1),
+            Err(LpmError::InvalidLength { len: 129, max: 128 })
+        );
+        assert_eq!(t.insert(0x0a00_0001, 24, 1), Err(LpmError::HostBitsSet));
+        assert_eq!(t.remove(0x0a00_0001, 24), Err(LpmError::HostBitsSet));
+        assert_eq!(
+            t.remove(0, 40),
+            Err(LpmError::InvalidLength { len: 40, max: 32 })
+        );
+        assert_eq!(
+            t.insert(0x0a00_0000, 24, MAX_VALUE + 1),
+            Err(LpmError::ValueTooLarge {
+                value: MAX_VALUE + 1
+            })
+        );
+        assert_eq!(t.insert(0x0a00_0000, 24, MAX_VALUE), Ok(None));
+        assert_eq!(t.lookup(0x0a00_00ff), Some(MAX_VALUE));
+        assert_eq!(t.get(0x0a00_0001, 24), None);
+        assert_eq!(t.get(0, 33), None);
+        assert_eq!(t.remove(0x0b00_0000, 24), Ok(None));
+        assert_eq!(t.len(), 1);
+    }
+
+    fn snapshot(t: &Lpm4) -> (Vec<(u128, u8, u32)>, usize, usize, usize) {
+        (
+            sorted(t.iter().collect()),
+            t.len(),
+            t.group_count(),
+            t.memory_bytes(),
+        )
+    }
+
+    #[test]
+    fn limits_give_typed_errors_and_leave_the_table_unchanged() {
+        let mut t = Lpm4::new(LpmLimits {
+            max_routes: 3,
+            max_groups: 2,
+        });
+        t.insert(0x0a00_0000, 8, 1).unwrap();
+        t.insert(0x0a01_0200, 24, 2).unwrap(); // one group (10.1/16)
+        let before = snapshot(&t);
+        // A /32 needs two more groups: 10.2/16 and 10.2.0/24.
+        assert_eq!(
+            t.insert(0x0a02_0001, 32, 3),
+            Err(LpmError::GroupsExhausted { max_groups: 2 })
+        );
+        assert_eq!(snapshot(&t), before);
+        assert_eq!(t.lookup(0x0a02_0001), Some(1));
+        // One more group is fine.
+        t.insert(0x0a01_0201, 32, 3).unwrap();
+        let before = snapshot(&t);
+        assert_eq!(
+            t.insert(0x0b00_0000, 8, 4),
+            Err(LpmError::TableFull { max_routes: 3 })
+        );
+        assert_eq!(snapshot(&t), before);
+        // Replacing needs neither a route nor a group.
+        assert_eq!(t.insert(0x0a01_0201, 32, 5), Ok(Some(3)));
+        assert_eq!(t.lookup(0x0a01_0201), Some(5));
+        // Room again after a removal.
+        t.remove(0x0a00_0000, 8).unwrap();
+        t.insert(0x0b00_0000, 8, 4).unwrap();
+        t.check_invariants();
+    }
+
+    #[test]
+    fn boundary_routes_survive_being_covered_by_more_specifics() {
+        // A /24 whose 256 addresses are all overridden by /32s is still stored.
+        let mut t = Lpm4::default();
+        t.insert(0x0a01_0200, 24, 1).unwrap();
+        t.insert(0x0a01_0000, 16, 9).unwrap();
+        for i in 0..256 {
+            t.insert(0x0a01_0200 | i, 32, 100 + i).unwrap();
+        }
+        assert_eq!(t.get(0x0a01_0200, 24), Some(1));
+        assert_eq!(t.insert(0x0a01_0200, 24, 2), Ok(Some(1)));
+        for i in 0..256 {
+            assert_eq!(t.remove(0x0a01_0200 | i, 32), Ok(Some(100 + i)));
+        }
+        assert_eq!(t.lookup(0x0a01_0277), Some(2));
+        assert_eq!(t.remove(0x0a01_0200, 24), Ok(Some(2)));
+        assert_eq!(t.lookup(0x0a01_0277), Some(9));
+        assert_eq!(t.group_count(), 0);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn batch_handles_ragged_lengths() {
+        let mut t = Lpm4::default();
+        t.insert(0x0a00_0000, 8, 1).unwrap();
+        t.insert(0x0a01_0280, 25, 2).unwrap();
+        let keys: Vec<u32> = (0..37).map(|i| 0x0a01_0200 + i * 7).collect();
+        let mut out = vec![Some(99); 40];
+        t.lookup_batch(&keys, &mut out);
+        for (k, o) in keys.iter().zip(&out) {
+            assert_eq!(*o, t.lookup(*k));
+        }
+        assert_eq!(out[39], Some(99));
+        let mut short = vec![None; 5];
+        t.lookup_batch(&keys, &mut short);
+        assert_eq!(short[..], out[..5]);
+    }
+}

@@ -1,0 +1,90 @@
+//! Longest-prefix-match lookups and updates on Internet-sized tables.
+//!
+//! `cargo bench -p bench --bench lpm`
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use bench::tables::{internet_v4, internet_v6, lookup_keys_v4, lookup_keys_v6};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use flow_offload::lpm::{Lpm, LpmKey, LpmLimits, MAX_VALUE};
+
+/// Keys per timed iteration.
+const KEYS: usize = 4096;
+/// Keys per `lookup_batch` call.
+const BATCH: usize = 32;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn build<K: LpmKey>(name: &str, routes: &[(K, u8)]) -> Lpm<K> {
+    let start = Instant::now();
+    let mut t = Lpm::new(LpmLimits::default());
+    let mut failed = 0usize;
+    for (i, &(a, l)) in routes.iter().enumerate() {
+        if t.insert(a, l, i as u32 & MAX_VALUE).is_err() {
+            failed += 1;
+        }
+    }
+    eprintln!(
+        "lpm {name}: {} routes ({failed} refused) in {:.2} s, memory_bytes {:.2} MiB, {} groups ({:.2} MiB of groups)",
+        t.len(),
+        start.elapsed().as_secs_f64(),
+        t.memory_bytes() as f64 / MIB,
+        t.group_count(),
+        (t.group_count() * 1024) as f64 / MIB,
+    );
+    t
+}
+
+fn bench_lookups<K: LpmKey>(c: &mut Criterion, family: &str, t: &Lpm<K>, keys: &[K]) {
+    let mut g = c.benchmark_group(format!("lpm/{family}"));
+    g.throughput(Throughput::Elements(keys.len() as u64));
+    g.bench_function("lookup", |b| {
+        b.iter(|| {
+            for &k in black_box(keys) {
+                black_box(t.lookup(k));
+            }
+        })
+    });
+    let mut out = vec![None; BATCH];
+    g.bench_function(format!("lookup_batch{BATCH}"), |b| {
+        b.iter(|| {
+            for chunk in black_box(keys).chunks(BATCH) {
+                t.lookup_batch(chunk, &mut out);
+                black_box(&out);
+            }
+        })
+    });
+    g.finish();
+}
+
+fn lpm(c: &mut Criterion) {
+    let routes4 = internet_v4(1_000_000, 1);
+    let mut v4 = build("v4", &routes4);
+    let keys4 = lookup_keys_v4(&routes4, KEYS, 2);
+
+    let routes6 = internet_v6(200_000, 1);
+    let v6 = build("v6", &routes6);
+    let keys6 = lookup_keys_v6(&routes6, KEYS, 2);
+
+    bench_lookups(c, "v4", &v4, &keys4);
+    bench_lookups(c, "v6", &v6, &keys6);
+
+    // A /24 that is not in the table, in a /16 that already has a group (all of them do).
+    let fresh = (0..u32::MAX)
+        .map(|i| (0x0b00_0000u32.wrapping_add(i << 8), 24u8))
+        .find(|&(a, l)| v4.get(a, l).is_none())
+        .unwrap_or((0x0a01_0200, 24));
+    let mut g = c.benchmark_group("lpm/v4");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("insert_remove_one", |b| {
+        b.iter(|| {
+            let _ = black_box(v4.insert(fresh.0, fresh.1, 7));
+            let _ = black_box(v4.remove(fresh.0, fresh.1));
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, lpm);
+criterion_main!(benches);
