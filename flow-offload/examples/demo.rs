@@ -156,10 +156,19 @@ fn main() {
             nic.create_meter(*r, *p, 0).expect("meter fits");
         }
         for rule in plan.hw.rules.values() {
-            nic.create(rule).expect("the compiler emits only what the caps accept");
+            nic.create(rule)
+                .expect("the compiler emits only what the caps accept");
         }
-        println!("\n=== profile {profile:?}: {} hardware rules, {} meters", plan.hw.rules.len(), plan.hw.meters.len());
-        let mut objects: Vec<ObjectKey> = model.vpcs().keys().map(|n| ObjectKey::Vpc(n.clone())).collect();
+        println!(
+            "\n=== profile {profile:?}: {} hardware rules, {} meters",
+            plan.hw.rules.len(),
+            plan.hw.meters.len()
+        );
+        let mut objects: Vec<ObjectKey> = model
+            .vpcs()
+            .keys()
+            .map(|n| ObjectKey::Vpc(n.clone()))
+            .collect();
         objects.extend(model.routes().keys().map(|k| ObjectKey::Route(*k)));
         objects.extend(model.nat_rules().keys().map(|n| ObjectKey::Nat(n.clone())));
         objects.extend(model.meters().keys().map(|n| ObjectKey::Meter(n.clone())));

@@ -65,7 +65,9 @@ pub struct Caps {
 
 /// Why a target refuses a rule: the error kinds real NICs return (ENOTSUP naming the item or
 /// action, ENOSPC, ...).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, thiserror::Error, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, thiserror::Error, Serialize, Deserialize,
+)]
 pub enum Refusal {
     /// A match item the target does not support, with its index in the pattern.
     #[error("match item {index} ({item:?}) not supported")]
@@ -127,15 +129,7 @@ impl Caps {
     pub fn profile(profile: Profile) -> Caps {
         use ActionKind as A;
         use ItemKind as I;
-        let all_items = [
-            I::Eth,
-            I::Vlan,
-            I::Ipv4,
-            I::Ipv6,
-            I::Udp,
-            I::Tcp,
-            I::Vxlan,
-        ];
+        let all_items = [I::Eth, I::Vlan, I::Ipv4, I::Ipv6, I::Udp, I::Tcp, I::Vxlan];
         let source = CapsSource::Profile(profile);
         match profile {
             Profile::Full => Caps {

@@ -49,8 +49,8 @@ use crate::ir::{
     Masked, MeterRef, Rule, VxlanEncap, VxlanFields,
 };
 use crate::model::{
-    MacAddr, MeterProfile, MeterTarget, Model, Name, NatKind, Nexthop, ObjectKey,
-    PortId, Prefix, Route, RouteKey, TableId, UNDERLAY_TABLE,
+    MacAddr, MeterProfile, MeterTarget, Model, Name, NatKind, Nexthop, ObjectKey, PortId, Prefix,
+    Route, RouteKey, TableId, UNDERLAY_TABLE,
 };
 
 /// IPv4 or IPv6.
@@ -168,7 +168,9 @@ impl RuleId {
 }
 
 /// Why an object runs in software: machine-readable, shown to operators.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, thiserror::Error)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, thiserror::Error,
+)]
 pub enum SwReason {
     /// The target refuses the rule's shape (names the item or action).
     #[error("target refuses the rule: {0}")]
@@ -679,7 +681,9 @@ impl Compiler {
                     Err(r) => r,
                     _ => SwReason::NoHardwarePath,
                 };
-                self.plan.sw.insert(ObjectKey::Vpc(vpc.name.clone()), reason);
+                self.plan
+                    .sw
+                    .insert(ObjectKey::Vpc(vpc.name.clone()), reason);
             }
         }
         // Uplinks.
@@ -715,9 +719,7 @@ impl Compiler {
                         }
                         let mut pattern = vxlan_to(node.vtep);
                         pattern.push(Item::Vxlan(Masked {
-                            spec: VxlanFields {
-                                vni: vpc.vni.get(),
-                            },
+                            spec: VxlanFields { vni: vpc.vni.get() },
                             mask: VxlanFields { vni: 0x00ff_ffff },
                         }));
                         pattern.push(eth_type(family));
@@ -858,7 +860,13 @@ impl Compiler {
             let stale: Vec<PortId> = self
                 .chains
                 .get(&(table, family))
-                .map(|c| c.ports.iter().filter(|p| !reachable.contains(p)).copied().collect())
+                .map(|c| {
+                    c.ports
+                        .iter()
+                        .filter(|p| !reachable.contains(p))
+                        .copied()
+                        .collect()
+                })
                 .unwrap_or_default();
             for port in stale {
                 if let Some(c) = self.chains.get_mut(&(table, family)) {
@@ -974,7 +982,9 @@ impl Compiler {
             self.vtep_users.entry(*remote_vtep).or_default().insert(key);
         }
         let Some(chain) = self.chains.get(&(key.table, family)).cloned() else {
-            self.plan.sw.insert(ObjectKey::Route(key), SwReason::NoHardwarePath);
+            self.plan
+                .sw
+                .insert(ObjectKey::Route(key), SwReason::NoHardwarePath);
             return;
         };
         let level = family.max_len() - u32::from(key.prefix.len());

@@ -35,7 +35,9 @@ pub struct Masked<T> {
 }
 
 /// Ethernet header fields.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct EthFields {
     /// Destination MAC.
     pub dst: MacAddr,
@@ -46,7 +48,9 @@ pub struct EthFields {
 }
 
 /// 802.1Q tag fields.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct VlanFields {
     /// Tag control information (PCP, DEI, VID).
     pub tci: u16,
@@ -97,7 +101,9 @@ impl Default for Ipv6Fields {
 }
 
 /// UDP or TCP ports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct L4Fields {
     /// Source port.
     pub src_port: u16,
@@ -106,7 +112,9 @@ pub struct L4Fields {
 }
 
 /// TCP fields.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct TcpFields {
     /// Source port.
     pub src_port: u16,
@@ -117,7 +125,9 @@ pub struct TcpFields {
 }
 
 /// VXLAN header fields.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct VxlanFields {
     /// The 24-bit VNI.
     pub vni: u32,
@@ -371,7 +381,9 @@ impl Action {
 }
 
 /// Rule attributes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct Attr {
     /// Group (table).
     pub group: u32,

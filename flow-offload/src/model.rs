@@ -42,7 +42,12 @@ impl MeterProfile {
             if v == 0 {
                 Err((field, Problem::Zero))
             } else if v > Self::MAX_RATE {
-                Err((field, Problem::TooLarge { max: Self::MAX_RATE }))
+                Err((
+                    field,
+                    Problem::TooLarge {
+                        max: Self::MAX_RATE,
+                    },
+                ))
             } else {
                 Ok(())
             }
@@ -51,7 +56,12 @@ impl MeterProfile {
             if v < min {
                 Err((field, Problem::TooSmall { min }))
             } else if v > Self::MAX_BURST {
-                Err((field, Problem::TooLarge { max: Self::MAX_BURST }))
+                Err((
+                    field,
+                    Problem::TooLarge {
+                        max: Self::MAX_BURST,
+                    },
+                ))
             } else {
                 Ok(())
             }
@@ -633,7 +643,9 @@ pub enum Problem {
     #[error("syntax error")]
     BadSyntax,
     /// A name that does not follow the naming rule.
-    #[error("names are 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit")]
+    #[error(
+        "names are 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+    )]
     BadName,
     /// Zero where a positive value is needed.
     #[error("must not be zero")]
@@ -945,10 +957,9 @@ impl Model {
             }
             Change::DeleteVpc(name) => {
                 let object = ObjectKey::Vpc(name.clone());
-                let vpc = self
-                    .vpcs
-                    .get(name)
-                    .ok_or(ModelError::NotFound { object: object.clone() })?;
+                let vpc = self.vpcs.get(name).ok_or(ModelError::NotFound {
+                    object: object.clone(),
+                })?;
                 if let Some(by) = self.users_of_vpc(vpc) {
                     return Err(ModelError::InUse { object, by });
                 }
@@ -985,7 +996,10 @@ impl Model {
             }
             Change::UpsertMeter(m) => {
                 self.check_meter(m)?;
-                Undo::Meter(m.name.clone(), self.meters.insert(m.name.clone(), m.clone()))
+                Undo::Meter(
+                    m.name.clone(),
+                    self.meters.insert(m.name.clone(), m.clone()),
+                )
             }
             Change::DeleteMeter(name) => {
                 if !self.meters.contains_key(name) {
@@ -1031,10 +1045,18 @@ impl Model {
                 .vpc_by_port(*p)
                 .map(|v| ObjectKey::Vpc(v.name.clone()))
                 .unwrap_or(ObjectKey::Node);
-            return Err(invalid(o(), "uplinks", Problem::PortInUse { port: p.0, other }));
+            return Err(invalid(
+                o(),
+                "uplinks",
+                Problem::PortInUse { port: p.0, other },
+            ));
         }
         // Underlay routes must keep pointing at uplinks.
-        for r in self.routes.range(table_range(UNDERLAY_TABLE)).map(|(_, r)| r) {
+        for r in self
+            .routes
+            .range(table_range(UNDERLAY_TABLE))
+            .map(|(_, r)| r)
+        {
             for nh in &r.nexthops {
                 if let Nexthop::Underlay { port, .. } = nh {
                     if !n.uplinks.contains(port) {
@@ -1082,11 +1104,17 @@ impl Model {
         for p in &v.ports {
             let other = match self.vpc_by_port(*p) {
                 Some(x) if x.name != v.name => Some(ObjectKey::Vpc(x.name.clone())),
-                _ if self.node.as_ref().is_some_and(|n| n.uplinks.contains(p)) => Some(ObjectKey::Node),
+                _ if self.node.as_ref().is_some_and(|n| n.uplinks.contains(p)) => {
+                    Some(ObjectKey::Node)
+                }
                 _ => None,
             };
             if let Some(other) = other {
-                return Err(invalid(o(), "ports", Problem::PortInUse { port: p.0, other }));
+                return Err(invalid(
+                    o(),
+                    "ports",
+                    Problem::PortInUse { port: p.0, other },
+                ));
             }
         }
         if let Some(old) = self.vpcs.get(&v.name) {
@@ -1123,8 +1151,7 @@ impl Model {
         let kind = |nh: &Nexthop| core::mem::discriminant(nh);
         let first = &r.nexthops[0];
         let alone = matches!(first, Nexthop::Vrf { .. } | Nexthop::Blackhole);
-        if r.nexthops.iter().any(|nh| kind(nh) != kind(first)) || (alone && r.nexthops.len() > 1)
-        {
+        if r.nexthops.iter().any(|nh| kind(nh) != kind(first)) || (alone && r.nexthops.len() > 1) {
             return Err(invalid(o(), "nexthops", Problem::MixedNexthops));
         }
         let mut seen = BTreeSet::new();
@@ -1148,7 +1175,9 @@ impl Model {
                     // Underlay nexthops leave through uplinks; in a VPC they leave through one of
                     // the VPC's own ports.
                     let ok = if table == UNDERLAY_TABLE {
-                        self.node.as_ref().is_some_and(|n| n.uplinks.contains(&port))
+                        self.node
+                            .as_ref()
+                            .is_some_and(|n| n.uplinks.contains(&port))
                     } else {
                         self.vpc_by_table(table)
                             .is_some_and(|v| v.ports.contains(&port))
@@ -1241,10 +1270,7 @@ impl Model {
                 return Err(invalid(
                     o(),
                     "ports",
-                    Problem::OutOfRange {
-                        min: 1,
-                        max: 65535,
-                    },
+                    Problem::OutOfRange { min: 1, max: 65535 },
                 ));
             }
             Ok(())
@@ -1258,7 +1284,8 @@ impl Model {
                     return Err(invalid(o(), "outside", Problem::BadAddress));
                 }
                 if let Some(x) = others().find(|x| {
-                    x.vpc == n.vpc && matches!(x.kind, NatKind::Static44 { inside: i, .. } if i == *inside)
+                    x.vpc == n.vpc
+                        && matches!(x.kind, NatKind::Static44 { inside: i, .. } if i == *inside)
                 }) {
                     return Err(invalid(
                         o(),
@@ -1297,8 +1324,8 @@ impl Model {
             }
             NatKind::Napt44 { pool, ports } => {
                 check_pool(*pool, *ports)?;
-                if let Some(x) = others()
-                    .find(|x| x.vpc == n.vpc && matches!(x.kind, NatKind::Napt44 { .. }))
+                if let Some(x) =
+                    others().find(|x| x.vpc == n.vpc && matches!(x.kind, NatKind::Napt44 { .. }))
                 {
                     return Err(invalid(
                         o(),
@@ -1318,8 +1345,8 @@ impl Model {
                 if prefix.is_v4() || ![32, 40, 48, 56, 64, 96].contains(&prefix.len()) {
                     return Err(invalid(o(), "prefix", Problem::Nat64PrefixLength));
                 }
-                if let Some(x) = others()
-                    .find(|x| x.vpc == n.vpc && matches!(x.kind, NatKind::Nat64 { .. }))
+                if let Some(x) =
+                    others().find(|x| x.vpc == n.vpc && matches!(x.kind, NatKind::Nat64 { .. }))
                 {
                     return Err(invalid(
                         o(),
@@ -1345,7 +1372,8 @@ impl Model {
             }
         }
         if let Some(mine) = n.kind.outside_v4() {
-            if let Some(x) = others().find(|x| x.kind.outside_v4().is_some_and(|r| r.overlaps(&mine)))
+            if let Some(x) =
+                others().find(|x| x.kind.outside_v4().is_some_and(|r| r.overlaps(&mine)))
             {
                 let field = match n.kind {
                     NatKind::Static44 { .. } => "outside",
@@ -1359,7 +1387,11 @@ impl Model {
                     },
                 ));
             }
-            if self.node.as_ref().is_some_and(|node| mine.contains(node.vtep)) {
+            if self
+                .node
+                .as_ref()
+                .is_some_and(|node| mine.contains(node.vtep))
+            {
                 return Err(invalid(
                     o(),
                     "pool",

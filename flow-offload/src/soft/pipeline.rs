@@ -335,7 +335,11 @@ pub fn flow_hash(frame: &[u8], l: &Layout) -> u32 {
 
 impl Pipeline {
     /// Builds the pipeline's tables from the model. `seed` feeds NAT port randomisation.
-    pub fn new(model: &Model, limits: PipelineLimits, seed: u64) -> Result<Pipeline, PipelineError> {
+    pub fn new(
+        model: &Model,
+        limits: PipelineLimits,
+        seed: u64,
+    ) -> Result<Pipeline, PipelineError> {
         let node = model.node();
         let mut p = Pipeline {
             limits,
@@ -631,7 +635,10 @@ impl Pipeline {
         if l.l3 == L3::Ipv4 {
             let dst = ipv4_at(pkt.data(), l3 + 16);
             if Some(dst) == self.vtep && l.l4 == L4::Udp && l.dst_port == VXLAN_PORT {
-                let vx = pkt.data().get(l4 + 8..l4 + 16).ok_or(DropReason::Malformed)?;
+                let vx = pkt
+                    .data()
+                    .get(l4 + 8..l4 + 16)
+                    .ok_or(DropReason::Malformed)?;
                 let vni = u32::from_be_bytes([0, vx[4], vx[5], vx[6]]);
                 if vx[0] & 0x08 == 0 {
                     return Err(DropReason::Malformed);
@@ -688,11 +695,23 @@ impl Pipeline {
                         dst_port: t.inside.1,
                     };
                     let vrf = n.vrf;
-                    translate(pkt, &mut self.scratch, l, Xlat::FourToSix(src6, t.inside.0), rw)?;
+                    translate(
+                        pkt,
+                        &mut self.scratch,
+                        l,
+                        Xlat::FourToSix(src6, t.inside.0),
+                        rw,
+                    )?;
                     return Ok(vrf);
                 }
-            } else if self.napt.iter().any(|(_, n)| n.config().pool.contains(&dst))
-                || self.nat64.iter().any(|n| n.table.config().pool.contains(&dst))
+            } else if self
+                .napt
+                .iter()
+                .any(|(_, n)| n.config().pool.contains(&dst))
+                || self
+                    .nat64
+                    .iter()
+                    .any(|n| n.table.config().pool.contains(&dst))
             {
                 return Err(DropReason::NoSession);
             }
@@ -814,8 +833,14 @@ impl Pipeline {
     }
 
     fn resolve_vtep(&self, vtep: Ipv4Addr) -> Result<(PortId, MacAddr), DropReason> {
-        let vrf = self.vrfs.get(&UNDERLAY_TABLE).ok_or(DropReason::Unresolved)?;
-        let idx = vrf.v4.lookup(u32::from(vtep)).ok_or(DropReason::Unresolved)?;
+        let vrf = self
+            .vrfs
+            .get(&UNDERLAY_TABLE)
+            .ok_or(DropReason::Unresolved)?;
+        let idx = vrf
+            .v4
+            .lookup(u32::from(vtep))
+            .ok_or(DropReason::Unresolved)?;
         let entry = self
             .routes
             .get(idx as usize)
@@ -899,7 +924,8 @@ impl Pipeline {
         let dst6 = ipv6_at(pkt.data(), l3 + 24);
         let flags = tcp_flags(pkt.data(), l);
         let nat = self.nat64.get_mut(n).ok_or(DropReason::NoRoute)?;
-        let dst = rfc6052::extract(nat.prefix.len(), dst6).map_err(|_| DropReason::Untranslatable)?;
+        let dst =
+            rfc6052::extract(nat.prefix.len(), dst6).map_err(|_| DropReason::Untranslatable)?;
         let t = nat
             .table
             .outbound(
@@ -915,7 +941,13 @@ impl Pipeline {
             src_port: t.outside.1,
             dst_port: l.dst_port,
         };
-        translate(pkt, &mut self.scratch, l, Xlat::SixToFour(t.outside.0, dst), rw)
+        translate(
+            pkt,
+            &mut self.scratch,
+            l,
+            Xlat::SixToFour(t.outside.0, dst),
+            rw,
+        )
     }
 }
 
