@@ -40,6 +40,7 @@
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -270,18 +271,21 @@ struct VrfState {
 pub struct Compiler {
     caps: Caps,
     plan: Plan,
-    chains: BTreeMap<(TableId, Family), Chain>,
+    /// Shared so a route placement does not copy its chain.
+    chains: BTreeMap<(TableId, Family), Arc<Chain>>,
     vrfs: BTreeMap<(TableId, Family), VrfState>,
-    meter_refs: BTreeMap<Name, MeterRef>,
     /// VXLAN route keys by remote VTEP, to recompile when the underlay changes.
     vtep_users: BTreeMap<Ipv4Addr, BTreeSet<RouteKey>>,
     ops: Vec<Op>,
+    /// Whether to record operations (off while building from scratch: the diff does it).
+    journal: bool,
 }
 
 /// A plan compiled from scratch.
 pub fn compile(model: &Model, caps: &Caps) -> Plan {
     let mut c = Compiler::new(caps.clone());
-    c.rebuild(model);
+    c.journal = false;
+    c.build(model);
     c.plan
 }
 
@@ -372,9 +376,9 @@ impl Compiler {
             plan: Plan::default(),
             chains: BTreeMap::new(),
             vrfs: BTreeMap::new(),
-            meter_refs: BTreeMap::new(),
             vtep_users: BTreeMap::new(),
             ops: Vec::new(),
+            journal: true,
         }
     }
 
@@ -398,7 +402,9 @@ impl Compiler {
     pub fn rebuild(&mut self, model: &Model) {
         let old = std::mem::take(&mut self.plan);
         let mut fresh = Compiler::new(self.caps.clone());
+        fresh.journal = false;
         fresh.build(model);
+        fresh.journal = true;
         self.ops.extend(crate::reconcile::diff(&old, &fresh.plan));
         fresh.ops = std::mem::take(&mut self.ops);
         *self = fresh;
@@ -469,7 +475,6 @@ impl Compiler {
     }
 
     fn build(&mut self, model: &Model) {
-        self.alloc_meters(model);
         self.alloc_chains(model);
         self.build_structure(model);
         for route in model.routes().values() {
@@ -483,15 +488,21 @@ impl Compiler {
             (None, None) => {}
             (Some(_), None) => {
                 self.plan.hw.rules.remove(&id);
-                self.ops.push(Op::Destroy(id));
+                if self.journal {
+                    self.ops.push(Op::Destroy(id));
+                }
             }
             (None, Some(r)) => {
-                self.ops.push(Op::Create(id.clone(), r.clone()));
+                if self.journal {
+                    self.ops.push(Op::Create(id.clone(), r.clone()));
+                }
                 self.plan.hw.rules.insert(id, r);
             }
             (Some(old), Some(r)) => {
                 if *old != r {
-                    self.ops.push(Op::Replace(id.clone(), r.clone()));
+                    if self.journal {
+                        self.ops.push(Op::Replace(id.clone(), r.clone()));
+                    }
                     self.plan.hw.rules.insert(id, r);
                 }
             }
@@ -502,38 +513,10 @@ impl Compiler {
         self.plan.hw.rules.len() + n <= self.caps.max_rules as usize
     }
 
-    fn alloc_meters(&mut self, model: &Model) {
-        let usable = self.caps.actions.contains(&ActionKind::Meter);
-        for (i, (name, meter)) in model.meters().iter().enumerate() {
-            if usable && (i as u64) < u64::from(self.caps.max_meters) {
-                let r = MeterRef(i as u32);
-                self.meter_refs.insert(name.clone(), r);
-                self.plan.hw.meters.insert(r, meter.profile);
-                self.ops.push(Op::CreateMeter(r, meter.profile));
-            } else {
-                let reason = if usable {
-                    SwReason::MetersExhausted
-                } else {
-                    SwReason::Unsupported(Refusal::Action {
-                        index: 0,
-                        action: ActionKind::Meter,
-                    })
-                };
-                self.plan.sw.insert(ObjectKey::Meter(name.clone()), reason);
-            }
-        }
-    }
-
-    fn meter_ref(&self, model: &Model, target: &MeterTarget) -> Result<Option<MeterRef>, SwReason> {
-        match model.meter_for(target) {
-            None => Ok(None),
-            Some(m) => self
-                .meter_refs
-                .get(&m.name)
-                .copied()
-                .map(Some)
-                .ok_or(SwReason::MeterInSoftware),
-        }
+    /// The hardware meter of a VPC: its reference is the VPC's table id (one meter per target,
+    /// one table per VPC), stable across compiles.
+    fn vpc_meter_ref(table: TableId) -> MeterRef {
+        MeterRef(table.0)
     }
 
     fn alloc_chains(&mut self, model: &Model) {
@@ -574,7 +557,7 @@ impl Compiler {
                         levels: needed_levels.min(p.saturating_sub(1)),
                     }
                 };
-                self.chains.insert((table, family), chain);
+                self.chains.insert((table, family), Arc::new(chain));
                 self.vrfs.insert((table, family), VrfState::default());
             }
         }
@@ -599,7 +582,7 @@ impl Compiler {
             return;
         };
         // Chain ends first: a jump may only target a group that is closed.
-        let chains: Vec<((TableId, Family), Chain)> =
+        let chains: Vec<((TableId, Family), Arc<Chain>)> =
             self.chains.iter().map(|(k, c)| (*k, c.clone())).collect();
         for ((table, family), chain) in &chains {
             for port in &chain.ports {
@@ -629,62 +612,7 @@ impl Compiler {
         }
         // VPC ports.
         for vpc in model.vpcs().values() {
-            let meter = self.meter_ref(model, &MeterTarget::Vpc(vpc.name.clone()));
-            let mut all_in = true;
-            for family in Family::BOTH {
-                let Some(chain) = self.chains.get(&(vpc.table, family)).cloned() else {
-                    continue;
-                };
-                let Some(first) = chain.groups.first().copied() else {
-                    // Direct mode: routes sit in group 0 of the VPC's ports; a VPC meter
-                    // cannot be expressed there.
-                    all_in &= !matches!(meter, Ok(Some(_)) | Err(_));
-                    continue;
-                };
-                if !chain_complete(&self.plan, &chain, vpc.table, family) {
-                    all_in = false;
-                    continue;
-                }
-                let mut actions = Vec::new();
-                match meter {
-                    Ok(Some(m)) => actions.push(Action::Meter(m)),
-                    Ok(None) => {}
-                    Err(_) => {
-                        all_in = false;
-                        continue;
-                    }
-                }
-                actions.push(Action::Mark(mark::resume_in_vrf(vpc.table.0)));
-                actions.push(Action::Jump(first));
-                for port in &vpc.ports {
-                    let rule = Rule {
-                        port: *port,
-                        attr: ingress(0, 0),
-                        pattern: vec![eth_type(family)],
-                        actions: actions.clone(),
-                    };
-                    if self.caps.check(&rule).is_ok() && self.room_for(1) {
-                        self.set_rule(
-                            RuleId::Classify {
-                                port: *port,
-                                family,
-                            },
-                            Some(rule),
-                        );
-                    } else {
-                        all_in = false;
-                    }
-                }
-            }
-            if !all_in || vpc.ports.is_empty() {
-                let reason = match meter {
-                    Err(r) => r,
-                    _ => SwReason::NoHardwarePath,
-                };
-                self.plan
-                    .sw
-                    .insert(ObjectKey::Vpc(vpc.name.clone()), reason);
-            }
+            self.classify_vpc(model, vpc);
         }
         // Uplinks.
         let blocks: Vec<Prefix> = model
@@ -786,7 +714,11 @@ impl Compiler {
                 // Something meant for software would fall into the underlay table: keep the
                 // underlay's rules off this port.
                 for family in Family::BOTH {
-                    if let Some(chain) = self.chains.get_mut(&(UNDERLAY_TABLE, family)) {
+                    if let Some(chain) = self
+                        .chains
+                        .get_mut(&(UNDERLAY_TABLE, family))
+                        .map(Arc::make_mut)
+                    {
                         chain.ports.retain(|p| *p != port);
                     }
                 }
@@ -850,7 +782,7 @@ impl Compiler {
                         .and_then(|v| model.meter_for(&MeterTarget::Vpc(v.name.clone())))
                         .is_some();
                     if metered {
-                        if let Some(c) = self.chains.get_mut(&(table, family)) {
+                        if let Some(c) = self.chains.get_mut(&(table, family)).map(Arc::make_mut) {
                             c.ports.clear();
                         }
                     }
@@ -869,7 +801,7 @@ impl Compiler {
                 })
                 .unwrap_or_default();
             for port in stale {
-                if let Some(c) = self.chains.get_mut(&(table, family)) {
+                if let Some(c) = self.chains.get_mut(&(table, family)).map(Arc::make_mut) {
                     c.ports.retain(|p| *p != port);
                 }
                 let ends: Vec<RuleId> = self
@@ -885,6 +817,90 @@ impl Compiler {
                     .collect();
                 for id in ends {
                     self.set_rule(id, None);
+                }
+            }
+        }
+    }
+
+    /// Classification rules of a VPC's ports. With a VPC meter it is all or nothing (every
+    /// port, both families), so the meter's state lives in exactly one place; without one,
+    /// whatever fits is installed and the rest is classified in software.
+    fn classify_vpc(&mut self, model: &Model, vpc: &crate::model::Vpc) {
+        let meter = model.meter_for(&MeterTarget::Vpc(vpc.name.clone()));
+        let mut rules = Vec::new();
+        let mut complete = !vpc.ports.is_empty();
+        for family in Family::BOTH {
+            let Some(chain) = self.chains.get(&(vpc.table, family)).cloned() else {
+                complete = false;
+                continue;
+            };
+            let Some(first) = chain.groups.first().copied() else {
+                // Direct mode: the VPC's routes sit in group 0 of its ports.
+                complete = false;
+                continue;
+            };
+            if !chain_complete(&self.plan, &chain, vpc.table, family) {
+                complete = false;
+                continue;
+            }
+            let mut actions = Vec::new();
+            if meter.is_some() {
+                actions.push(Action::Meter(Self::vpc_meter_ref(vpc.table)));
+            }
+            actions.push(Action::Mark(mark::resume_in_vrf(vpc.table.0)));
+            actions.push(Action::Jump(first));
+            for port in &vpc.ports {
+                let rule = Rule {
+                    port: *port,
+                    attr: ingress(0, 0),
+                    pattern: vec![eth_type(family)],
+                    actions: actions.clone(),
+                };
+                rules.push((
+                    RuleId::Classify {
+                        port: *port,
+                        family,
+                    },
+                    rule,
+                ));
+            }
+        }
+        let vpc_key = ObjectKey::Vpc(vpc.name.clone());
+        let Some(meter) = meter else {
+            for (id, rule) in rules {
+                complete &= self.try_rule(id, rule);
+            }
+            if !complete {
+                self.plan.sw.insert(vpc_key, SwReason::NoHardwarePath);
+            }
+            return;
+        };
+        let meter_key = ObjectKey::Meter(meter.name.clone());
+        let refusal = rules.iter().find_map(|(_, r)| self.caps.check(r).err());
+        let reason = if let Some(refusal) = refusal {
+            Some(SwReason::Unsupported(refusal))
+        } else if !complete {
+            Some(SwReason::NoHardwarePath)
+        } else if self.plan.hw.meters.len() >= self.caps.max_meters as usize {
+            Some(SwReason::MetersExhausted)
+        } else if !self.room_for(rules.len()) {
+            Some(SwReason::TableFull)
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => {
+                self.plan.sw.insert(vpc_key, SwReason::MeterInSoftware);
+                self.plan.sw.insert(meter_key, reason);
+            }
+            None => {
+                let r = Self::vpc_meter_ref(vpc.table);
+                self.plan.hw.meters.insert(r, meter.profile);
+                if self.journal {
+                    self.ops.push(Op::CreateMeter(r, meter.profile));
+                }
+                for (id, rule) in rules {
+                    self.set_rule(id, Some(rule));
                 }
             }
         }
@@ -921,7 +937,13 @@ impl Compiler {
         if route.nexthops.len() > 1 {
             return Err(SwReason::Ecmp);
         }
-        let meter = self.meter_ref(model, &MeterTarget::Route(route.key))?;
+        // A route's meter must see every packet of the route, and software paths reach every
+        // VRF (breakout, reverse NAT, trapped decap): its state lives in software, and so does
+        // the route.
+        if model.meter_for(&MeterTarget::Route(route.key)).is_some() {
+            return Err(SwReason::MeterInSoftware);
+        }
+        let meter: Option<MeterRef> = None;
         let count = self.caps.actions.contains(&ActionKind::Count);
         let mut actions = Vec::new();
         let forward_prelude = |actions: &mut Vec<Action>| {
