@@ -494,8 +494,8 @@ impl RefNic {
                 stack,
                 ..
             } = self;
-            dissect(frame, stack, true);
             let hit = tables.get_mut(&(ingress, group)).and_then(|t| {
+                dissect(frame, stack, true);
                 t.values_mut()
                     .find(|i| pattern_matches(&i.rule.pattern, stack))
             });

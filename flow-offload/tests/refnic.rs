@@ -1231,7 +1231,7 @@ fn too_many_groups() {
         .unwrap();
     n.create(&rule(1, 3, 0, vec![], vec![Action::Jump(4)]))
         .unwrap();
-    // Free group 2 (the only rule in or jumping to it... is not: group 1's rule jumps to it).
+    // Group 2 stays in use after its only rule goes: the group-1 rule still jumps to it.
     n.destroy(in2).unwrap();
     refused(
         &mut n,
