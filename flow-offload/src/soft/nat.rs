@@ -22,7 +22,7 @@
 //!   identifiers are allocated the same way; for [`Proto::Icmp`] the "port" is the echo
 //!   identifier and the remote port is ignored (treated as 0), because echo replies carry the
 //!   same identifier.
-//! - **TCP** (simplified RFC 6146 §3.5.2, RFC 7857 §3.1), see [`TcpState`]: a session opened
+//! - **TCP** (simplified RFC 6146 §3.5.2, RFC 7857), see [`TcpState`]: a session opened
 //!   from inside is *transitory* until the remote answers, *established* afterwards, and
 //!   transitory again after FIN from both sides or a RST. A session may be opened by any
 //!   outbound TCP packet (not only a SYN) so flows survive a NAT restart; until the remote
@@ -38,8 +38,10 @@
 //! before the sweep reaches it: [`NatTable::inbound`] refuses it (filtering stays exact) and
 //! removes it, and [`NatTable::outbound`] replaces it by a fresh session (new [`SessionId`],
 //! state and counters reset). [`NatTable::expire`] is the incremental sweep: a cursor over the
-//! dense list of sessions, visiting at most `budget` of them per call. Time going backwards is
-//! tolerated (timestamps never decrease).
+//! dense list of sessions, visiting at most `budget` of them per call. When an outbound packet
+//! would be refused for lack of a session, mapping or port, the sweep first runs for
+//! [`RECLAIM_BUDGET`] sessions to make room. Time going backwards is tolerated (timestamps
+//! never decrease).
 //!
 //! # Storage
 //!
@@ -94,9 +96,10 @@
 //! other (or, if traffic resumes, is refreshed by the software path).
 //!
 //! Removal: [`NatTable::expire_with`] reports every session it removes, so the agent destroys
-//! the rules of those that were offloaded. As a safety net the agent can check its installed
-//! rules against [`NatTable::session`]: a [`SessionId`] carries a generation, so the id of a
-//! removed session never resolves again, even when its slot has been reused.
+//! the rules of those that were offloaded. Sessions can also disappear without a report — found
+//! dead by a packet, or reclaimed when a table is full — so the agent also checks its installed
+//! rules against [`NatTable::session`] now and then: a [`SessionId`] carries a generation, so
+//! the id of a removed session never resolves again, even when its slot has been reused.
 //!
 //! A packet that reaches software while its session's rules are being installed or removed is
 //! translated identically, so the order of rule updates against traffic does not matter.
@@ -304,7 +307,7 @@ pub enum NatError {
 /// - any RST → `Reset`;
 /// - `Opening` + packet from outside → `Established`;
 /// - `Reset` + SYN from inside → `Opening`; `Reset` + any other packet → `Established`;
-/// - `Closing` + SYN from inside → `Opening` (the 5-tuple is reused, RFC 7857 §3.1);
+/// - `Closing` + SYN from inside → `Opening` (the 5-tuple is reused, RFC 7857);
 /// - then a FIN: `Established` → `FinOutbound`/`FinInbound` by direction, and the one-sided
 ///   FIN states → `Closing` on a FIN from the other side.
 ///
@@ -350,7 +353,7 @@ fn tcp_next(state: TcpState, dir: Dir, flags: u8) -> TcpState {
     let s = match (state, dir) {
         (Opening, Dir::In) => Established,
         (Reset | Closing, Dir::Out) if syn => Opening,
-        (Reset, Dir::In) => Established,
+        (Reset, _) => Established,
         (s, _) => s,
     };
     if flags & TCP_FIN == 0 {
@@ -2445,9 +2448,9 @@ mod tests {
             for (insert, key, h) in ops {
                 let hash = hash_of(key, h);
                 if insert {
-                    if !model.contains_key(&key) {
+                    if let std::collections::hash_map::Entry::Vacant(e) = model.entry(key) {
                         prop_assert!(ix.insert(hash, key));
-                        model.insert(key, hash);
+                        e.insert(hash);
                     }
                 } else if let Some(hash) = model.remove(&key) {
                     prop_assert!(ix.remove(hash, key));
@@ -2470,7 +2473,9 @@ mod tests {
 
     // --- the NAT against a reference model ---------------------------------------------------
 
-    const DTS: [u64; 10] = [0, 0, 1, 20, 59, 61, 239, 241, 301, 7441];
+    /// Time steps in seconds: mostly small, so flows live through many packets. Packets use
+    /// the first 12 (up to 61 s), sweeps all of them.
+    const DTS: [u64; 16] = [0, 0, 0, 0, 1, 1, 1, 2, 5, 20, 59, 61, 239, 241, 301, 7441];
     const FLAGS: [u8; 6] = [
         0,
         TCP_SYN,
@@ -2500,6 +2505,7 @@ mod tests {
             remote: u8,
             flags: u8,
             dt: u8,
+            reuse: u8,
         },
         In {
             proto: u8,
@@ -2516,13 +2522,13 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (0u8..3, 0u8..4, 0u8..4, 0u8..9, 0u8..6, 0u8..10).prop_map(
-                |(proto, host, hport, remote, flags, dt)| Op::Out { proto, host, hport, remote, flags, dt }
+            4 => (0u8..3, 0u8..3, 0u8..3, 0u8..6, 0u8..6, 0u8..12, any::<u8>()).prop_map(
+                |(proto, host, hport, remote, flags, dt, reuse)| Op::Out { proto, host, hport, remote, flags, dt, reuse }
             ),
-            4 => (0u8..3, 0u8..10, any::<u16>(), 0u8..6, 0u8..10).prop_map(
+            4 => (0u8..3, 0u8..10, any::<u16>(), 0u8..6, 0u8..12).prop_map(
                 |(proto, remote, target, flags, dt)| Op::In { proto, remote, target, flags, dt }
             ),
-            1 => (0u8..10, 0u8..8).prop_map(|(dt, budget)| Op::Expire { dt, budget }),
+            1 => (0u8..16, 0u8..8).prop_map(|(dt, budget)| Op::Expire { dt, budget }),
         ]
     }
 
@@ -2593,6 +2599,7 @@ mod tests {
     }
 
     type MKey = (Proto, (Ipv4Addr, u16), (Ipv4Addr, u16));
+    type Flow = (Proto, (Ipv4Addr, u16), (Ipv4Addr, u16), (Ipv4Addr, u16));
 
     struct Model {
         t: Timeouts,
@@ -2641,7 +2648,8 @@ mod tests {
             sessions: HashMap::new(),
             paired: HashMap::new(),
         };
-        let mut observed: Vec<(Proto, (Ipv4Addr, u16))> = Vec::new();
+        // Flows opened so far: (proto, inside, outside, remote as passed).
+        let mut observed: Vec<Flow> = Vec::new();
         let mut now = 0u64;
         for op in ops {
             match op {
@@ -2652,11 +2660,23 @@ mod tests {
                     remote,
                     flags,
                     dt,
+                    reuse,
                 } => {
                     now += DTS[usize::from(dt)] * S;
-                    let proto = Proto::ALL[usize::from(proto)];
-                    let inside = (Ipv4Addr::new(10, 0, 0, host + 1), 100 + u16::from(hport));
-                    let raw_remote = remote_of(remote);
+                    // Mostly continue a recent flow, else a new or older one.
+                    let recent = observed
+                        .len()
+                        .checked_sub(1 + usize::from(reuse % 8))
+                        .and_then(|i| observed.get(i).copied())
+                        .filter(|_| reuse < 192);
+                    let (proto, inside, raw_remote) = match recent {
+                        Some((p, ins, _, r)) => (p, ins, r),
+                        None => (
+                            Proto::ALL[usize::from(proto)],
+                            (Ipv4Addr::new(10, 0, 0, host + 1), 100 + u16::from(hport)),
+                            remote_of(remote),
+                        ),
+                    };
                     let remote = if proto == Proto::Icmp {
                         (raw_remote.0, 0)
                     } else {
@@ -2712,7 +2732,7 @@ mod tests {
                         }
                     };
                     m.sessions.insert(key, s);
-                    observed.push((proto, tr.outside));
+                    observed.push((proto, inside, tr.outside, raw_remote));
                 }
                 Op::In {
                     proto,
@@ -2722,8 +2742,22 @@ mod tests {
                     dt,
                 } => {
                     now += DTS[usize::from(dt)] * S;
-                    let proto = Proto::ALL[usize::from(proto)];
-                    let raw_remote = remote_of(remote);
+                    // Mostly answer a flow that was opened (its protocol, outside endpoint and
+                    // remote); sometimes a stranger, another protocol or an unused port.
+                    let pick = observed
+                        .len()
+                        .checked_sub(1 + usize::from(target % 8))
+                        .and_then(|i| observed.get(i).copied());
+                    let (proto, outside, raw_remote) = match (pick, target % 16) {
+                        (Some((p, _, o, r)), 0..=10) => (p, o, r),
+                        (Some((p, _, o, _)), 11..=12) => (p, o, remote_of(remote)),
+                        (Some((_, _, o, r)), 13) => (Proto::ALL[usize::from(proto)], o, r),
+                        _ => (
+                            Proto::ALL[usize::from(proto)],
+                            (MPOOL[usize::from(target & 1)], MRANGE.0 + target % 120),
+                            remote_of(remote),
+                        ),
+                    };
                     let remote = if proto == Proto::Icmp {
                         (raw_remote.0, 0)
                     } else {
@@ -2733,10 +2767,6 @@ mod tests {
                         FLAGS[usize::from(flags)]
                     } else {
                         0
-                    };
-                    let outside = match observed.get(usize::from(target) % (observed.len() + 2)) {
-                        Some(&(_, o)) => o,
-                        None => (MPOOL[usize::from(target & 1)], MRANGE.0 + target % 120),
                     };
                     let hit = m
                         .sessions
@@ -2827,7 +2857,7 @@ mod tests {
             let mut now = 0u64;
             for op in ops {
                 match op {
-                    Op::Out { proto, host, hport, remote, flags, dt } => {
+                    Op::Out { proto, host, hport, remote, flags, dt, .. } => {
                         now += DTS[usize::from(dt)] * S;
                         let before = (nat.session_count(), nat.mapping_count());
                         let r = nat.outbound(
