@@ -33,6 +33,21 @@
 //! table and prefix). An incremental update that frees space does not promote anything; the
 //! next full compile does. Correctness never depends on it.
 //!
+//! **Reserved priorities.** Group 0 keeps priority [`PRIO_TEARDOWN_TRAP`] (0) and
+//! [`PRIO_SESSION`] (1) free for offloaded NAT sessions; port classification starts at 2.
+//!
+//! # Offloading established NAT sessions (designed, not built yet)
+//! NAPT44 and NAT64 start in software. An established session (see "Offloading established
+//! sessions" in [`crate::soft::nat`]) can later be offloaded as two exact-match rules in group 0:
+//! outbound on the VPC's ports and inbound on the uplinks, both at [`PRIO_SESSION`], matching the
+//! full 5-tuple and carrying the translation (`SetIpv4Src`+`SetTpSrc`, resp. `SetIpv4Dst`+`SetTpDst`),
+//! the VPC meter when there is one, `DecTtl`, `Count` and the forwarding actions of the route the
+//! software path resolved (MACs and port) — the rule replaces the whole software path for that
+//! flow. Two shared rules at [`PRIO_TEARDOWN_TRAP`] send TCP with FIN or RST to software, so the
+//! session's state machine still sees teardown. The agent polls `Count` (or uses `AGE` where the
+//! NIC has it) to refresh the session, and destroys both rules when the session ends, leaves
+//! `Established`, or when the route it resolved through changes (rules are keyed by session id).
+//!
 //! # What stays in software, by design
 //! ECMP (the IR has no hash-select action), VPC breakout to the underlay (with its NAT), NAPT44
 //! and NAT64 (stateful; established sessions may be offloaded later, see
@@ -53,6 +68,13 @@ use crate::model::{
     MacAddr, MeterProfile, MeterTarget, Model, Name, NatKind, Nexthop, ObjectKey, PortId, Prefix,
     Route, RouteKey, TableId, UNDERLAY_TABLE,
 };
+
+/// Group-0 priority reserved for TCP FIN/RST traps of offloaded NAT sessions.
+pub const PRIO_TEARDOWN_TRAP: u32 = 0;
+/// Group-0 priority reserved for exact-match rules of offloaded NAT sessions.
+pub const PRIO_SESSION: u32 = 1;
+/// First group-0 priority of port classification.
+const CLASSIFY: u32 = 2;
 
 /// IPv4 or IPv6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -554,7 +576,7 @@ impl Compiler {
                     Chain {
                         ports: own_ports.clone(),
                         groups: Vec::new(),
-                        levels: needed_levels.min(p.saturating_sub(1)),
+                        levels: needed_levels.min(p.saturating_sub(CLASSIFY + 1)),
                     }
                 };
                 self.chains.insert((table, family), Arc::new(chain));
@@ -569,7 +591,7 @@ impl Compiler {
             return None;
         }
         if chain.groups.is_empty() {
-            Some((0, 1 + level))
+            Some((0, CLASSIFY + 1 + level))
         } else {
             let per = self.caps.priorities - 1;
             let g = chain.groups.get((level / per) as usize)?;
@@ -653,7 +675,7 @@ impl Compiler {
                         pattern.push(eth_type(family));
                         let rule = Rule {
                             port,
-                            attr: ingress(0, 0),
+                            attr: ingress(0, CLASSIFY),
                             pattern,
                             actions: vec![
                                 Action::VxlanDecap,
@@ -675,7 +697,7 @@ impl Compiler {
                     }
                 }
             }
-            let prio = if grouped { 1 } else { 0 };
+            let prio = if grouped { CLASSIFY + 1 } else { CLASSIFY };
             let vx = Rule {
                 port,
                 attr: ingress(0, prio),
@@ -740,7 +762,7 @@ impl Compiler {
                     }
                     let rule = Rule {
                         port,
-                        attr: ingress(0, 2),
+                        attr: ingress(0, CLASSIFY + 2),
                         pattern: vec![eth_type(family)],
                         actions: vec![
                             Action::Mark(mark::resume_in_vrf(UNDERLAY_TABLE.0)),
@@ -852,7 +874,7 @@ impl Compiler {
             for port in &vpc.ports {
                 let rule = Rule {
                     port: *port,
-                    attr: ingress(0, 0),
+                    attr: ingress(0, CLASSIFY),
                     pattern: vec![eth_type(family)],
                     actions: actions.clone(),
                 };
