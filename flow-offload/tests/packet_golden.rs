@@ -8,9 +8,9 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 use flow_offload::packet::checksum;
 use flow_offload::packet::{
     ethertype, ip_proto, parse_layout, tcp, Error, EthernetFrame, EthernetRepr, Header,
-    Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, Ipv4Packet, Ipv4Repr, Ipv6Packet,
-    Ipv6Repr, Layout, TcpPacket, TcpRepr, UdpPacket, UdpRepr, VlanRepr, VlanTag, VxlanPacket,
-    VxlanRepr, L3, L4, VXLAN_PORT,
+    Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
+    Layout, TcpPacket, TcpRepr, UdpPacket, UdpRepr, VlanRepr, VlanTag, VxlanPacket, VxlanRepr, L3,
+    L4, VXLAN_PORT,
 };
 use proptest::prelude::*;
 
@@ -223,8 +223,14 @@ fn ipv4_check_len_errors() {
         header: Header::Ipv4,
     };
     // Total length 115 but only 20 bytes.
-    assert_eq!(Ipv4Packet::new_checked(&IPV4_CLASSIC[..]).unwrap_err(), trunc);
-    assert_eq!(Ipv4Packet::new_checked(&IPV4_CLASSIC[..19]).unwrap_err(), trunc);
+    assert_eq!(
+        Ipv4Packet::new_checked(&IPV4_CLASSIC[..]).unwrap_err(),
+        trunc
+    );
+    assert_eq!(
+        Ipv4Packet::new_checked(&IPV4_CLASSIC[..19]).unwrap_err(),
+        trunc
+    );
     let mut h = IPV4_CLASSIC;
     h[2..4].copy_from_slice(&20u16.to_be_bytes());
     assert!(Ipv4Packet::new_checked(&h[..]).is_ok());
@@ -406,7 +412,10 @@ const IPV4_TCP_SYN: [u8; 40] = [
 fn tcp_v4_golden() {
     let ip = Ipv4Packet::new_checked(&IPV4_TCP_SYN[..]).unwrap();
     assert!(ip.verify_checksum());
-    assert_eq!(internet_checksum(&[&zero_at(&IPV4_TCP_SYN[..20], 10)]), 0x7b00);
+    assert_eq!(
+        internet_checksum(&[&zero_at(&IPV4_TCP_SYN[..20], 10)]),
+        0x7b00
+    );
     let t = TcpPacket::new_checked(ip.payload()).unwrap();
     assert_eq!((t.src_port(), t.dst_port()), (40000, 80));
     assert_eq!((t.seq_number(), t.ack_number()), (0x0102_0304, 0));
@@ -486,7 +495,10 @@ const IPV4_ICMP_ECHO: [u8; 36] = [
 fn icmpv4_echo_golden() {
     let ip = Ipv4Packet::new_checked(&IPV4_ICMP_ECHO[..]).unwrap();
     assert!(ip.verify_checksum());
-    assert_eq!(internet_checksum(&[&zero_at(&IPV4_ICMP_ECHO[..20], 10)]), 0x26d7);
+    assert_eq!(
+        internet_checksum(&[&zero_at(&IPV4_ICMP_ECHO[..20], 10)]),
+        0x26d7
+    );
     let i = Icmpv4Packet::new_checked(ip.payload()).unwrap();
     assert_eq!((i.msg_type(), i.code(), i.checksum()), (8, 0, 0x5435));
     assert_eq!((i.echo_ident(), i.echo_seq_no()), (0x1234, 1));
@@ -566,10 +578,16 @@ fn ipv6_udp_golden() {
         }
     );
     let u = UdpPacket::new_checked(ip.payload()).unwrap();
-    assert_eq!((u.src_port(), u.dst_port(), u.checksum()), (12345, 53, 0xaf2c));
+    assert_eq!(
+        (u.src_port(), u.dst_port(), u.checksum()),
+        (12345, 53, 0xaf2c)
+    );
     assert!(u.verify_checksum(V6A, V6B));
     let ph = pseudo6(V6A.octets(), V6B.octets(), 17, 12);
-    assert_eq!(internet_checksum(&[&ph, &zero_at(&IPV6_UDP[40..], 6)]), 0xaf2c);
+    assert_eq!(
+        internet_checksum(&[&ph, &zero_at(&IPV6_UDP[40..], 6)]),
+        0xaf2c
+    );
 
     let mut out = [0u8; 52];
     r.emit(&mut Ipv6Packet::new_unchecked(&mut out[..]));
@@ -749,11 +767,21 @@ fn unchecked_views_on_short_buffers_do_not_panic() {
     for n in 0..8 {
         let b = vec![0xffu8; n];
         let ip = Ipv4Packet::new_unchecked(&b[..]);
-        let _ = (ip.src_addr(), ip.payload(), ip.options(), ip.verify_checksum());
+        let _ = (
+            ip.src_addr(),
+            ip.payload(),
+            ip.options(),
+            ip.verify_checksum(),
+        );
         let ip6 = Ipv6Packet::new_unchecked(&b[..]);
         let _ = (ip6.dst_addr(), ip6.payload(), ip6.flow_label());
         let t = TcpPacket::new_unchecked(&b[..]);
-        let _ = (t.ack_number(), t.payload(), t.options(), t.verify_checksum(H1, H2));
+        let _ = (
+            t.ack_number(),
+            t.payload(),
+            t.options(),
+            t.verify_checksum(H1, H2),
+        );
         let u = UdpPacket::new_unchecked(&b[..]);
         let _ = (u.checksum(), u.payload(), u.verify_checksum(V6A, V6B));
         let mut m = b.clone();

@@ -59,10 +59,13 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
     pub fn ethertype(&self) -> u16 {
         get_u16(self.buffer.as_ref(), field::ETHERTYPE)
     }
+}
 
+impl<'a, T: AsRef<[u8]> + ?Sized> EthernetFrame<&'a T> {
     /// Everything after the header.
-    pub fn payload(&self) -> &[u8] {
-        clamp(self.buffer.as_ref(), field::PAYLOAD, usize::MAX)
+    pub fn payload(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
+        clamp(buf.as_ref(), field::PAYLOAD, usize::MAX)
     }
 }
 

@@ -128,14 +128,17 @@ impl<T: AsRef<[u8]>> Icmpv4Packet<T> {
         get_u8(self.buffer.as_ref(), field::POINTER)
     }
 
-    /// Everything after the 8-byte header (echo data, or the invoking packet of an error).
-    pub fn payload(&self) -> &[u8] {
-        clamp(self.buffer.as_ref(), field::END, usize::MAX)
-    }
-
     /// Whether the checksum over the whole buffer is correct.
     pub fn verify_checksum(&self) -> bool {
         checksum::fold(checksum::sum(self.buffer.as_ref())) == 0xFFFF
+    }
+}
+
+impl<'a, T: AsRef<[u8]> + ?Sized> Icmpv4Packet<&'a T> {
+    /// Everything after the 8-byte header (echo data, or the invoking packet of an error).
+    pub fn payload(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
+        clamp(buf.as_ref(), field::END, usize::MAX)
     }
 }
 

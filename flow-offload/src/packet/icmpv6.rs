@@ -133,16 +133,19 @@ impl<T: AsRef<[u8]>> Icmpv6Packet<T> {
         self.rest_of_header()
     }
 
-    /// Everything after the 8-byte header.
-    pub fn payload(&self) -> &[u8] {
-        clamp(self.buffer.as_ref(), field::END, usize::MAX)
-    }
-
     /// Whether the checksum over the pseudo-header and the whole buffer is correct.
     pub fn verify_checksum(&self, src: Ipv6Addr, dst: Ipv6Addr) -> bool {
         let d = self.buffer.as_ref();
         let ph = checksum::pseudo_header_v6(src, dst, ip_proto::ICMPV6, d.len() as u32);
         checksum::fold(ph + checksum::sum(d)) == 0xFFFF
+    }
+}
+
+impl<'a, T: AsRef<[u8]> + ?Sized> Icmpv6Packet<&'a T> {
+    /// Everything after the 8-byte header.
+    pub fn payload(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
+        clamp(buf.as_ref(), field::END, usize::MAX)
     }
 }
 

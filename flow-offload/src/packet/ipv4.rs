@@ -166,28 +166,37 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         Ipv4Addr::from(get_array::<4>(self.buffer.as_ref(), field::DST))
     }
 
-    /// The options (between byte 20 and the header length).
-    pub fn options(&self) -> &[u8] {
-        clamp(self.buffer.as_ref(), field::END, self.header_len())
-    }
-
-    /// The header bytes (clamped to the buffer).
-    pub fn header(&self) -> &[u8] {
-        clamp(self.buffer.as_ref(), 0, self.header_len())
-    }
-
     /// Whether the header checksum is correct. False if the header is not all in the buffer.
     pub fn verify_checksum(&self) -> bool {
         let hl = self.header_len();
         hl >= field::END
             && hl <= self.buffer.as_ref().len()
-            && checksum::fold(checksum::sum(self.header())) == 0xFFFF
+            && checksum::fold(checksum::sum(self.header_bytes())) == 0xFFFF
+    }
+
+    fn header_bytes(&self) -> &[u8] {
+        clamp(self.buffer.as_ref(), 0, self.header_len())
+    }
+}
+
+impl<'a, T: AsRef<[u8]> + ?Sized> Ipv4Packet<&'a T> {
+    /// The options (between byte 20 and the header length).
+    pub fn options(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
+        clamp(buf.as_ref(), field::END, self.header_len())
+    }
+
+    /// The header bytes (clamped to the buffer).
+    pub fn header(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
+        clamp(buf.as_ref(), 0, self.header_len())
     }
 
     /// The payload: from the header length to the total length (clamped to the buffer).
-    pub fn payload(&self) -> &[u8] {
+    pub fn payload(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
         clamp(
-            self.buffer.as_ref(),
+            buf.as_ref(),
             self.header_len(),
             usize::from(self.total_len()),
         )
@@ -273,7 +282,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     /// Computes and writes the header checksum.
     pub fn fill_checksum(&mut self) {
         self.set_checksum(0);
-        let c = checksum::finish(checksum::sum(self.header()));
+        let c = checksum::finish(checksum::sum(self.header_bytes()));
         self.set_checksum(c);
     }
 

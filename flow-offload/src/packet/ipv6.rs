@@ -108,11 +108,17 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
     pub fn dst_addr(&self) -> Ipv6Addr {
         Ipv6Addr::from(get_array::<16>(self.buffer.as_ref(), field::DST))
     }
+}
 
+impl<'a, T: AsRef<[u8]> + ?Sized> Ipv6Packet<&'a T> {
     /// The payload: `payload_len` bytes after the fixed header (clamped to the buffer).
-    pub fn payload(&self) -> &[u8] {
-        let end = field::END + usize::from(self.payload_len());
-        clamp(self.buffer.as_ref(), field::END, end)
+    pub fn payload(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
+        clamp(
+            buf.as_ref(),
+            field::END,
+            field::END + usize::from(self.payload_len()),
+        )
     }
 }
 

@@ -341,7 +341,7 @@ fn fuzz_vlan(data: &[u8]) {
     }
 }
 
-fn fuzz_ipv4<T: AsRef<[u8]>>(ip: &Ipv4Packet<T>) {
+fn fuzz_ipv4(ip: &Ipv4Packet<&[u8]>) {
     black_box((
         ip.version(),
         ip.header_len(),
@@ -370,7 +370,7 @@ fn fuzz_ipv4<T: AsRef<[u8]>>(ip: &Ipv4Packet<T>) {
     }
 }
 
-fn fuzz_ipv6<T: AsRef<[u8]>>(ip: &Ipv6Packet<T>) {
+fn fuzz_ipv6(ip: &Ipv6Packet<&[u8]>) {
     black_box((
         ip.version(),
         ip.traffic_class(),
@@ -444,7 +444,7 @@ fn fuzz_l4(l: Layout, data: &[u8], v4: V4Pair, v6: V6Pair, depth: u8) {
     }
 }
 
-fn fuzz_tcp<T: AsRef<[u8]>>(tcp: &TcpPacket<T>, v4: V4Pair, v6: V6Pair) {
+fn fuzz_tcp(tcp: &TcpPacket<&[u8]>, v4: V4Pair, v6: V6Pair) {
     black_box((
         tcp.src_port(),
         tcp.dst_port(),
@@ -466,7 +466,7 @@ fn fuzz_tcp<T: AsRef<[u8]>>(tcp: &TcpPacket<T>, v4: V4Pair, v6: V6Pair) {
     }
 }
 
-fn fuzz_udp<T: AsRef<[u8]>>(udp: &UdpPacket<T>, v4: V4Pair, v6: V6Pair) {
+fn fuzz_udp(udp: &UdpPacket<&[u8]>, v4: V4Pair, v6: V6Pair) {
     black_box((udp.src_port(), udp.dst_port(), udp.len(), udp.checksum()));
     black_box(udp.payload().len());
     if let Some((s, d)) = v4 {
@@ -482,7 +482,7 @@ fn fuzz_udp<T: AsRef<[u8]>>(udp: &UdpPacket<T>, v4: V4Pair, v6: V6Pair) {
     }
 }
 
-fn fuzz_icmpv4<T: AsRef<[u8]>>(icmp: &Icmpv4Packet<T>) {
+fn fuzz_icmpv4(icmp: &Icmpv4Packet<&[u8]>) {
     black_box((
         icmp.msg_type(),
         icmp.code(),
@@ -506,7 +506,7 @@ fn fuzz_icmpv4<T: AsRef<[u8]>>(icmp: &Icmpv4Packet<T>) {
     }
 }
 
-fn fuzz_icmpv6<T: AsRef<[u8]>>(icmp: &Icmpv6Packet<T>, v6: V6Pair) {
+fn fuzz_icmpv6(icmp: &Icmpv6Packet<&[u8]>, v6: V6Pair) {
     black_box((
         icmp.msg_type(),
         icmp.code(),

@@ -127,21 +127,25 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
         get_u16(self.buffer.as_ref(), field::URGENT)
     }
 
-    /// The options (clamped to the buffer).
-    pub fn options(&self) -> &[u8] {
-        clamp(self.buffer.as_ref(), field::END, self.header_len())
-    }
-
-    /// The payload: after the header length.
-    pub fn payload(&self) -> &[u8] {
-        clamp(self.buffer.as_ref(), self.header_len(), usize::MAX)
-    }
-
     /// Whether the checksum over this pseudo-header and the whole buffer is correct.
     pub fn verify_checksum<A: PseudoHeader>(&self, src: A, dst: A) -> bool {
         let d = self.buffer.as_ref();
         let ph = A::pseudo_header_sum(src, dst, ip_proto::TCP, d.len() as u32);
         checksum::fold(ph + checksum::sum(d)) == 0xFFFF
+    }
+}
+
+impl<'a, T: AsRef<[u8]> + ?Sized> TcpPacket<&'a T> {
+    /// The options (clamped to the buffer).
+    pub fn options(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
+        clamp(buf.as_ref(), field::END, self.header_len())
+    }
+
+    /// The payload: after the header length.
+    pub fn payload(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
+        clamp(buf.as_ref(), self.header_len(), usize::MAX)
     }
 }
 

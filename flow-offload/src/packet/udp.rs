@@ -82,21 +82,11 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
         get_u16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
-    /// The datagram: header and payload up to the length field (clamped to the buffer).
-    pub fn datagram(&self) -> &[u8] {
-        clamp(self.buffer.as_ref(), 0, usize::from(self.len()))
-    }
-
-    /// The payload: from byte 8 to the length field (clamped to the buffer).
-    pub fn payload(&self) -> &[u8] {
-        clamp(self.buffer.as_ref(), field::END, usize::from(self.len()))
-    }
-
     /// The checksum computed over the pseudo-header and the datagram, as it would be written
     /// (a computed 0 becomes 0xFFFF). Expects the checksum field to be zero, or gives the
     /// value that, added, makes the sum verify.
     fn compute<A: PseudoHeader>(&self, src: A, dst: A) -> u16 {
-        let d = self.datagram();
+        let d = clamp(self.buffer.as_ref(), 0, usize::from(self.len()));
         let ph = A::pseudo_header_sum(src, dst, ip_proto::UDP, d.len() as u32);
         checksum::udp_nonzero(checksum::finish(ph + checksum::sum(d)))
     }
@@ -107,9 +97,23 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
         if self.checksum() == 0 {
             return A::UDP_ZERO_MEANS_NONE;
         }
-        let d = self.datagram();
+        let d = clamp(self.buffer.as_ref(), 0, usize::from(self.len()));
         let ph = A::pseudo_header_sum(src, dst, ip_proto::UDP, d.len() as u32);
         checksum::fold(ph + checksum::sum(d)) == 0xFFFF
+    }
+}
+
+impl<'a, T: AsRef<[u8]> + ?Sized> UdpPacket<&'a T> {
+    /// The datagram: header and payload up to the length field (clamped to the buffer).
+    pub fn datagram(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
+        clamp(buf.as_ref(), 0, usize::from(self.len()))
+    }
+
+    /// The payload: from byte 8 to the length field (clamped to the buffer).
+    pub fn payload(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
+        clamp(buf.as_ref(), field::END, usize::from(self.len()))
     }
 }
 

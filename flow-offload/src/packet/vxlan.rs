@@ -60,10 +60,13 @@ impl<T: AsRef<[u8]>> VxlanPacket<T> {
     pub fn vni(&self) -> u32 {
         get_u32(self.buffer.as_ref(), field::VNI) >> 8
     }
+}
 
+impl<'a, T: AsRef<[u8]> + ?Sized> VxlanPacket<&'a T> {
     /// The inner Ethernet frame.
-    pub fn payload(&self) -> &[u8] {
-        clamp(self.buffer.as_ref(), field::END, usize::MAX)
+    pub fn payload(&self) -> &'a [u8] {
+        let buf: &'a T = self.buffer;
+        clamp(buf.as_ref(), field::END, usize::MAX)
     }
 }
 
