@@ -451,10 +451,9 @@ impl<K: LpmKey> Lpm<K> {
                 });
             }
             let needed = self.groups_needed(addr, k);
-            if self.groups_in_use + needed > self.limits.max_groups.min(MAX_GROUPS) {
-                return Err(LpmError::GroupsExhausted {
-                    max_groups: self.limits.max_groups,
-                });
+            let max_groups = self.limits.max_groups.min(MAX_GROUPS);
+            if self.groups_in_use + needed > max_groups {
+                return Err(LpmError::GroupsExhausted { max_groups });
             }
         }
         let tab = self.make_path(addr, k);
