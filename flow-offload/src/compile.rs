@@ -415,8 +415,11 @@ impl Compiler {
     }
 
     /// The operations made since the last call, in a safe order (see [`crate::reconcile`]).
+    /// Several operations on one rule (a route recompiled in place is destroyed, then created
+    /// again) are merged into the one with the same effect first, since ordering may move a
+    /// create before a destroy.
     pub fn take_ops(&mut self) -> Vec<Op> {
-        crate::reconcile::order(std::mem::take(&mut self.ops))
+        crate::reconcile::order(coalesce(std::mem::take(&mut self.ops)))
     }
 
     /// Recompiles everything from the model (after VPC, NAT, meter or node changes, or to
@@ -1255,6 +1258,44 @@ impl Compiler {
             }
         }
     }
+}
+
+/// Merges the operations on each rule and each meter into the single operation with the same
+/// effect (none if it is created and destroyed again), at the position of its first operation.
+/// Whether the object existed before is told by its first operation: only a create starts from
+/// nothing.
+fn coalesce(ops: Vec<Op>) -> Vec<Op> {
+    let mut rules: BTreeMap<RuleId, (usize, bool, Option<Rule>)> = BTreeMap::new();
+    let mut meters: BTreeMap<MeterRef, (usize, bool, Option<MeterProfile>)> = BTreeMap::new();
+    for (i, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::Create(id, r) => rules.entry(id).or_insert((i, false, None)).2 = Some(r),
+            Op::Replace(id, r) => rules.entry(id).or_insert((i, true, None)).2 = Some(r),
+            Op::Destroy(id) => rules.entry(id).or_insert((i, true, None)).2 = None,
+            Op::CreateMeter(m, p) => meters.entry(m).or_insert((i, false, None)).2 = Some(p),
+            Op::UpdateMeter(m, p) => meters.entry(m).or_insert((i, true, None)).2 = Some(p),
+            Op::DestroyMeter(m) => meters.entry(m).or_insert((i, true, None)).2 = None,
+        }
+    }
+    let mut out: Vec<(usize, Op)> = Vec::new();
+    for (id, (i, existed, last)) in rules {
+        match (existed, last) {
+            (false, None) => {}
+            (false, Some(r)) => out.push((i, Op::Create(id, r))),
+            (true, Some(r)) => out.push((i, Op::Replace(id, r))),
+            (true, None) => out.push((i, Op::Destroy(id))),
+        }
+    }
+    for (m, (i, existed, last)) in meters {
+        match (existed, last) {
+            (false, None) => {}
+            (false, Some(p)) => out.push((i, Op::CreateMeter(m, p))),
+            (true, Some(p)) => out.push((i, Op::UpdateMeter(m, p))),
+            (true, None) => out.push((i, Op::DestroyMeter(m))),
+        }
+    }
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, op)| op).collect()
 }
 
 /// Whether every group of a chain is closed on every port of the chain.

@@ -675,6 +675,8 @@ impl Pipeline {
                         .ok_or(DropReason::NoSession)?;
                     set_ipv4_addr(pkt.data_mut(), l, 16, t.inside.0);
                     set_l4_port(pkt.data_mut(), l, false, t.inside.1);
+                    // The layout's ports must describe the rewritten packet (NAT keys, ECMP).
+                    *l = parse_layout(pkt.data()).map_err(|_| DropReason::Malformed)?;
                     return Ok(*table);
                 }
                 for n in &mut self.nat64 {
@@ -690,8 +692,14 @@ impl Pipeline {
                     };
                     let src6 = rfc6052::embed(pfx, n.prefix.len(), src)
                         .map_err(|_| DropReason::Untranslatable)?;
+                    // For ICMP echo the translator writes `src_port` as the identifier, which
+                    // must become the inside one.
                     let rw = packet::xlat::L4Rewrite {
-                        src_port: l.src_port,
+                        src_port: if proto == Proto::Icmp {
+                            t.inside.1
+                        } else {
+                            l.src_port
+                        },
                         dst_port: t.inside.1,
                     };
                     let vrf = n.vrf;
@@ -779,6 +787,8 @@ impl Pipeline {
                     return Err(DropReason::VrfLoop);
                 }
                 self.breakout_nat(pkt, &l, table, now_ns)?;
+                // The layout's ports must describe the translated packet (ECMP hash).
+                let l = parse_layout(pkt.data()).map_err(|_| DropReason::Malformed)?;
                 return self.route(pkt, l, target, now_ns, true);
             }
             _ => {}
