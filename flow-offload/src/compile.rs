@@ -73,6 +73,9 @@ use crate::model::{
 pub const PRIO_TEARDOWN_TRAP: u32 = 0;
 /// Group-0 priority reserved for exact-match rules of offloaded NAT sessions.
 pub const PRIO_SESSION: u32 = 1;
+/// Most groups in one chain: bounds the jumps a lookup takes (a target with very few
+/// priorities gives its shortest prefixes to software instead of chaining deeper).
+pub const MAX_CHAIN_GROUPS: u32 = 16;
 /// First group-0 priority of port classification.
 const CLASSIFY: u32 = 2;
 
@@ -561,7 +564,7 @@ impl Compiler {
                 let needed_levels = family.max_len() + 1;
                 let chain = if grouped && p >= 2 {
                     let per_group = p - 1;
-                    let want = needed_levels.div_ceil(per_group);
+                    let want = needed_levels.div_ceil(per_group).min(MAX_CHAIN_GROUPS);
                     let got = want.min(budget);
                     budget -= got;
                     let mut ports = own_ports.clone();
@@ -672,8 +675,14 @@ impl Compiler {
                         }
                         let mut pattern = vxlan_to(node.vtep);
                         pattern.push(Item::Vxlan(Masked {
-                            spec: VxlanFields { vni: vpc.vni.get() },
-                            mask: VxlanFields { vni: 0x00ff_ffff },
+                            spec: VxlanFields {
+                                flags: 0x08,
+                                vni: vpc.vni.get(),
+                            },
+                            mask: VxlanFields {
+                                flags: 0x08,
+                                vni: 0x00ff_ffff,
+                            },
                         }));
                         pattern.push(eth_type(family));
                         let rule = Rule {

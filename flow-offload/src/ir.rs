@@ -129,6 +129,8 @@ pub struct TcpFields {
     Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
 )]
 pub struct VxlanFields {
+    /// The flags byte (0x08: the VNI is valid, RFC 7348 "I" flag).
+    pub flags: u8,
     /// The 24-bit VNI.
     pub vni: u32,
 }

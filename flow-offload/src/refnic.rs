@@ -666,6 +666,7 @@ enum Layer {
         flags: u8,
     },
     Vxlan {
+        flags: u8,
         vni: u32,
     },
 }
@@ -848,6 +849,7 @@ fn dissect(frame: &[u8], out: &mut Vec<Hdr>, deep: bool) {
                     len: VXLAN_LEN,
                     end: l4_off + udp_len,
                     layer: Layer::Vxlan {
+                        flags: frame.get(vx).copied().unwrap_or(0),
                         vni: get_u32(frame, vx + 4) >> 8,
                     },
                 });
@@ -956,9 +958,9 @@ fn item_matches(item: &Item, layer: &Layer) -> bool {
                 && eq16(dst_port, m16(m.spec.dst_port, m.mask.dst_port))
                 && eq8(flags, m.spec.flags, m.mask.flags)
         }
-        (Item::Vxlan(m), Layer::Vxlan { vni }) => {
+        (Item::Vxlan(m), Layer::Vxlan { flags, vni }) => {
             let mask = m.mask.vni & 0x00ff_ffff;
-            vni & mask == m.spec.vni & mask
+            vni & mask == m.spec.vni & mask && flags & m.mask.flags == m.spec.flags & m.mask.flags
         }
         _ => false,
     }

@@ -388,8 +388,11 @@ fn tcp_dst(port: u16) -> Item {
 
 fn vxlan_vni(vni: u32) -> Item {
     Item::Vxlan(Masked {
-        spec: VxlanFields { vni },
-        mask: VxlanFields { vni: 0x00ff_ffff },
+        spec: VxlanFields { flags: 0, vni },
+        mask: VxlanFields {
+            flags: 0,
+            vni: 0x00ff_ffff,
+        },
     })
 }
 
