@@ -168,10 +168,11 @@ pub enum RuleId {
     },
     /// A route (or its trap), instantiated on one port.
     Route {
+        /// The route (first: a full compile then inserts in key order, at the map's hot right
+        /// edge).
+        key: RouteKey,
         /// The port.
         port: PortId,
-        /// The route.
-        key: RouteKey,
     },
     /// The implicit route of a NAT64 prefix: always a trap.
     Nat64Prefix {
@@ -512,26 +513,28 @@ impl Compiler {
     }
 
     fn set_rule(&mut self, id: RuleId, rule: Option<Rule>) {
-        match (self.plan.hw.rules.get(&id), rule) {
-            (None, None) => {}
-            (Some(_), None) => {
-                self.plan.hw.rules.remove(&id);
+        use std::collections::btree_map::Entry;
+        // One search per rule: this runs for every rule of a full compile.
+        match (self.plan.hw.rules.entry(id), rule) {
+            (Entry::Vacant(_), None) => {}
+            (Entry::Occupied(o), None) => {
+                let (id, _) = o.remove_entry();
                 if self.journal {
                     self.ops.push(Op::Destroy(id));
                 }
             }
-            (None, Some(r)) => {
+            (Entry::Vacant(v), Some(r)) => {
                 if self.journal {
-                    self.ops.push(Op::Create(id.clone(), r.clone()));
+                    self.ops.push(Op::Create(v.key().clone(), r.clone()));
                 }
-                self.plan.hw.rules.insert(id, r);
+                v.insert(r);
             }
-            (Some(old), Some(r)) => {
-                if *old != r {
+            (Entry::Occupied(mut o), Some(r)) => {
+                if *o.get() != r {
                     if self.journal {
-                        self.ops.push(Op::Replace(id.clone(), r.clone()));
+                        self.ops.push(Op::Replace(o.key().clone(), r.clone()));
                     }
-                    self.plan.hw.rules.insert(id, r);
+                    o.insert(r);
                 }
             }
         }
@@ -1071,9 +1074,10 @@ impl Compiler {
                     .iter()
                     .map(|p| (*p, make(actions.clone(), *p)))
                     .collect();
+                // The rules differ only in their port: checking one checks all.
                 let refused = rules
-                    .iter()
-                    .find_map(|(_, r)| r.as_ref().and_then(|r| self.caps.check(r).err()));
+                    .first()
+                    .and_then(|(_, r)| r.as_ref().and_then(|r| self.caps.check(r).err()));
                 match (refused, shadows) {
                     (Some(refusal), _) => SwReason::Unsupported(refusal),
                     (None, Some(s)) => SwReason::ShadowsSoftwareRoute(RouteKey {
@@ -1102,8 +1106,8 @@ impl Compiler {
         let trappable = slot.is_some()
             && !chain.ports.is_empty()
             && traps
-                .iter()
-                .all(|(_, r)| r.as_ref().is_some_and(|r| self.caps.check(r).is_ok()))
+                .first()
+                .is_some_and(|(_, r)| r.as_ref().is_some_and(|r| self.caps.check(r).is_ok()))
             && self.room_for(n);
         if trappable {
             for (port, rule) in traps {
