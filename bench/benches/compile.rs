@@ -232,7 +232,7 @@ fn benches(c: &mut Criterion) {
         let in_sw = plan.sw.keys().count();
         eprintln!(
             "compile: {} hardware rules, {} meters, {in_sw} objects in software",
-            plan.hw.rules.len(),
+            plan.hw.rule_count(),
             plan.hw.meters.len()
         );
         drop(plan);
@@ -324,8 +324,8 @@ fn benches(c: &mut Criterion) {
         );
         eprintln!(
             "reconcile: plans of {} / {} rules",
-            plan_a.hw.rules.len(),
-            plan_b.hw.rules.len()
+            plan_a.hw.rule_count(),
+            plan_b.hw.rule_count()
         );
         let mut g = c.benchmark_group("reconcile");
         g.sample_size(10);

@@ -161,7 +161,7 @@ fn main() {
         }
         println!(
             "\n=== profile {profile:?}: {} hardware rules, {} meters",
-            plan.hw.rules.len(),
+            plan.hw.rule_count(),
             plan.hw.meters.len()
         );
         let mut objects: Vec<ObjectKey> = model

@@ -228,19 +228,30 @@ impl Caps {
 
     /// Checks one rule's shape (not table space) the way a NIC's validate does.
     pub fn check(&self, rule: &Rule) -> Result<(), Refusal> {
+        self.check_parts(
+            rule.pattern.iter().map(|i| i.kind()),
+            &rule.actions,
+            &rule.attr,
+        )
+    }
+
+    /// [`Caps::check`] on the parts of a rule, so a caller need not build one to ask.
+    pub fn check_parts(
+        &self,
+        items: impl IntoIterator<Item = ItemKind>,
+        actions: &[crate::ir::Action],
+        attr: &crate::ir::Attr,
+    ) -> Result<(), Refusal> {
         if self.items.is_empty() && self.actions.is_empty() {
             return Err(Refusal::NotImplemented);
         }
-        for (index, item) in rule.pattern.iter().enumerate() {
-            if !self.items.contains(&item.kind()) {
-                return Err(Refusal::Item {
-                    index,
-                    item: item.kind(),
-                });
+        for (index, item) in items.into_iter().enumerate() {
+            if !self.items.contains(&item) {
+                return Err(Refusal::Item { index, item });
             }
         }
         let mut modifies = false;
-        for (index, action) in rule.actions.iter().enumerate() {
+        for (index, action) in actions.iter().enumerate() {
             if !self.actions.contains(&action.kind()) {
                 return Err(Refusal::Action {
                     index,
@@ -250,8 +261,7 @@ impl Caps {
             modifies |= action.kind().is_modify();
         }
         if modifies && !self.encap_with_modify {
-            if let Some((index, action)) = rule
-                .actions
+            if let Some((index, action)) = actions
                 .iter()
                 .enumerate()
                 .find(|(_, a)| a.kind().is_encap())
@@ -262,16 +272,14 @@ impl Caps {
                 });
             }
         }
-        if rule.attr.priority >= self.priorities {
+        if attr.priority >= self.priorities {
             return Err(Refusal::Priority {
-                priority: rule.attr.priority,
+                priority: attr.priority,
                 available: self.priorities,
             });
         }
-        if rule.attr.group != 0 && !self.has_groups() {
-            return Err(Refusal::Group {
-                group: rule.attr.group,
-            });
+        if attr.group != 0 && !self.has_groups() {
+            return Err(Refusal::Group { group: attr.group });
         }
         Ok(())
     }

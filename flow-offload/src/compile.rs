@@ -61,7 +61,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::caps::{Caps, Refusal};
 use crate::ir::{
-    self, mark, Action, ActionKind, Attr, EthFields, Ipv4Fields, Ipv6Fields, Item, L4Fields,
+    self, mark, Action, ActionKind, Attr, ItemKind, EthFields, Ipv4Fields, Ipv6Fields, Item, L4Fields,
     Masked, MeterRef, Rule, VxlanEncap, VxlanFields,
 };
 use crate::model::{
@@ -237,13 +237,87 @@ pub enum SwReason {
     VpcInSoftware,
 }
 
+/// A route's hardware rule: the same match and actions on every port its VRF's chain is
+/// instantiated on. Kept once per route, not per port, with actions shared between routes that
+/// have the same next hop, so a million routes cost tens of megabytes, not a gigabyte;
+/// [`RouteRules::rule`] gives the IR rule for one port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRules {
+    /// The ports the rule is created on.
+    pub ports: Arc<[PortId]>,
+    /// Its group.
+    pub group: u32,
+    /// Its priority (the prefix length's level).
+    pub priority: u32,
+    /// Direct mode: the pattern also matches the EtherType (group 0 of the VRF's own ports).
+    pub match_ethertype: bool,
+    /// Forwarding actions, or a trap to software.
+    pub actions: Arc<[Action]>,
+}
+
+impl RouteRules {
+    /// The IR rule on one port.
+    pub fn rule(&self, key: &RouteKey, port: PortId) -> Rule {
+        Rule {
+            port,
+            attr: ingress(self.group, self.priority),
+            pattern: dst_prefix_items(&key.prefix, self.match_ethertype),
+            actions: self.actions.to_vec(),
+        }
+    }
+
+    /// Whether this only sends the route's packets to software.
+    pub fn is_trap(&self) -> bool {
+        matches!(&*self.actions, [Action::Queue(_)])
+    }
+}
+
 /// What goes to hardware.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HwPlan {
-    /// Rules by identity.
+    /// Every rule but the routes' (classification, traps, chain ends), by identity.
     pub rules: BTreeMap<RuleId, Rule>,
+    /// Route rules (forwarding or trap), one entry per route; their identities are
+    /// [`RuleId::Route`] per port.
+    pub routes: BTreeMap<RouteKey, RouteRules>,
     /// Meters by reference.
     pub meters: BTreeMap<MeterRef, MeterProfile>,
+}
+
+impl HwPlan {
+    /// How many rules the target holds for this plan.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len() + self.routes.values().map(|r| r.ports.len()).sum::<usize>()
+    }
+
+    /// One rule by identity.
+    pub fn rule(&self, id: &RuleId) -> Option<Rule> {
+        match id {
+            RuleId::Route { key, port } => self
+                .routes
+                .get(key)
+                .filter(|r| r.ports.contains(port))
+                .map(|r| r.rule(key, *port)),
+            _ => self.rules.get(id).cloned(),
+        }
+    }
+
+    /// Every rule with its identity: the other rules, then the routes' per port.
+    pub fn iter_rules(&self) -> impl Iterator<Item = (RuleId, Rule)> + '_ {
+        let other = self.rules.iter().map(|(id, r)| (id.clone(), r.clone()));
+        let routes = self.routes.iter().flat_map(|(key, r)| {
+            r.ports.iter().map(move |port| {
+                (
+                    RuleId::Route {
+                        key: *key,
+                        port: *port,
+                    },
+                    r.rule(key, *port),
+                )
+            })
+        });
+        other.chain(routes)
+    }
 }
 
 /// The compiled plan. Every object of the model is in hardware unless `sw` names it.
@@ -266,8 +340,8 @@ pub enum Op {
     Create(RuleId, Rule),
     /// Replace a rule: make before break (create the new one, then destroy the old).
     Replace(RuleId, Rule),
-    /// Destroy a rule.
-    Destroy(RuleId),
+    /// Destroy a rule in a group (group 0 first, so nothing jumps into a group being emptied).
+    Destroy(RuleId, u32),
     /// Destroy a meter (after the rules using it).
     DestroyMeter(MeterRef),
 }
@@ -277,6 +351,8 @@ pub enum Op {
 struct Chain {
     /// Ports the chain is instantiated on.
     ports: Vec<PortId>,
+    /// The same, shared by the chain's route rules (set once the structure is built).
+    shared_ports: Arc<[PortId]>,
     /// Group ids in order; empty in direct mode.
     groups: Vec<u32>,
     /// Levels available.
@@ -288,8 +364,6 @@ struct Chain {
 struct VrfState {
     /// Software routes that have no trap.
     untrapped: BTreeSet<Prefix>,
-    /// Hardware routes (forwarding rules, not traps).
-    in_hw: BTreeSet<Prefix>,
 }
 
 /// The compiler: holds the plan and what incremental updates need.
@@ -305,6 +379,12 @@ pub struct Compiler {
     ops: Vec<Op>,
     /// Whether to record operations (off while building from scratch: the diff does it).
     journal: bool,
+    /// Rules held by `plan.hw.routes` (one per route and port), for capacity checks.
+    route_rules: usize,
+    /// Action lists by next hop, shared between routes.
+    actions: BTreeMap<Nexthop, Arc<[Action]>>,
+    /// The trap action list, shared.
+    trap: Arc<[Action]>,
 }
 
 /// A plan compiled from scratch.
@@ -405,6 +485,9 @@ impl Compiler {
             vtep_users: BTreeMap::new(),
             ops: Vec::new(),
             journal: true,
+            route_rules: 0,
+            actions: BTreeMap::new(),
+            trap: Arc::from(trap()),
         }
     }
 
@@ -506,6 +589,10 @@ impl Compiler {
     fn build(&mut self, model: &Model) {
         self.alloc_chains(model);
         self.build_structure(model);
+        for chain in self.chains.values_mut() {
+            let chain = Arc::make_mut(chain);
+            chain.shared_ports = Arc::from(chain.ports.as_slice());
+        }
         for route in model.routes().values() {
             self.place_route(model, route);
         }
@@ -518,9 +605,9 @@ impl Compiler {
         match (self.plan.hw.rules.entry(id), rule) {
             (Entry::Vacant(_), None) => {}
             (Entry::Occupied(o), None) => {
-                let (id, _) = o.remove_entry();
+                let (id, old) = o.remove_entry();
                 if self.journal {
-                    self.ops.push(Op::Destroy(id));
+                    self.ops.push(Op::Destroy(id, old.attr.group));
                 }
             }
             (Entry::Vacant(v), Some(r)) => {
@@ -541,7 +628,25 @@ impl Compiler {
     }
 
     fn room_for(&self, n: usize) -> bool {
-        self.plan.hw.rules.len() + n <= self.caps.max_rules as usize
+        self.plan.hw.rules.len() + self.route_rules + n <= self.caps.max_rules as usize
+    }
+
+    /// Sets (or removes) a route's rules, journaling per-port operations.
+    fn set_route(&mut self, key: RouteKey, new: Option<RouteRules>) {
+        let added = new.as_ref().map_or(0, |r| r.ports.len());
+        let old = match &new {
+            Some(r) => self.plan.hw.routes.insert(key, r.clone()),
+            None => self.plan.hw.routes.remove(&key),
+        };
+        let removed = old.as_ref().map_or(0, |r| r.ports.len());
+        self.route_rules = self.route_rules + added - removed;
+        if self.journal {
+            route_ops(&key, old.as_ref(), new.as_ref(), &mut self.ops);
+        }
+    }
+
+    fn is_hw_route(&self, key: &RouteKey) -> bool {
+        self.plan.hw.routes.get(key).is_some_and(|r| !r.is_trap())
     }
 
     /// The hardware meter of a VPC: its reference is the VPC's table id (one meter per target,
@@ -577,12 +682,14 @@ impl Compiler {
                     ports.sort();
                     ports.dedup();
                     Chain {
+                        shared_ports: Arc::from(ports.as_slice()),
                         ports,
                         groups: (0..got).map(|i| group_id(table, family, i)).collect(),
                         levels: (got * per_group).min(needed_levels),
                     }
                 } else {
                     Chain {
+                        shared_ports: Arc::from(own_ports.as_slice()),
                         ports: own_ports.clone(),
                         groups: Vec::new(),
                         levels: needed_levels.min(p.saturating_sub(CLASSIFY + 1)),
@@ -967,7 +1074,33 @@ impl Compiler {
     }
 
     /// The forwarding actions a route wants in hardware, or why it cannot have them.
-    fn route_actions(&self, model: &Model, route: &Route) -> Result<Vec<Action>, SwReason> {
+    fn route_actions(&mut self, model: &Model, route: &Route) -> Result<Arc<[Action]>, SwReason> {
+        if let Some(a) = route
+            .nexthops
+            .first()
+            .filter(|nh| !matches!(nh, Nexthop::Vxlan { .. }))
+            .and_then(|nh| self.actions.get(nh))
+        {
+            // Underlay and blackhole actions depend only on the next hop (VXLAN ones also on
+            // the VTEP's resolution, so they are not cached).
+            if route.nexthops.len() == 1
+                && model.meter_for(&MeterTarget::Route(route.key)).is_none()
+            {
+                return Ok(a.clone());
+            }
+        }
+        let actions: Arc<[Action]> = Arc::from(self.route_action_list(model, route)?);
+        if let Some(nh) = route
+            .nexthops
+            .first()
+            .filter(|nh| !matches!(nh, Nexthop::Vxlan { .. }))
+        {
+            self.actions.insert(*nh, actions.clone());
+        }
+        Ok(actions)
+    }
+
+    fn route_action_list(&self, model: &Model, route: &Route) -> Result<Vec<Action>, SwReason> {
         let Some(node) = model.node() else {
             return Err(SwReason::NoHardwarePath);
         };
@@ -1048,115 +1181,94 @@ impl Compiler {
         };
         let level = family.max_len() - u32::from(key.prefix.len());
         let slot = self.slot(&chain, level);
-        let wanted = if chain.ports.is_empty() {
+        let n = chain.ports.len();
+        let make = |actions: Arc<[Action]>| {
+            slot.map(|(group, priority)| RouteRules {
+                ports: chain.shared_ports.clone(),
+                group,
+                priority,
+                match_ethertype: chain.groups.is_empty(),
+                actions,
+            })
+        };
+        let items = [
+            ItemKind::Eth,
+            match family {
+                Family::V4 => ItemKind::Ipv4,
+                Family::V6 => ItemKind::Ipv6,
+            },
+        ];
+        let check = |caps: &Caps, r: &RouteRules| {
+            caps.check_parts(items, &r.actions, &ingress(r.group, r.priority))
+        };
+        // 1. Forward in hardware.
+        let wanted = if n == 0 {
             Err(SwReason::NoHardwarePath)
         } else if slot.is_none() {
             Err(SwReason::PrioritiesExhausted)
         } else {
             self.route_actions(model, route)
         };
-        let pattern = dst_prefix_items(&key.prefix, chain.groups.is_empty());
-        let make = |actions: Vec<Action>, port: PortId| {
-            slot.map(|(group, priority)| Rule {
-                port,
-                attr: ingress(group, priority),
-                pattern: pattern.clone(),
-                actions,
-            })
-        };
-        let n = chain.ports.len();
-        let shadows = self.covers_untrapped(key.table, family, &key.prefix);
-        // 1. Forward in hardware.
-        let reason = match wanted {
-            Ok(actions) => {
-                let rules: Vec<(PortId, Option<Rule>)> = chain
-                    .ports
-                    .iter()
-                    .map(|p| (*p, make(actions.clone(), *p)))
-                    .collect();
-                // The rules differ only in their port: checking one checks all.
-                let refused = rules
-                    .first()
-                    .and_then(|(_, r)| r.as_ref().and_then(|r| self.caps.check(r).err()));
-                match (refused, shadows) {
-                    (Some(refusal), _) => SwReason::Unsupported(refusal),
-                    (None, Some(s)) => SwReason::ShadowsSoftwareRoute(RouteKey {
+        let reason = match wanted.map(make) {
+            Ok(Some(rules)) => {
+                let shadows = self.covers_untrapped(key.table, family, &key.prefix);
+                match (check(&self.caps, &rules), shadows) {
+                    (Err(refusal), _) => SwReason::Unsupported(refusal),
+                    (Ok(()), Some(s)) => SwReason::ShadowsSoftwareRoute(RouteKey {
                         table: key.table,
                         prefix: s,
                     }),
-                    (None, None) if !self.room_for(n) => SwReason::TableFull,
-                    (None, None) => {
-                        for (port, rule) in rules {
-                            self.set_rule(RuleId::Route { port, key }, rule);
+                    (Ok(()), None) if !self.room_for(n) => SwReason::TableFull,
+                    (Ok(()), None) => {
+                        self.set_route(key, Some(rules));
+                        if !self.plan.sw.is_empty() {
+                            self.plan.sw.remove(&ObjectKey::Route(key));
                         }
-                        if let Some(v) = self.vrfs.get_mut(&(key.table, family)) {
-                            v.in_hw.insert(key.prefix);
-                        }
-                        self.plan.sw.remove(&ObjectKey::Route(key));
                         return;
                     }
                 }
             }
+            Ok(None) => SwReason::PrioritiesExhausted,
             Err(r) => r,
         };
         self.plan.sw.insert(ObjectKey::Route(key), reason);
         // 2. Trap to software so no covering hardware route takes its packets.
-        let traps: Vec<(PortId, Option<Rule>)> =
-            chain.ports.iter().map(|p| (*p, make(trap(), *p))).collect();
-        let trappable = slot.is_some()
-            && !chain.ports.is_empty()
-            && traps
-                .first()
-                .is_some_and(|(_, r)| r.as_ref().is_some_and(|r| self.caps.check(r).is_ok()))
-            && self.room_for(n);
-        if trappable {
-            for (port, rule) in traps {
-                self.set_rule(RuleId::Route { port, key }, rule);
+        if let Some(trap) = make(self.trap.clone()) {
+            if n > 0 && check(&self.caps, &trap).is_ok() && self.room_for(n) {
+                self.set_route(key, Some(trap));
+                return;
             }
-            return;
         }
         // 3. Untrapped: demote every hardware route covering it.
-        if let Some(v) = self.vrfs.get_mut(&(key.table, family)) {
-            v.untrapped.insert(key.prefix);
-        }
-        for len in (0..key.prefix.len()).rev() {
-            let cover = key.prefix.truncate(len);
-            let is_hw = self
-                .vrfs
-                .get(&(key.table, family))
-                .is_some_and(|v| v.in_hw.contains(&cover));
-            if is_hw {
-                let ck = RouteKey {
-                    table: key.table,
-                    prefix: cover,
-                };
-                self.drop_route_rules(ck, &chain.ports);
-                if let Some(v) = self.vrfs.get_mut(&(key.table, family)) {
-                    v.in_hw.remove(&cover);
-                }
-                self.plan
-                    .sw
-                    .insert(ObjectKey::Route(ck), SwReason::ShadowsSoftwareRoute(key));
-            }
-        }
+        self.mark_untrapped(key, key);
     }
 
-    fn drop_route_rules(&mut self, key: RouteKey, ports: &[PortId]) {
-        for port in ports {
-            self.set_rule(RuleId::Route { port: *port, key }, None);
+    /// Records `prefix_key` as a software prefix without a trap and demotes every hardware
+    /// route covering it, giving `because` as the reason.
+    fn mark_untrapped(&mut self, prefix_key: RouteKey, because: RouteKey) {
+        let family = Family::of(&prefix_key.prefix);
+        if let Some(v) = self.vrfs.get_mut(&(prefix_key.table, family)) {
+            v.untrapped.insert(prefix_key.prefix);
+        }
+        for len in (0..prefix_key.prefix.len()).rev() {
+            let cover = RouteKey {
+                table: prefix_key.table,
+                prefix: prefix_key.prefix.truncate(len),
+            };
+            if self.is_hw_route(&cover) {
+                self.set_route(cover, None);
+                self.plan.sw.insert(
+                    ObjectKey::Route(cover),
+                    SwReason::ShadowsSoftwareRoute(because),
+                );
+            }
         }
     }
 
     fn remove_route(&mut self, key: RouteKey) {
         let family = Family::of(&key.prefix);
-        let ports = self
-            .chains
-            .get(&(key.table, family))
-            .map(|c| c.ports.clone())
-            .unwrap_or_default();
-        self.drop_route_rules(key, &ports);
+        self.set_route(key, None);
         if let Some(v) = self.vrfs.get_mut(&(key.table, family)) {
-            v.in_hw.remove(&key.prefix);
             v.untrapped.remove(&key.prefix);
         }
         self.plan.sw.remove(&ObjectKey::Route(key));
@@ -1247,27 +1359,40 @@ impl Compiler {
             }
             return;
         }
-        if let Some(v) = self.vrfs.get_mut(&(key.table, Family::V6)) {
-            v.untrapped.insert(key.prefix);
+        self.mark_untrapped(key, key);
+    }
+}
+
+/// The per-port operations that turn a route's rules `old` into `new`.
+pub(crate) fn route_ops(
+    key: &RouteKey,
+    old: Option<&RouteRules>,
+    new: Option<&RouteRules>,
+    out: &mut Vec<Op>,
+) {
+    if let (Some(a), Some(b)) = (old, new) {
+        if a == b {
+            return;
         }
-        for len in (0..key.prefix.len()).rev() {
-            let cover = key.prefix.truncate(len);
-            let is_hw = self
-                .vrfs
-                .get(&(key.table, Family::V6))
-                .is_some_and(|v| v.in_hw.contains(&cover));
-            if is_hw {
-                let ck = RouteKey {
-                    table: key.table,
-                    prefix: cover,
-                };
-                self.drop_route_rules(ck, &chain.ports);
-                if let Some(v) = self.vrfs.get_mut(&(key.table, Family::V6)) {
-                    v.in_hw.remove(&cover);
+    }
+    let ports: BTreeSet<PortId> = old
+        .iter()
+        .chain(new.iter())
+        .flat_map(|r| r.ports.iter().copied())
+        .collect();
+    for port in ports {
+        let id = RuleId::Route { key: *key, port };
+        let before = old.filter(|r| r.ports.contains(&port));
+        let after = new.filter(|r| r.ports.contains(&port));
+        match (before, after) {
+            (None, None) => {}
+            (None, Some(b)) => out.push(Op::Create(id, b.rule(key, port))),
+            (Some(a), None) => out.push(Op::Destroy(id, a.group)),
+            (Some(a), Some(b)) => {
+                let (ra, rb) = (a.rule(key, port), b.rule(key, port));
+                if ra != rb {
+                    out.push(Op::Replace(id, rb));
                 }
-                self.plan
-                    .sw
-                    .insert(ObjectKey::Route(ck), SwReason::ShadowsSoftwareRoute(key));
             }
         }
     }
@@ -1278,25 +1403,34 @@ impl Compiler {
 /// Whether the object existed before is told by its first operation: only a create starts from
 /// nothing.
 fn coalesce(ops: Vec<Op>) -> Vec<Op> {
-    let mut rules: BTreeMap<RuleId, (usize, bool, Option<Rule>)> = BTreeMap::new();
+    // Per rule: first position, whether it existed before, its last state, and the group of
+    // the rule as it was (what a destroy removes).
+    let mut rules: BTreeMap<RuleId, (usize, bool, Option<Rule>, u32)> = BTreeMap::new();
     let mut meters: BTreeMap<MeterRef, (usize, bool, Option<MeterProfile>)> = BTreeMap::new();
     for (i, op) in ops.into_iter().enumerate() {
         match op {
-            Op::Create(id, r) => rules.entry(id).or_insert((i, false, None)).2 = Some(r),
-            Op::Replace(id, r) => rules.entry(id).or_insert((i, true, None)).2 = Some(r),
-            Op::Destroy(id) => rules.entry(id).or_insert((i, true, None)).2 = None,
+            Op::Create(id, r) => rules.entry(id).or_insert((i, false, None, 0)).2 = Some(r),
+            Op::Replace(id, r) => {
+                let group = r.attr.group;
+                rules.entry(id).or_insert((i, true, None, group)).2 = Some(r)
+            }
+            Op::Destroy(id, group) => {
+                let e = rules.entry(id).or_insert((i, true, None, group));
+                e.2 = None;
+                e.3 = group;
+            }
             Op::CreateMeter(m, p) => meters.entry(m).or_insert((i, false, None)).2 = Some(p),
             Op::UpdateMeter(m, p) => meters.entry(m).or_insert((i, true, None)).2 = Some(p),
             Op::DestroyMeter(m) => meters.entry(m).or_insert((i, true, None)).2 = None,
         }
     }
     let mut out: Vec<(usize, Op)> = Vec::new();
-    for (id, (i, existed, last)) in rules {
+    for (id, (i, existed, last, group)) in rules {
         match (existed, last) {
             (false, None) => {}
             (false, Some(r)) => out.push((i, Op::Create(id, r))),
             (true, Some(r)) => out.push((i, Op::Replace(id, r))),
-            (true, None) => out.push((i, Op::Destroy(id))),
+            (true, None) => out.push((i, Op::Destroy(id, group))),
         }
     }
     for (m, (i, existed, last)) in meters {

@@ -1,13 +1,13 @@
 //! Reconcile: from the plan in force to a new plan, the minimal ordered operations.
 //!
-//! Rule identities ([`RuleId`]) are stable, so a diff is a merge of two sorted maps: a rule only
-//! in the new plan is created, only in the old one destroyed, in both but different replaced.
-//! A single route change therefore touches only that route's rules (one per port its VRF is
+//! Rule identities ([`RuleId`]) are stable, so a diff is a merge of sorted maps: a rule only in
+//! the new plan is created, only in the old one destroyed, in both but different replaced. A
+//! single route change therefore touches only that route's rules (one per port its VRF is
 //! instantiated on), and rules of untouched objects are never named.
 //!
 //! Order, so that traffic of untouched objects is never disturbed and nothing points at what
 //! does not exist yet:
-//! 1. meters are created;
+//! 1. meters are created (or their profile updated);
 //! 2. rules in non-root groups are created before rules in group 0 (a jump never targets an
 //!    empty group, where the packet would be dropped);
 //! 3. replacements are make-before-break: the agent creates the new rule (same group and
@@ -17,57 +17,87 @@
 //! 5. meters are destroyed last.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 
-use crate::compile::{Op, Plan, RuleId};
-use crate::ir::Rule;
+use crate::compile::{route_ops, HwPlan, Op, Plan, RuleId};
+use crate::ir::{MeterRef, Rule};
+use crate::model::MeterProfile;
 
-/// All operations that turn `old` into `new`, in a safe order.
-pub fn diff(old: &Plan, new: &Plan) -> Vec<Op> {
-    let mut ops = Vec::new();
-    for (r, p) in &new.hw.meters {
-        match old.hw.meters.get(r) {
-            None => ops.push(Op::CreateMeter(*r, *p)),
-            Some(q) if q != p => ops.push(Op::UpdateMeter(*r, *p)),
-            Some(_) => {}
+/// What a target has installed, rule by rule: the agent's view, and what operations apply to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Installed {
+    /// Rules by identity.
+    pub rules: BTreeMap<RuleId, Rule>,
+    /// Meters by reference.
+    pub meters: BTreeMap<MeterRef, MeterProfile>,
+}
+
+impl HwPlan {
+    /// The plan as a target holds it: every rule by identity.
+    pub fn installed(&self) -> Installed {
+        Installed {
+            rules: self.iter_rules().collect(),
+            meters: self.meters.clone(),
         }
     }
-    for r in old.hw.meters.keys() {
-        if !new.hw.meters.contains_key(r) {
-            ops.push(Op::DestroyMeter(*r));
-        }
-    }
-    let mut a = old.hw.rules.iter().peekable();
-    let mut b = new.hw.rules.iter().peekable();
+}
+
+/// Merge-joins two sorted maps, calling `f(key, old, new)` for every key in either.
+fn merge<'a, K: Ord, V>(
+    a: &'a BTreeMap<K, V>,
+    b: &'a BTreeMap<K, V>,
+    mut f: impl FnMut(&'a K, Option<&'a V>, Option<&'a V>),
+) {
+    let mut a = a.iter().peekable();
+    let mut b = b.iter().peekable();
     loop {
         match (a.peek(), b.peek()) {
             (None, None) => break,
-            (Some((ka, _)), None) => {
-                ops.push(Op::Destroy((*ka).clone()));
+            (Some(&(ka, va)), None) => {
+                f(ka, Some(va), None);
                 a.next();
             }
-            (None, Some((kb, rb))) => {
-                ops.push(Op::Create((*kb).clone(), (*rb).clone()));
+            (None, Some(&(kb, vb))) => {
+                f(kb, None, Some(vb));
                 b.next();
             }
-            (Some((ka, ra)), Some((kb, rb))) => match ka.cmp(kb) {
+            (Some(&(ka, va)), Some(&(kb, vb))) => match ka.cmp(kb) {
                 Ordering::Less => {
-                    ops.push(Op::Destroy((*ka).clone()));
+                    f(ka, Some(va), None);
                     a.next();
                 }
                 Ordering::Greater => {
-                    ops.push(Op::Create((*kb).clone(), (*rb).clone()));
+                    f(kb, None, Some(vb));
                     b.next();
                 }
                 Ordering::Equal => {
-                    if ra != rb {
-                        ops.push(Op::Replace((*kb).clone(), (*rb).clone()));
-                    }
+                    f(ka, Some(va), Some(vb));
                     a.next();
                     b.next();
                 }
             },
         }
     }
+}
+
+/// All operations that turn `old` into `new`, in a safe order.
+pub fn diff(old: &Plan, new: &Plan) -> Vec<Op> {
+    let mut ops = Vec::new();
+    merge(&old.hw.meters, &new.hw.meters, |r, a, b| match (a, b) {
+        (None, Some(p)) => ops.push(Op::CreateMeter(*r, *p)),
+        (Some(p), Some(q)) if p != q => ops.push(Op::UpdateMeter(*r, *q)),
+        (Some(_), None) => ops.push(Op::DestroyMeter(*r)),
+        _ => {}
+    });
+    merge(&old.hw.rules, &new.hw.rules, |id, a, b| match (a, b) {
+        (None, Some(r)) => ops.push(Op::Create(id.clone(), r.clone())),
+        (Some(r), None) => ops.push(Op::Destroy(id.clone(), r.attr.group)),
+        (Some(p), Some(q)) if p != q => ops.push(Op::Replace(id.clone(), q.clone())),
+        _ => {}
+    });
+    merge(&old.hw.routes, &new.hw.routes, |key, a, b| {
+        route_ops(key, a, b, &mut ops)
+    });
     order(ops)
 }
 
@@ -75,11 +105,11 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<Op> {
 /// keep their relative order (the sort is stable).
 pub fn order(mut ops: Vec<Op>) -> Vec<Op> {
     fn rank(op: &Op) -> (u8, u8) {
-        let deep = |r: &Rule| u8::from(r.attr.group == 0);
+        let root = |group: u32| u8::from(group == 0);
         match op {
             Op::CreateMeter(..) | Op::UpdateMeter(..) => (0, 0),
-            Op::Create(_, r) | Op::Replace(_, r) => (1, deep(r)),
-            Op::Destroy(_) => (2, 0),
+            Op::Create(_, r) | Op::Replace(_, r) => (1, root(r.attr.group)),
+            Op::Destroy(_, group) => (2, 1 - root(*group)),
             Op::DestroyMeter(_) => (3, 0),
         }
     }
@@ -87,7 +117,7 @@ pub fn order(mut ops: Vec<Op>) -> Vec<Op> {
     ops
 }
 
-/// Why a list of operations does not apply to a plan.
+/// Why a list of operations does not apply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApplyError {
     /// Creating a rule that exists.
@@ -98,27 +128,27 @@ pub enum ApplyError {
     Missing(RuleId),
 }
 
-/// Applies operations to a plan's hardware part (what an agent does to its installed state).
-pub fn apply(plan: &mut Plan, ops: &[Op]) -> Result<(), ApplyError> {
+/// Applies operations to what a target holds (what an agent does with its handles).
+pub fn apply(installed: &mut Installed, ops: &[Op]) -> Result<(), ApplyError> {
     for op in ops {
         match op {
             Op::CreateMeter(r, p) | Op::UpdateMeter(r, p) => {
-                plan.hw.meters.insert(*r, *p);
+                installed.meters.insert(*r, *p);
             }
             Op::DestroyMeter(r) => {
-                plan.hw.meters.remove(r);
+                installed.meters.remove(r);
             }
             Op::Create(id, rule) => {
-                if plan.hw.rules.insert(id.clone(), rule.clone()).is_some() {
+                if installed.rules.insert(id.clone(), rule.clone()).is_some() {
                     return Err(ApplyError::Exists(id.clone()));
                 }
             }
-            Op::Replace(id, rule) => match plan.hw.rules.get_mut(id) {
+            Op::Replace(id, rule) => match installed.rules.get_mut(id) {
                 Some(r) => *r = rule.clone(),
                 None => return Err(ApplyError::Missing(id.clone())),
             },
-            Op::Destroy(id) => {
-                if plan.hw.rules.remove(id).is_none() {
+            Op::Destroy(id, _) => {
+                if installed.rules.remove(id).is_none() {
                     return Err(ApplyError::Missing(id.clone()));
                 }
             }

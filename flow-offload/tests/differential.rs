@@ -18,7 +18,7 @@ use flow_offload::model::{
     Change, Ipv4Range, MacAddr, Meter, MeterProfile, MeterTarget, Model, Name, NatKind, NatRule,
     Nexthop, Node, ObjectKey, PortId, Prefix, Route, RouteKey, TableId, Vni, Vpc, UNDERLAY_TABLE,
 };
-use flow_offload::reconcile;
+use flow_offload::reconcile::{self, Installed};
 use flow_offload::soft::pipeline::Pipeline;
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -98,8 +98,8 @@ fn check_model(model: &Model, pkts: &[PktSpec], reverse: bool, seed: u64) -> Res
     for (name, caps) in caps_variants() {
         let plan = compile(model, &caps);
         count_reasons(&plan);
-        check_hw_invariants(&plan.hw).map_err(|m| format!("under {name}: {m}"))?;
-        let mut c = Checker::new(model, &caps, &plan, reverse, seed)
+        check_hw_invariants(&plan.hw.installed()).map_err(|m| format!("under {name}: {m}"))?;
+        let mut c = Checker::new(model, &caps, &plan.hw.installed(), reverse, seed)
             .map_err(|m| format!("under {name}: {m}"))?;
         run_packets(&mut c, model, pkts).map_err(|m| {
             format!(
@@ -141,7 +141,7 @@ fn plan_summary(plan: &Plan) -> String {
         out += &format!("\n  {k:?}: {r:?}");
     }
     out += "\nhardware rules:";
-    for (id, r) in &plan.hw.rules {
+    for (id, r) in plan.hw.iter_rules() {
         out += &format!(
             "\n  {id:?}: group {} priority {} {:?} => {:?}",
             r.attr.group, r.attr.priority, r.pattern, r.actions
@@ -267,7 +267,7 @@ fn check_incremental(
         let _ = comp.take_ops();
         let mut pipe =
             Pipeline::new(&model, limits(), seed).map_err(|e| format!("pipeline: {e}"))?;
-        let (mut nic, mut handles) = load_nic(&caps, &comp.plan().hw, false)?;
+        let (mut nic, mut handles) = load_nic(&caps, &comp.plan().hw.installed(), false)?;
         for ch in changes {
             let Some(change) = build_change(&model, ch) else {
                 continue;
@@ -287,14 +287,14 @@ fn check_incremental(
                 .map_err(|e| format!("pipeline update {change:?}: {e}"))?;
             let ops = comp.take_ops();
             let ctx = |m: String| format!("under {name}, after {change:?}: {m}\nops: {ops:?}");
-            check_hw_invariants(&comp.plan().hw).map_err(ctx)?;
-            let mut replayed = before.clone();
+            check_hw_invariants(&comp.plan().hw.installed()).map_err(ctx)?;
+            let mut replayed = before.hw.installed();
             reconcile::apply(&mut replayed, &ops).map_err(|e| {
                 ctx(format!(
                     "the operations do not apply to the previous plan: {e}"
                 ))
             })?;
-            if replayed.hw != comp.plan().hw {
+            if replayed != comp.plan().hw.installed() {
                 return Err(ctx("previous plan + operations != new plan".into()));
             }
             if ample {
@@ -322,7 +322,7 @@ fn check_incremental(
         // hw-then-sw ≡ model after the changes: the incrementally updated pipeline behind the
         // NIC (updated operation by operation with ample capacity, loaded fresh otherwise).
         if !ample {
-            (nic, handles) = load_nic(&caps, &comp.plan().hw, false)?;
+            (nic, handles) = load_nic(&caps, &comp.plan().hw.installed(), false)?;
         }
         let sys = System {
             nic,
@@ -374,18 +374,18 @@ fn check_roundtrip(a: &Model, b: &Model) -> Result<(), String> {
         let old = compile(a, &caps);
         let new = compile(b, &caps);
         let ops = reconcile::diff(&old, &new);
-        let mut p = old.clone();
+        let mut p = old.hw.installed();
         for (i, op) in ops.iter().enumerate() {
             reconcile::apply(&mut p, std::slice::from_ref(op))
                 .map_err(|e| format!("under {name}: operation {i} {op:?}: {e}"))?;
-            check_hw_invariants(&p.hw).map_err(|m| {
+            check_hw_invariants(&p).map_err(|m| {
                 format!(
                     "under {name}: after operation {i} of {}: {op:?}: {m}",
                     ops.len()
                 )
             })?;
         }
-        if p.hw != new.hw {
+        if p != new.hw.installed() {
             return Err(format!("under {name}: apply(old, diff(old, new)) != new"));
         }
         if !reconcile::diff(&new, &new).is_empty() {
@@ -503,10 +503,9 @@ fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, ttl: u8) -> Vec<u8> 
     })
 }
 
-fn rule_of(plan: &Plan, port: u16, key: RouteKey) -> &ir::Rule {
+fn rule_of(plan: &Plan, port: u16, key: RouteKey) -> ir::Rule {
     plan.hw
-        .rules
-        .get(&RuleId::Route {
+        .rule(&RuleId::Route {
             port: PortId(port),
             key,
         })
@@ -521,8 +520,12 @@ fn key(table: TableId, p: &str) -> RouteKey {
 }
 
 fn checker(model: &Model, caps: &Caps, plan: &Plan) -> Checker {
-    check_hw_invariants(&plan.hw).unwrap();
-    Checker::new(model, caps, plan, false, 7).unwrap()
+    checker_installed(model, caps, &plan.hw.installed())
+}
+
+fn checker_installed(model: &Model, caps: &Caps, hw: &Installed) -> Checker {
+    check_hw_invariants(hw).unwrap();
+    Checker::new(model, caps, hw, false, 7).unwrap()
 }
 
 fn lpm_nesting_model() -> Model {
@@ -800,13 +803,13 @@ fn scenario_taplike_offloads_only_blackholes() {
     ]);
     let caps = Caps::profile(Profile::TapLike);
     let plan = compile(&model, &caps);
-    for (id, rule) in &plan.hw.rules {
+    for (id, rule) in plan.hw.iter_rules() {
         assert!(
             !rule.actions.iter().any(|a| matches!(a, Action::Port(_))),
             "nothing is forwarded by a tap-like target: {id:?}"
         );
         if rule.actions.contains(&Action::Drop) {
-            let RuleId::Route { key, .. } = id else {
+            let RuleId::Route { key, .. } = &id else {
                 panic!("only routes drop: {id:?}")
             };
             assert_eq!(model.routes()[key].nexthops, vec![Nexthop::Blackhole]);
@@ -906,7 +909,7 @@ fn scenario_tiny_table_full_still_correct() {
         let mut caps = full();
         caps.max_rules = max_rules;
         let plan = compile(&model, &caps);
-        assert!(plan.hw.rules.len() <= max_rules as usize);
+        assert!(plan.hw.rule_count() <= max_rules as usize);
         table_full += plan
             .sw
             .values()
@@ -1175,7 +1178,7 @@ fn checker_catches_broken_plans() {
     let plan = compile(&model, &caps);
     let k8 = key(UNDERLAY_TABLE, "10.0.0.0/8");
     let k24 = key(UNDERLAY_TABLE, "10.1.2.0/24");
-    let fails = |broken: &Plan, dst: [u8; 4]| {
+    let fails = |broken: &Installed, dst: [u8; 4]| {
         let mut c = Checker::new(&model, &caps, broken, false, 7).unwrap();
         (0..8u16)
             .filter(|i| {
@@ -1184,24 +1187,25 @@ fn checker_catches_broken_plans() {
             })
             .count()
     };
-    assert_eq!(fails(&plan, [10, 1, 2, 7]), 0);
-    assert_eq!(fails(&plan, [10, 9, 9, 9]), 0);
+    let installed = plan.hw.installed();
+    assert_eq!(fails(&installed, [10, 1, 2, 7]), 0);
+    assert_eq!(fails(&installed, [10, 9, 9, 9]), 0);
 
-    let mut no_trap = plan.clone();
+    let mut no_trap = plan.hw.installed();
     for port in [1, 2] {
-        no_trap.hw.rules.remove(&RuleId::Route {
+        no_trap.rules.remove(&RuleId::Route {
             port: PortId(port),
             key: k24,
         });
     }
     assert_eq!(fails(&no_trap, [10, 1, 2, 7]), 8, "skipped trap not caught");
 
-    let mut flipped = plan.clone();
+    let mut flipped = plan.hw.installed();
     for port in [1, 2] {
         let p8 = rule_of(&plan, port, k8).attr.priority;
         let p24 = rule_of(&plan, port, k24).attr.priority;
         for (k, p) in [(k8, p24), (k24, p8)] {
-            if let Some(r) = flipped.hw.rules.get_mut(&RuleId::Route {
+            if let Some(r) = flipped.rules.get_mut(&RuleId::Route {
                 port: PortId(port),
                 key: k,
             }) {
@@ -1211,8 +1215,8 @@ fn checker_catches_broken_plans() {
     }
     assert_eq!(fails(&flipped, [10, 1, 2, 7]), 8, "inverted LPM not caught");
 
-    let mut no_ttl = plan.clone();
-    for r in no_ttl.hw.rules.values_mut() {
+    let mut no_ttl = plan.hw.installed();
+    for r in no_ttl.rules.values_mut() {
         r.actions.retain(|a| *a != Action::DecTtl);
     }
     assert_eq!(
@@ -1225,28 +1229,28 @@ fn checker_catches_broken_plans() {
 /// The same on random models: every kind of breakage is caught on some of them.
 #[test]
 fn random_broken_plans_are_caught() {
-    type Mutation = fn(&mut Plan);
-    fn no_traps(p: &mut Plan) {
-        p.hw.rules.retain(|id, r| {
+    type Mutation = fn(&mut Installed);
+    fn no_traps(p: &mut Installed) {
+        p.rules.retain(|id, r| {
             !(matches!(id, RuleId::Route { .. })
                 && r.actions == vec![Action::Queue(ir::SOFTWARE_QUEUE)])
         });
     }
-    fn mirrored_priorities(p: &mut Plan) {
+    fn mirrored_priorities(p: &mut Installed) {
         let top = Caps::profile(Profile::Full).priorities - 2;
-        for (id, r) in p.hw.rules.iter_mut() {
+        for (id, r) in p.rules.iter_mut() {
             if matches!(id, RuleId::Route { .. }) && r.attr.group != 0 {
                 r.attr.priority = top - r.attr.priority;
             }
         }
     }
-    fn no_dec_ttl(p: &mut Plan) {
-        for r in p.hw.rules.values_mut() {
+    fn no_dec_ttl(p: &mut Installed) {
+        for r in p.rules.values_mut() {
             r.actions.retain(|a| *a != Action::DecTtl);
         }
     }
-    fn no_meters(p: &mut Plan) {
-        for r in p.hw.rules.values_mut() {
+    fn no_meters(p: &mut Installed) {
+        for r in p.rules.values_mut() {
             r.actions.retain(|a| !matches!(a, Action::Meter(_)));
         }
     }
@@ -1271,9 +1275,10 @@ fn random_broken_plans_are_caught() {
         };
         let plan = compile(&model, &caps);
         for (i, (_, mutate)) in mutations.iter().enumerate() {
-            let mut broken = plan.clone();
+            let installed = plan.hw.installed();
+            let mut broken = installed.clone();
             mutate(&mut broken);
-            if broken == plan {
+            if broken == installed {
                 continue;
             }
             let Ok(mut c) = Checker::new(&model, &caps, &broken, false, 1) else {

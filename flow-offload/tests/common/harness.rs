@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use flow_offload::caps::{Caps, Profile};
-use flow_offload::compile::{HwPlan, Op, Plan, RuleId};
+use flow_offload::compile::{Op, RuleId};
+use flow_offload::reconcile::Installed;
 use flow_offload::ir::Action;
 use flow_offload::lpm::LpmLimits;
 use flow_offload::model::{Model, PortId};
@@ -126,7 +127,7 @@ pub struct System {
 /// means the compiler emitted something the capabilities do not accept.
 pub fn load_nic(
     caps: &Caps,
-    hw: &HwPlan,
+    hw: &Installed,
     reverse: bool,
 ) -> Result<(RefNic, BTreeMap<RuleId, RuleHandle>), String> {
     let mut nic = RefNic::new(caps.clone());
@@ -179,7 +180,7 @@ pub fn apply_ops(
                     .ok_or_else(|| format!("replace of missing {id:?}"))?;
                 nic.destroy(old).map_err(|e| format!("{op:?}: {e}"))?;
             }
-            Op::Destroy(id) => {
+            Op::Destroy(id, _) => {
                 let old = handles
                     .remove(id)
                     .ok_or_else(|| format!("destroy of missing {id:?}"))?;
@@ -191,15 +192,15 @@ pub fn apply_ops(
 }
 
 impl System {
-    /// A NIC loaded with `plan.hw` and a pipeline for `model`.
+    /// A NIC loaded with `hw` (a plan's hardware part, as installed) and a pipeline for `model`.
     pub fn new(
         model: &Model,
         caps: &Caps,
-        plan: &Plan,
+        hw: &Installed,
         reverse: bool,
         seed: u64,
     ) -> Result<System, String> {
-        let (nic, handles) = load_nic(caps, &plan.hw, reverse)?;
+        let (nic, handles) = load_nic(caps, hw, reverse)?;
         let pipe = Pipeline::new(model, limits(), seed).map_err(|e| format!("pipeline: {e}"))?;
         Ok(System {
             nic,
@@ -364,12 +365,12 @@ impl Checker {
     pub fn new(
         model: &Model,
         caps: &Caps,
-        plan: &Plan,
+        hw: &Installed,
         reverse: bool,
         seed: u64,
     ) -> Result<Checker, String> {
         Ok(Checker {
-            sys: System::new(model, caps, plan, reverse, seed)?,
+            sys: System::new(model, caps, hw, reverse, seed)?,
             reference: Reference::new(model, xlat_available()),
             packets: 0,
             stats: Stats::default(),
@@ -609,7 +610,7 @@ impl Checker {
 
 /// Checks the structure of a hardware plan: every group a port can jump to from group 0 has a
 /// rule and a closing catch-all (an empty pattern), and every meter a rule uses exists.
-pub fn check_hw_invariants(hw: &HwPlan) -> Result<(), String> {
+pub fn check_hw_invariants(hw: &Installed) -> Result<(), String> {
     let mut by_port: BTreeMap<PortId, BTreeMap<u32, Vec<&flow_offload::ir::Rule>>> =
         BTreeMap::new();
     for r in hw.rules.values() {
