@@ -238,11 +238,110 @@ pub struct Counters {
     pub bytes: u64,
 }
 
+/// One route as the fast path sees it: its next-hop group, its meter and its counters, in
+/// 32 bytes, so that one cache line serves the read and the counter update.
+#[derive(Debug, Clone, Copy)]
+#[repr(align(32))]
+struct RouteSlot {
+    /// Index into `Pipeline::nh_groups`; `NO_GROUP` for a free slot.
+    group: u32,
+    /// Index into `Pipeline::meters`; `NO_METER` for none.
+    meter: u32,
+    packets: u64,
+    bytes: u64,
+}
+
+/// `RouteSlot::group` of a free slot.
+const NO_GROUP: u32 = u32::MAX;
+/// `RouteSlot::meter` of a route without a meter.
+const NO_METER: u32 = u32::MAX;
+
+impl RouteSlot {
+    const FREE: RouteSlot = RouteSlot {
+        group: NO_GROUP,
+        meter: NO_METER,
+        packets: 0,
+        bytes: 0,
+    };
+
+    fn is_live(&self) -> bool {
+        self.group != NO_GROUP
+    }
+
+    fn meter(&self) -> Option<usize> {
+        (self.meter != NO_METER).then_some(self.meter as usize)
+    }
+}
+
+/// A set of next hops shared by every route that has exactly this list (in this order:
+/// ECMP picks by position). Routes typically share a handful of groups, which stay in cache.
 #[derive(Debug, Clone)]
-struct RouteEntry {
-    nexthops: Vec<Nexthop>,
-    meter: Option<usize>,
-    counters: Counters,
+struct NhGroup {
+    nexthops: Box<[Nexthop]>,
+    /// Routes using the group; 0 for a free group.
+    refs: u32,
+}
+
+/// The routes' next-hop groups, deduplicated and reference counted.
+#[derive(Debug, Default)]
+struct NhGroups {
+    groups: Vec<NhGroup>,
+    free: Vec<u32>,
+    index: BTreeMap<Box<[Nexthop]>, u32>,
+}
+
+impl NhGroups {
+    /// The group for this list, created if needed, with one more reference.
+    fn acquire(&mut self, nexthops: &[Nexthop]) -> u32 {
+        if let Some(&g) = self.index.get(nexthops) {
+            if let Some(x) = self.groups.get_mut(g as usize) {
+                x.refs += 1;
+                return g;
+            }
+        }
+        let group = NhGroup {
+            nexthops: nexthops.into(),
+            refs: 1,
+        };
+        let g = match self.free.pop() {
+            Some(g) => {
+                if let Some(x) = self.groups.get_mut(g as usize) {
+                    *x = group;
+                }
+                g
+            }
+            None => {
+                self.groups.push(group);
+                (self.groups.len() - 1) as u32
+            }
+        };
+        self.index.insert(nexthops.into(), g);
+        g
+    }
+
+    /// Drops one reference; the last one frees the group.
+    fn release(&mut self, g: u32) {
+        let Some(x) = self.groups.get_mut(g as usize) else {
+            return;
+        };
+        x.refs = x.refs.saturating_sub(1);
+        if x.refs == 0 {
+            let nexthops = core::mem::take(&mut x.nexthops);
+            self.index.remove(&nexthops);
+            self.free.push(g);
+        }
+    }
+
+    #[inline]
+    fn get(&self, g: u32) -> &[Nexthop] {
+        self.groups.get(g as usize).map_or(&[], |x| &x.nexthops)
+    }
+
+    /// Groups in use.
+    #[cfg(test)]
+    fn live(&self) -> usize {
+        self.index.len()
+    }
 }
 
 /// What a lookup hit.
@@ -270,8 +369,182 @@ struct Nat64 {
     vrf: TableId,
 }
 
+/// Packets per first pass of [`Pipeline::process_burst`].
+const BURST: usize = 32;
+
+/// A destination address to look up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LookupKey {
+    None,
+    V4(u32),
+    /// High and low halves (8-byte alignment keeps memos at 32 bytes).
+    V6([u64; 2]),
+}
+
+impl LookupKey {
+    #[inline]
+    fn v6(a: Ipv6Addr) -> LookupKey {
+        let a = u128::from(a);
+        LookupKey::V6([(a >> 64) as u64, a as u64])
+    }
+}
+
+#[inline]
+fn v6_key(k: [u64; 2]) -> u128 {
+    (u128::from(k[0]) << 64) | u128::from(k[1])
+}
+
+/// The destination address of a frame, found without validating anything: a guess for
+/// the burst's first pass, where a wrong one only wastes a lookup. `None` for non-IP frames,
+/// and for tagged ones unless `tagged` (they go to the host unless a mark routes them).
+#[inline]
+fn guess_dst(d: &[u8], tagged: bool) -> LookupKey {
+    let (et, l3) = match get16(d, 12) {
+        packet::ethertype::VLAN if tagged => (get16(d, 16), 18),
+        packet::ethertype::VLAN => return LookupKey::None,
+        et => (et, 14),
+    };
+    match et {
+        packet::ethertype::IPV4 => match d.get(l3 + 16..l3 + 20) {
+            Some(&[a, b, c, e]) => LookupKey::V4(u32::from_be_bytes([a, b, c, e])),
+            _ => LookupKey::None,
+        },
+        packet::ethertype::IPV6 => match d.get(l3 + 24..l3 + 40) {
+            Some(a) => LookupKey::v6(ipv6_at(a, 0)),
+            None => LookupKey::None,
+        },
+        _ => LookupKey::None,
+    }
+}
+
+/// The destination of a packet as its layout says.
+#[inline]
+fn dst_key(d: &[u8], l: &Layout) -> LookupKey {
+    let l3 = usize::from(l.l3_offset);
+    match l.l3 {
+        L3::Ipv4 => LookupKey::V4(u32::from(ipv4_at(d, l3 + 16))),
+        L3::Ipv6 => LookupKey::v6(ipv6_at(d, l3 + 24)),
+        L3::Other => LookupKey::None,
+    }
+}
+
+/// A lookup done ahead by the burst's first pass: `value` is what the LPM of `table` holds
+/// for `key` (`NO_VALUE`: no match, or no such table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Memo {
+    table: TableId,
+    value: u32,
+    key: LookupKey,
+}
+
+/// `Memo::value` for no match (LPM values are below 2^22).
+const NO_VALUE: u32 = u32::MAX;
+
+/// A memo that matches no lookup.
+const NO_MEMO: Memo = Memo {
+    table: UNDERLAY_TABLE,
+    value: NO_VALUE,
+    key: LookupKey::None,
+};
+
+impl Memo {
+    fn value(&self) -> Option<u32> {
+        (self.value != NO_VALUE).then_some(self.value)
+    }
+}
+
+/// The burst's first-pass results, kept in the pipeline so a burst allocates nothing.
+#[derive(Debug)]
+struct BurstScratch {
+    /// Per packet, the lookup its ingress stage should lead to.
+    first: [Memo; BURST],
+    /// Per packet, the underlay lookup behind a breakout.
+    second: [Memo; BURST],
+    /// The packet being processed (an index in the arrays), or `BURST` outside a burst.
+    current: usize,
+}
+
+/// Fills `value` of every memo with a key, by batched lookups per table and family, then
+/// reads the route slots they hit, so that the cache misses of all the memos overlap.
+fn lookup_many(vrfs: &BTreeMap<TableId, Vrf>, routes: &[RouteSlot], memos: &mut [Memo]) {
+    let mut done = [false; BURST];
+    let mut keys4 = [0u32; BURST];
+    let mut keys6 = [0u128; BURST];
+    let mut at4 = [0usize; BURST];
+    let mut at6 = [0usize; BURST];
+    let mut out = [None; BURST];
+    for i in 0..memos.len().min(BURST) {
+        let Some(&Memo { table, key, .. }) = memos.get(i) else {
+            break;
+        };
+        if key == LookupKey::None || done.get(i).copied().unwrap_or(true) {
+            continue;
+        }
+        // Every pending memo of this table.
+        let (mut n4, mut n6) = (0, 0);
+        for ((j, m), d) in memos.iter().enumerate().zip(done.iter_mut()).skip(i) {
+            if m.table != table || *d {
+                continue;
+            }
+            *d = true;
+            match m.key {
+                LookupKey::V4(k) => {
+                    if let (Some(x), Some(a)) = (keys4.get_mut(n4), at4.get_mut(n4)) {
+                        (*x, *a) = (k, j);
+                        n4 += 1;
+                    }
+                }
+                LookupKey::V6(k) => {
+                    if let (Some(x), Some(a)) = (keys6.get_mut(n6), at6.get_mut(n6)) {
+                        (*x, *a) = (v6_key(k), j);
+                        n6 += 1;
+                    }
+                }
+                LookupKey::None => {}
+            }
+        }
+        let Some(vrf) = vrfs.get(&table) else {
+            continue; // no such table: every lookup misses, as `NO_VALUE` says
+        };
+        if n4 > 0 {
+            vrf.v4.lookup_batch(&keys4[..n4], &mut out[..n4]);
+            for (&j, &v) in at4[..n4].iter().zip(&out[..n4]) {
+                if let Some(m) = memos.get_mut(j) {
+                    m.value = v.unwrap_or(NO_VALUE);
+                }
+            }
+        }
+        if n6 > 0 {
+            vrf.v6.lookup_batch(&keys6[..n6], &mut out[..n6]);
+            for (&j, &v) in at6[..n6].iter().zip(&out[..n6]) {
+                if let Some(m) = memos.get_mut(j) {
+                    m.value = v.unwrap_or(NO_VALUE);
+                }
+            }
+        }
+    }
+    // Start the route slots' misses together (independent loads).
+    for m in memos.iter() {
+        if m.value < NAT64_BASE {
+            core::hint::black_box(routes.get(m.value as usize).map(|s| s.group));
+        }
+    }
+}
+
 /// A value in the LPM: route entries below this, NAT64 prefixes above.
 const NAT64_BASE: u32 = 1 << 21;
+
+/// What an ingress port is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortKind {
+    /// A VPC port: the VPC's table and meter.
+    Vpc {
+        table: TableId,
+        meter: Option<usize>,
+    },
+    Uplink,
+    Unknown,
+}
 
 /// The software pipeline for one DPU.
 #[derive(Debug)]
@@ -283,9 +556,11 @@ pub struct Pipeline {
     vpc_ports: BTreeMap<PortId, TableId>,
     vni_to_table: BTreeMap<u32, TableId>,
     vrfs: BTreeMap<TableId, Vrf>,
-    routes: Vec<Option<RouteEntry>>,
+    /// Route slots, indexed by the LPM value.
+    routes: Vec<RouteSlot>,
     free_routes: Vec<usize>,
     route_index: BTreeMap<RouteKey, usize>,
+    nh_groups: NhGroups,
     meters: Vec<Meter>,
     napt: Vec<(TableId, NatTable<Ipv4Addr>)>,
     nat64: Vec<Nat64>,
@@ -294,6 +569,10 @@ pub struct Pipeline {
     rev66: BTreeMap<Ipv6Addr, (Ipv6Addr, TableId)>,
     scratch: Vec<u8>,
     rng: XorShift64,
+    /// The last port classified.
+    port_cache: Option<(PortId, PortKind)>,
+    /// The lookups done ahead for the packets of a burst (see `process_burst`).
+    burst: Box<BurstScratch>,
 }
 
 /// The pipeline's own randomness for port choice: seeded by the caller.
@@ -354,6 +633,7 @@ impl Pipeline {
             routes: Vec::new(),
             free_routes: Vec::new(),
             route_index: BTreeMap::new(),
+            nh_groups: NhGroups::default(),
             meters: Vec::new(),
             napt: Vec::new(),
             nat64: Vec::new(),
@@ -361,6 +641,12 @@ impl Pipeline {
             rev66: BTreeMap::new(),
             scratch: vec![0; 16 * 1024],
             rng: XorShift64(seed | 1),
+            port_cache: None,
+            burst: Box::new(BurstScratch {
+                first: [NO_MEMO; BURST],
+                second: [NO_MEMO; BURST],
+                current: BURST,
+            }),
         };
         p.vrfs.insert(UNDERLAY_TABLE, p.empty_vrf());
         for vpc in model.vpcs().values() {
@@ -470,7 +756,10 @@ impl Pipeline {
                     };
                 }
                 if let Some(slot) = self.routes.get_mut(idx) {
-                    *slot = None;
+                    if slot.is_live() {
+                        self.nh_groups.release(slot.group);
+                    }
+                    *slot = RouteSlot::FREE;
                 }
                 self.free_routes.push(idx);
             }
@@ -478,9 +767,13 @@ impl Pipeline {
         };
         let meter = model.meter_for(&MeterTarget::Route(key)).map(|m| m.profile);
         if let Some(&idx) = self.route_index.get(&key) {
-            if let Some(Some(entry)) = self.routes.get_mut(idx) {
-                entry.nexthops.clone_from(&route.nexthops);
-                match (entry.meter, meter) {
+            if let Some(slot) = self.routes.get_mut(idx).filter(|s| s.is_live()) {
+                // Take the new group before releasing the old one: an unchanged list keeps
+                // its group.
+                let g = self.nh_groups.acquire(&route.nexthops);
+                self.nh_groups.release(slot.group);
+                slot.group = g;
+                match (slot.meter(), meter) {
                     (Some(m), Some(profile)) => {
                         if self.meters.get(m).map(|x| x.profile()) != Some(profile) {
                             if let Some(x) = self.meters.get_mut(m) {
@@ -489,21 +782,25 @@ impl Pipeline {
                         }
                     }
                     (None, Some(profile)) => {
-                        entry.meter = Some(self.meters.len());
+                        slot.meter = self.meters.len() as u32;
                         self.meters.push(Meter::new(profile, 0));
                     }
-                    (_, None) => entry.meter = None,
+                    (_, None) => slot.meter = NO_METER,
                 }
             }
             return Ok(());
         }
-        let live = self.route_index.len();
-        if live >= self.limits.max_routes {
-            return Err(PipelineError::RoutesFull {
-                max: self.limits.max_routes,
-            });
+        // Route slot numbers share the LPM value space with the NAT64 prefixes.
+        let max = self.limits.max_routes.min(NAT64_BASE as usize);
+        if self.route_index.len() >= max {
+            return Err(PipelineError::RoutesFull { max });
         }
         let idx = self.free_routes.pop().unwrap_or(self.routes.len());
+        if idx >= NAT64_BASE as usize {
+            // Unreachable while slots and live routes match; never hand out such a value.
+            self.free_routes.push(idx);
+            return Err(PipelineError::RoutesFull { max });
+        }
         let Some(vrf) = self.vrfs.get_mut(&key.table) else {
             self.free_routes.push(idx);
             return Ok(());
@@ -516,19 +813,20 @@ impl Pipeline {
             self.free_routes.push(idx);
             return Err(PipelineError::Lpm { key, source });
         }
-        let meter = meter.map(|profile| {
+        let meter = meter.map_or(NO_METER, |profile| {
             self.meters.push(Meter::new(profile, 0));
-            self.meters.len() - 1
+            (self.meters.len() - 1) as u32
         });
-        let entry = RouteEntry {
-            nexthops: route.nexthops.clone(),
+        let slot = RouteSlot {
+            group: self.nh_groups.acquire(&route.nexthops),
             meter,
-            counters: Counters::default(),
+            packets: 0,
+            bytes: 0,
         };
         if idx == self.routes.len() {
-            self.routes.push(Some(entry));
-        } else if let Some(slot) = self.routes.get_mut(idx) {
-            *slot = Some(entry);
+            self.routes.push(slot);
+        } else if let Some(s) = self.routes.get_mut(idx) {
+            *s = slot;
         }
         self.route_index.insert(key, idx);
         Ok(())
@@ -537,7 +835,11 @@ impl Pipeline {
     /// Counters of a route.
     pub fn route_counters(&self, key: &RouteKey) -> Option<Counters> {
         let idx = *self.route_index.get(key)?;
-        self.routes.get(idx)?.as_ref().map(|e| e.counters)
+        let slot = self.routes.get(idx).filter(|s| s.is_live())?;
+        Some(Counters {
+            packets: slot.packets,
+            bytes: slot.bytes,
+        })
     }
 
     /// Expires idle NAT sessions, at most `budget` units of work per table.
@@ -554,6 +856,12 @@ impl Pipeline {
 
     /// Processes a burst: `verdicts[i]` is the decision for `pkts[i]` (which is rewritten in
     /// place). `marks[i]` is the hardware mark delivered with it, if any.
+    ///
+    /// The result is exactly that of [`Pipeline::process`] on each packet in order. Up to 32
+    /// packets at a time first go through a read-only pass that looks up the route the common
+    /// case will need (and, for a breakout, the underlay route behind it), so that the cache
+    /// misses of the whole burst overlap; the per-packet pass then reuses those lookups. No
+    /// allocation: the first pass's results live in the pipeline.
     pub fn process_burst<B: PacketBuf>(
         &mut self,
         pkts: &mut [B],
@@ -562,11 +870,96 @@ impl Pipeline {
         verdicts: &mut [Verdict],
         now_ns: u64,
     ) {
-        for (i, (pkt, v)) in pkts.iter_mut().zip(verdicts.iter_mut()).enumerate() {
-            let port = ingress.get(i).copied().unwrap_or(PortId(u16::MAX));
-            let mark = marks.get(i).copied().flatten();
-            *v = self.process(pkt, port, mark, now_ns);
+        let n = pkts.len().min(verdicts.len());
+        let mut start = 0;
+        while start < n {
+            let end = (start + BURST).min(n);
+            let (Some(chunk), Some(vs)) = (pkts.get_mut(start..end), verdicts.get_mut(start..end))
+            else {
+                return;
+            };
+            let ports = ingress.get(start..).unwrap_or(&[]);
+            let marks = marks.get(start..).unwrap_or(&[]);
+            self.prepare(chunk, ports, marks);
+            for (i, (pkt, v)) in chunk.iter_mut().zip(vs.iter_mut()).enumerate() {
+                let port = ports.get(i).copied().unwrap_or(PortId(u16::MAX));
+                let mark = marks.get(i).copied().flatten();
+                self.burst.current = i;
+                *v = self.process(pkt, port, mark, now_ns);
+            }
+            self.burst.current = BURST;
+            start = end;
         }
+    }
+
+    /// The burst's read-only first pass: for each of up to `BURST` packets, looks up the
+    /// route the common case needs: in the VRF of the hardware mark, else the VPC of the
+    /// ingress port's, else the underlay for an uplink; then, when that route breaks out (a
+    /// `Vrf` next hop or a NAT64 prefix), the underlay route behind it. The lookups run as
+    /// batches and the route slots are read, so their cache misses overlap. Results are left
+    /// in `self.burst` as memos keyed by (table, address), which `lookup` consults: a packet
+    /// that the ingress stage rewrites or sends elsewhere, or whose headers the guess misread,
+    /// simply misses them, so they never change a result.
+    fn prepare<B: PacketBuf>(&mut self, pkts: &[B], ports: &[PortId], marks: &[Option<u32>]) {
+        let n = pkts.len().min(BURST);
+        for (i, pkt) in pkts.iter().enumerate().take(BURST) {
+            let d = pkt.data();
+            let mark = marks.get(i).copied().flatten().and_then(mark::vrf_of);
+            let key = guess_dst(d, mark.is_some());
+            let table = match mark {
+                _ if key == LookupKey::None => None,
+                Some(t) => Some(TableId(t)),
+                None => match self.port_kind(ports.get(i).copied().unwrap_or(PortId(u16::MAX))) {
+                    PortKind::Vpc { table, .. } => Some(table),
+                    PortKind::Uplink => Some(UNDERLAY_TABLE),
+                    PortKind::Unknown => None,
+                },
+            };
+            if let Some(w) = self.burst.first.get_mut(i) {
+                *w = match table {
+                    Some(table) => Memo {
+                        table,
+                        value: NO_VALUE,
+                        key,
+                    },
+                    None => NO_MEMO,
+                };
+            }
+        }
+        let burst = &mut *self.burst;
+        lookup_many(&self.vrfs, &self.routes, &mut burst.first[..n]);
+
+        // Behind a breakout, the underlay route for the same destination (source NAT keeps
+        // it), or for the NAT64 prefix's embedded IPv4 destination.
+        for (w, nx) in burst.first.iter().zip(burst.second.iter_mut()).take(n) {
+            *nx = NO_MEMO;
+            let Some(v) = w.value() else {
+                continue;
+            };
+            if v >= NAT64_BASE {
+                if let (Some(n), LookupKey::V6(a)) =
+                    (self.nat64.get((v - NAT64_BASE) as usize), w.key)
+                {
+                    if let Ok(d4) = rfc6052::extract(n.prefix.len(), Ipv6Addr::from(v6_key(a))) {
+                        *nx = Memo {
+                            table: UNDERLAY_TABLE,
+                            value: NO_VALUE,
+                            key: LookupKey::V4(u32::from(d4)),
+                        };
+                    }
+                }
+                continue;
+            }
+            let g = self.routes.get(v as usize).map_or(NO_GROUP, |s| s.group);
+            if let Some(&Nexthop::Vrf { table }) = self.nh_groups.get(g).first() {
+                *nx = Memo {
+                    table,
+                    value: NO_VALUE,
+                    key: w.key,
+                };
+            }
+        }
+        lookup_many(&self.vrfs, &self.routes, &mut burst.second[..n]);
     }
 
     /// Processes one packet.
@@ -577,50 +970,76 @@ impl Pipeline {
         hw_mark: Option<u32>,
         now_ns: u64,
     ) -> Verdict {
-        match self.run(pkt, ingress, hw_mark, now_ns) {
+        // Used in place, not moved: copying the fresh result out whole would stall on store
+        // forwarding (it was written field by field).
+        let mut parsed = parse_layout(pkt.data());
+        let r = match &mut parsed {
+            Ok(l) => self.run_parsed(pkt, l, ingress, hw_mark, now_ns),
+            Err(_) => Err(DropReason::Malformed),
+        };
+        match r {
             Ok(v) => v,
             Err(r) => Verdict::Drop(r),
         }
     }
 
-    fn run<B: PacketBuf>(
+    fn run_parsed<B: PacketBuf>(
         &mut self,
         pkt: &mut B,
+        l: &mut Layout,
         ingress: PortId,
         hw_mark: Option<u32>,
         now_ns: u64,
     ) -> Result<Verdict, DropReason> {
-        let mut l = parse_layout(pkt.data()).map_err(|_| DropReason::Malformed)?;
         let table = match hw_mark.and_then(mark::vrf_of) {
             Some(t) => TableId(t),
             None => {
+                let kind = self.port_kind(ingress);
                 if l.l3 == L3::Other || l.vlan.is_some() {
-                    return if self.vpc_ports.contains_key(&ingress)
-                        || self.uplinks.contains(&ingress)
-                    {
-                        Ok(Verdict::ToHost)
-                    } else {
-                        Err(DropReason::UnknownPort)
+                    return match kind {
+                        PortKind::Vpc { .. } | PortKind::Uplink => Ok(Verdict::ToHost),
+                        PortKind::Unknown => Err(DropReason::UnknownPort),
                     };
                 }
-                if let Some(&t) = self.vpc_ports.get(&ingress) {
-                    let len = pkt.data().len() as u32;
-                    if let Some(m) = self.vrfs.get(&t).and_then(|v| v.meter) {
-                        if let Some(meter) = self.meters.get_mut(m) {
+                match kind {
+                    PortKind::Vpc { table, meter } => {
+                        let len = pkt.data().len() as u32;
+                        if let Some(meter) = meter.and_then(|m| self.meters.get_mut(m)) {
                             if meter.color(len, now_ns) == Color::Red {
                                 return Err(DropReason::Policed);
                             }
                         }
+                        table
                     }
-                    t
-                } else if self.uplinks.contains(&ingress) {
-                    self.uplink_ingress(pkt, &mut l, now_ns)?
-                } else {
-                    return Err(DropReason::UnknownPort);
+                    PortKind::Uplink => self.uplink_ingress(pkt, l, now_ns)?,
+                    PortKind::Unknown => return Err(DropReason::UnknownPort),
                 }
             }
         };
         self.route(pkt, l, table, now_ns, false)
+    }
+
+    /// What a port is, through a one-entry cache (a burst usually comes from one port; the
+    /// ports never change after [`Pipeline::new`]).
+    #[inline]
+    fn port_kind(&mut self, port: PortId) -> PortKind {
+        if let Some((p, k)) = self.port_cache {
+            if p == port {
+                return k;
+            }
+        }
+        let k = if let Some(&table) = self.vpc_ports.get(&port) {
+            PortKind::Vpc {
+                table,
+                meter: self.vrfs.get(&table).and_then(|v| v.meter),
+            }
+        } else if self.uplinks.contains(&port) {
+            PortKind::Uplink
+        } else {
+            PortKind::Unknown
+        };
+        self.port_cache = Some((port, k));
+        k
     }
 
     /// Uplink classification: VXLAN decap, reverse NAT, or the underlay.
@@ -647,7 +1066,7 @@ impl Pipeline {
                 if !pkt.adj(l4 + 16) {
                     return Err(DropReason::Malformed);
                 }
-                *l = parse_layout(pkt.data()).map_err(|_| DropReason::Malformed)?;
+                reparse(pkt.data(), l)?;
                 if l.l3 == L3::Other || l.vlan.is_some() {
                     return Err(DropReason::Malformed);
                 }
@@ -674,9 +1093,7 @@ impl Pipeline {
                         .inbound(proto, remote, outside, flags, now_ns)
                         .ok_or(DropReason::NoSession)?;
                     set_ipv4_addr(pkt.data_mut(), l, 16, t.inside.0);
-                    set_l4_port(pkt.data_mut(), l, false, t.inside.1);
-                    // The layout's ports must describe the rewritten packet (NAT keys, ECMP).
-                    *l = parse_layout(pkt.data()).map_err(|_| DropReason::Malformed)?;
+                    set_l4_port(pkt.data_mut(), l, false, t.inside.1)?;
                     return Ok(*table);
                 }
                 for n in &mut self.nat64 {
@@ -734,12 +1151,17 @@ impl Pipeline {
     }
 
     fn lookup(&self, table: TableId, pkt: &[u8], l: &Layout) -> Option<Hit> {
-        let vrf = self.vrfs.get(&table)?;
-        let l3 = usize::from(l.l3_offset);
-        let v = match l.l3 {
-            L3::Ipv4 => vrf.v4.lookup(u32::from(ipv4_at(pkt, l3 + 16)))?,
-            L3::Ipv6 => vrf.v6.lookup(u128::from(ipv6_at(pkt, l3 + 24)))?,
-            L3::Other => return None,
+        let key = dst_key(pkt, l);
+        let b = &*self.burst;
+        let memo = [b.first.get(b.current), b.second.get(b.current)]
+            .into_iter()
+            .flatten()
+            .find(|m| m.table == table && m.key == key);
+        let v = match (memo, key) {
+            (_, LookupKey::None) => return None,
+            (Some(m), _) => m.value()?,
+            (None, LookupKey::V4(a)) => self.vrfs.get(&table)?.v4.lookup(a)?,
+            (None, LookupKey::V6(a)) => self.vrfs.get(&table)?.v6.lookup(v6_key(a))?,
         };
         Some(if v >= NAT64_BASE {
             Hit::Nat64((v - NAT64_BASE) as usize)
@@ -751,49 +1173,55 @@ impl Pipeline {
     fn route<B: PacketBuf>(
         &mut self,
         pkt: &mut B,
-        mut l: Layout,
+        l: &mut Layout,
         table: TableId,
         now_ns: u64,
         hopped: bool,
     ) -> Result<Verdict, DropReason> {
         let hit = self
-            .lookup(table, pkt.data(), &l)
+            .lookup(table, pkt.data(), l)
             .ok_or(DropReason::NoRoute)?;
         let idx = match hit {
             Hit::Nat64(n) => {
                 if hopped {
                     return Err(DropReason::VrfLoop);
                 }
-                self.nat64_out(pkt, &mut l, n, now_ns)?;
+                self.nat64_out(pkt, l, n, now_ns)?;
                 return self.route(pkt, l, UNDERLAY_TABLE, now_ns, true);
             }
             Hit::Route(i) => i,
         };
         let len = pkt.data().len() as u64;
-        let entry = self
+        let slot = self
             .routes
             .get_mut(idx)
-            .and_then(|e| e.as_mut())
+            .filter(|s| s.is_live())
             .ok_or(DropReason::NoRoute)?;
-        entry.counters.packets += 1;
-        entry.counters.bytes += len;
-        let nh_count = entry.nexthops.len();
-        let first = *entry.nexthops.first().ok_or(DropReason::NoRoute)?;
-        let meter = entry.meter;
+        slot.packets += 1;
+        slot.bytes += len;
+        let meter = slot.meter();
+        let nexthops = self.nh_groups.get(slot.group);
+        let first = *nexthops.first().ok_or(DropReason::NoRoute)?;
         match first {
             Nexthop::Blackhole => return Err(DropReason::Blackhole),
             Nexthop::Vrf { table: target } => {
                 if hopped {
                     return Err(DropReason::VrfLoop);
                 }
-                self.breakout_nat(pkt, &l, table, now_ns)?;
-                // The layout's ports must describe the translated packet (ECMP hash).
-                let l = parse_layout(pkt.data()).map_err(|_| DropReason::Malformed)?;
+                // Keeps `l` describing the translated packet (ports: ECMP hash).
+                self.breakout_nat(pkt, l, table, now_ns)?;
                 return self.route(pkt, l, target, now_ns, true);
             }
             _ => {}
         }
-        let ttl = ttl_of(pkt.data(), &l);
+        let nh = match nexthops.len() {
+            0 | 1 => first,
+            n => {
+                let pick = flow_hash(pkt.data(), l) as usize % n;
+                nexthops.get(pick).copied().unwrap_or(first)
+            }
+        };
+        let ttl = ttl_of(pkt.data(), l);
         if ttl <= 1 {
             return Err(DropReason::TtlExceeded);
         }
@@ -802,17 +1230,7 @@ impl Pipeline {
                 return Err(DropReason::Policed);
             }
         }
-        let nh = if nh_count > 1 {
-            let pick = flow_hash(pkt.data(), &l) as usize % nh_count;
-            self.routes
-                .get(idx)
-                .and_then(|e| e.as_ref())
-                .and_then(|e| e.nexthops.get(pick).copied())
-                .unwrap_or(first)
-        } else {
-            first
-        };
-        dec_ttl(pkt.data_mut(), &l);
+        dec_ttl(pkt.data_mut(), l);
         let router_mac = self.router_mac;
         match nh {
             Nexthop::Underlay { port, mac, .. } => {
@@ -851,12 +1269,12 @@ impl Pipeline {
             .v4
             .lookup(u32::from(vtep))
             .ok_or(DropReason::Unresolved)?;
-        let entry = self
+        let slot = self
             .routes
             .get(idx as usize)
-            .and_then(|e| e.as_ref())
+            .filter(|s| s.is_live())
             .ok_or(DropReason::Unresolved)?;
-        match entry.nexthops.first() {
+        match self.nh_groups.get(slot.group).first() {
             Some(Nexthop::Underlay { port, mac, .. }) => Ok((*port, *mac)),
             _ => Err(DropReason::Unresolved),
         }
@@ -866,7 +1284,7 @@ impl Pipeline {
     fn breakout_nat<B: PacketBuf>(
         &mut self,
         pkt: &mut B,
-        l: &Layout,
+        l: &mut Layout,
         table: TableId,
         now_ns: u64,
     ) -> Result<(), DropReason> {
@@ -904,8 +1322,7 @@ impl Pipeline {
                     )
                     .map_err(|_| DropReason::NatExhausted)?;
                 set_ipv4_addr(pkt.data_mut(), l, 12, t.outside.0);
-                set_l4_port(pkt.data_mut(), l, true, t.outside.1);
-                Ok(())
+                set_l4_port(pkt.data_mut(), l, true, t.outside.1)
             }
             L3::Ipv6 => {
                 let src = ipv6_at(pkt.data(), l3 + 8);
@@ -1011,7 +1428,37 @@ fn translate<B: PacketBuf>(
     if let Some(et) = d.get_mut(l3 - 2..l3) {
         et.copy_from_slice(&ethertype.to_be_bytes());
     }
-    *l = parse_layout(pkt.data()).map_err(|_| DropReason::Malformed)?;
+    reparse(pkt.data(), l)
+}
+
+/// Dissects the frame again into `l` after a rewrite changed its headers. Field by field
+/// from the fresh result, not as one block: the block copy would load across the callee's
+/// narrow stores right after them and stall on store forwarding.
+fn reparse(d: &[u8], l: &mut Layout) -> Result<(), DropReason> {
+    let parsed = parse_layout(d);
+    let Ok(Layout {
+        vlan,
+        ethertype,
+        l3_offset,
+        l3,
+        l4_offset,
+        l4,
+        src_port,
+        dst_port,
+        fragment,
+    }) = &parsed
+    else {
+        return Err(DropReason::Malformed);
+    };
+    l.vlan = *vlan;
+    l.ethertype = *ethertype;
+    l.l3_offset = *l3_offset;
+    l.l3 = *l3;
+    l.l4_offset = *l4_offset;
+    l.l4 = *l4;
+    l.src_port = *src_port;
+    l.dst_port = *dst_port;
+    l.fragment = *fragment;
     Ok(())
 }
 
@@ -1115,27 +1562,35 @@ fn set_ipv6_addr(d: &mut [u8], l: &Layout, off: usize, new: Ipv6Addr) {
     }
 }
 
-/// Rewrites the L4 source (or destination) port, or the ICMP echo identifier.
-fn set_l4_port(d: &mut [u8], l: &Layout, source: bool, new: u16) {
+/// Rewrites the L4 source (or destination) port, or the ICMP echo identifier, and keeps the
+/// layout's ports describing the rewritten packet (NAT keys, ECMP hash).
+fn set_l4_port(d: &mut [u8], l: &mut Layout, source: bool, new: u16) -> Result<(), DropReason> {
     let l4 = usize::from(l.l4_offset);
     let at = match l.l4 {
         L4::Tcp | L4::Udp => l4 + if source { 0 } else { 2 },
         L4::Icmpv4 | L4::Icmpv6 => l4 + 4,
-        _ => return,
+        _ => return Ok(()),
     };
     let old = get16(d, at);
     put16(d, at, new);
     if let Some((c_at, _)) = l4_csum_offset(l) {
         let c = get16(d, c_at);
-        if l.l4 == L4::Udp && c == 0 {
-            return;
+        if !(l.l4 == L4::Udp && c == 0) {
+            let mut nc = checksum::update16(c, old, new);
+            if l.l4 == L4::Udp {
+                nc = checksum::udp_nonzero(nc);
+            }
+            put16(d, c_at, nc);
         }
-        let mut nc = checksum::update16(c, old, new);
-        if l.l4 == L4::Udp {
-            nc = checksum::udp_nonzero(nc);
-        }
-        put16(d, c_at, nc);
     }
+    match l.l4 {
+        L4::Tcp | L4::Udp if source => l.src_port = new,
+        L4::Tcp | L4::Udp => l.dst_port = new,
+        // Whether the identifier counts as the ports depends on the ICMP type: dissect again
+        // (rare; the rewrite cannot make a parsed packet unparsable).
+        _ => *l = parse_layout(d).map_err(|_| DropReason::Malformed)?,
+    }
+    Ok(())
 }
 
 fn ttl_of(d: &[u8], l: &Layout) -> u8 {
@@ -1215,4 +1670,678 @@ pub fn push_vxlan<B: PacketBuf>(pkt: &mut B, e: &crate::ir::VxlanEncap) -> Resul
     vx.copy_from_slice(&[0x08, 0, 0, 0, 0, 0, 0, 0]);
     vx[4..7].copy_from_slice(&e.vni.to_be_bytes()[1..4]);
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::model::{
+        Change, Ipv4Range, Meter as MeterSpec, MeterProfile, NatRule, Node, Route, Vni, Vpc,
+    };
+    use crate::packet::{
+        ethertype, EthernetFrame, EthernetRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
+        TcpPacket, TcpRepr, UdpPacket, UdpRepr,
+    };
+
+    const UPLINKS: [PortId; 2] = [PortId(0), PortId(1)];
+    const PORT_A: PortId = PortId(10);
+    const PORT_A2: PortId = PortId(11);
+    const PORT_B: PortId = PortId(20);
+    const VTEP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+    const STATIC_IN: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
+    const STATIC_OUT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 50);
+    const NAT64_POOL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+
+    fn mac(x: u8) -> MacAddr {
+        MacAddr([2, 0, 0, 0, 0, x])
+    }
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    fn key(table: u32, prefix: &str) -> RouteKey {
+        RouteKey {
+            table: TableId(table),
+            prefix: prefix.parse().unwrap(),
+        }
+    }
+
+    fn route(table: u32, prefix: &str, nexthops: Vec<Nexthop>) -> Change {
+        Change::UpsertRoute(Route {
+            key: key(table, prefix),
+            nexthops,
+        })
+    }
+
+    fn gw(port: PortId, last: u8) -> Nexthop {
+        Nexthop::Underlay {
+            gateway: IpAddr::V4(Ipv4Addr::new(100, 64, 0, last)),
+            port,
+            mac: mac(last),
+        }
+    }
+
+    fn breakout() -> Nexthop {
+        Nexthop::Vrf {
+            table: UNDERLAY_TABLE,
+        }
+    }
+
+    fn vxlan(last: u8) -> Nexthop {
+        Nexthop::Vxlan {
+            vni: Vni::new(100).unwrap(),
+            remote_vtep: Ipv4Addr::new(198, 51, 100, last),
+            router_mac: mac(0x80 | last),
+        }
+    }
+
+    fn tr_tcm(rate: u64, burst: u64) -> MeterProfile {
+        MeterProfile::TrTcm {
+            cir: rate,
+            cbs: burst,
+            pir: rate,
+            pbs: burst,
+        }
+    }
+
+    /// Two VPCs and an underlay with a bit of everything: ECMP at both levels, NAPT44,
+    /// NAT64, static NAT, VXLAN, blackholes, a VPC meter and a route meter that police.
+    fn model() -> Model {
+        let vpc = |n: &str, vni: u32, table: u32, ports: &[PortId]| {
+            Change::UpsertVpc(Vpc {
+                name: name(n),
+                vni: Vni::new(vni).unwrap(),
+                table: TableId(table),
+                ports: ports.iter().copied().collect(),
+            })
+        };
+        let host = Nexthop::Underlay {
+            gateway: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            port: PORT_A,
+            mac: mac(0x10),
+        };
+        let host6 = Nexthop::Underlay {
+            gateway: IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
+            port: PORT_A2,
+            mac: mac(0x11),
+        };
+        let mut m = Model::new();
+        m.apply(&[
+            Change::SetNode(Node {
+                vtep: VTEP,
+                router_mac: mac(1),
+                uplinks: UPLINKS.into_iter().collect::<BTreeSet<_>>(),
+            }),
+            vpc("a", 100, 10, &[PORT_A, PORT_A2]),
+            vpc("b", 200, 20, &[PORT_B]),
+            route(
+                254,
+                "0.0.0.0/0",
+                vec![gw(UPLINKS[0], 1), gw(UPLINKS[1], 2), gw(UPLINKS[0], 3)],
+            ),
+            route(254, "8.0.0.0/8", vec![gw(UPLINKS[1], 4)]),
+            route(
+                254,
+                "8.8.0.0/16",
+                vec![gw(UPLINKS[0], 5), gw(UPLINKS[1], 6)],
+            ),
+            route(254, "8.8.8.0/24", vec![gw(UPLINKS[1], 4)]),
+            route(254, "100.64.0.0/10", vec![Nexthop::Blackhole]),
+            route(254, "198.51.100.0/24", vec![gw(UPLINKS[1], 7)]),
+            route(
+                254,
+                "::/0",
+                vec![Nexthop::Underlay {
+                    gateway: IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
+                    port: UPLINKS[0],
+                    mac: mac(9),
+                }],
+            ),
+            route(10, "10.0.0.0/24", vec![host]),
+            route(10, "10.9.0.0/16", vec![Nexthop::Blackhole]),
+            route(10, "10.20.0.0/16", vec![vxlan(1), vxlan(2)]),
+            route(10, "0.0.0.0/0", vec![breakout()]),
+            route(10, "fd00::/64", vec![host6]),
+            route(10, "::/0", vec![breakout()]),
+            route(20, "0.0.0.0/0", vec![breakout()]),
+            route(20, "10.1.0.0/16", vec![gw(PORT_B, 0x20)]),
+            Change::UpsertNat(NatRule {
+                name: name("napt"),
+                vpc: name("a"),
+                kind: NatKind::Napt44 {
+                    pool: Ipv4Range {
+                        first: Ipv4Addr::new(203, 0, 113, 1),
+                        last: Ipv4Addr::new(203, 0, 113, 2),
+                    },
+                    ports: (1024, 1279),
+                },
+            }),
+            Change::UpsertNat(NatRule {
+                name: name("six"),
+                vpc: name("a"),
+                kind: NatKind::Nat64 {
+                    prefix: "64:ff9b::/96".parse().unwrap(),
+                    pool: Ipv4Range::single(NAT64_POOL),
+                    ports: (1024, 65535),
+                },
+            }),
+            Change::UpsertNat(NatRule {
+                name: name("static"),
+                vpc: name("a"),
+                kind: NatKind::Static44 {
+                    inside: STATIC_IN,
+                    outside: STATIC_OUT,
+                },
+            }),
+            Change::UpsertMeter(MeterSpec {
+                name: name("vpc-b"),
+                profile: tr_tcm(50_000, 3_000),
+                target: MeterTarget::Vpc(name("b")),
+            }),
+            Change::UpsertMeter(MeterSpec {
+                name: name("route-b"),
+                profile: tr_tcm(20_000, 1_600),
+                target: MeterTarget::Route(key(20, "10.1.0.0/16")),
+            }),
+        ])
+        .unwrap();
+        m
+    }
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn v4(&mut self) -> Ipv4Addr {
+            Ipv4Addr::from(self.next() as u32)
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    enum L4Kind {
+        Udp(u16, u16),
+        Tcp(u16, u16, u8),
+        Echo(u16),
+        /// Destination unreachable (not an echo: no identifier in the layout).
+        Unreachable,
+    }
+
+    fn eth(ethertype: u16, payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + payload];
+        EthernetRepr {
+            src: mac(0x42).0,
+            dst: mac(1).0,
+            ethertype,
+        }
+        .emit(&mut EthernetFrame::new_unchecked(&mut f[..]));
+        f
+    }
+
+    fn l4_bytes(kind: L4Kind) -> (u8, Vec<u8>) {
+        match kind {
+            L4Kind::Udp(s, d) => {
+                let mut b = vec![0u8; 8 + 6];
+                UdpRepr {
+                    src_port: s,
+                    dst_port: d,
+                }
+                .emit(&mut UdpPacket::new_unchecked(&mut b[..]));
+                (ip_proto::UDP, b)
+            }
+            L4Kind::Tcp(s, d, flags) => {
+                let mut b = vec![0u8; TcpRepr::HEADER_LEN + 4];
+                TcpRepr {
+                    src_port: s,
+                    dst_port: d,
+                    seq: 1,
+                    ack: 0,
+                    flags,
+                    window: 1000,
+                }
+                .emit(&mut TcpPacket::new_unchecked(&mut b[..]));
+                (ip_proto::TCP, b)
+            }
+            L4Kind::Echo(id) => {
+                let mut b = vec![8, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1, 0xaa, 0xbb];
+                let c = checksum::finish(checksum::sum(&b));
+                b[2..4].copy_from_slice(&c.to_be_bytes());
+                (ip_proto::ICMP, b)
+            }
+            L4Kind::Unreachable => {
+                let mut b = vec![3, 1, 0, 0, 0x12, 0x34, 0, 0, 0x45, 0];
+                let c = checksum::finish(checksum::sum(&b));
+                b[2..4].copy_from_slice(&c.to_be_bytes());
+                (ip_proto::ICMP, b)
+            }
+        }
+    }
+
+    fn udp4_csum(f: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr) {
+        let mut u = UdpPacket::new_unchecked(&mut f[34..]);
+        u.fill_checksum(src, dst);
+    }
+
+    fn v4(src: Ipv4Addr, dst: Ipv4Addr, kind: L4Kind, ttl: u8) -> Vec<u8> {
+        let (protocol, l4) = l4_bytes(kind);
+        let mut f = eth(ethertype::IPV4, 20 + l4.len());
+        Ipv4Repr {
+            src,
+            dst,
+            protocol,
+            ttl,
+            dscp_ecn: 0,
+            ident: 7,
+            dont_frag: true,
+            payload_len: l4.len(),
+        }
+        .emit(&mut Ipv4Packet::new_unchecked(&mut f[14..]));
+        f[34..].copy_from_slice(&l4);
+        match kind {
+            L4Kind::Udp(..) => udp4_csum(&mut f, src, dst),
+            L4Kind::Tcp(..) => TcpPacket::new_unchecked(&mut f[34..]).fill_checksum(src, dst),
+            L4Kind::Echo(_) | L4Kind::Unreachable => {}
+        }
+        f
+    }
+
+    fn v6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
+        let (_, l4) = l4_bytes(L4Kind::Udp(sport, dport));
+        let mut f = eth(ethertype::IPV6, 40 + l4.len());
+        Ipv6Repr {
+            src,
+            dst,
+            next_header: ip_proto::UDP,
+            hop_limit: 9,
+            traffic_class: 0,
+            flow_label: 0,
+            payload_len: l4.len(),
+        }
+        .emit(&mut Ipv6Packet::new_unchecked(&mut f[14..]));
+        f[54..].copy_from_slice(&l4);
+        UdpPacket::new_unchecked(&mut f[54..]).fill_checksum(src, dst);
+        f
+    }
+
+    /// `inner` in VXLAN to our VTEP.
+    fn vxlan_in(inner: &[u8], vni: u32) -> Vec<u8> {
+        let udp_len = 8 + 8 + inner.len();
+        let mut f = eth(ethertype::IPV4, 20 + udp_len);
+        Ipv4Repr {
+            src: Ipv4Addr::new(198, 51, 100, 1),
+            dst: VTEP,
+            protocol: ip_proto::UDP,
+            ttl: 64,
+            dscp_ecn: 0,
+            ident: 0,
+            dont_frag: true,
+            payload_len: udp_len,
+        }
+        .emit(&mut Ipv4Packet::new_unchecked(&mut f[14..]));
+        UdpRepr {
+            src_port: 49152,
+            dst_port: VXLAN_PORT,
+        }
+        .emit(&mut UdpPacket::new_unchecked(&mut f[34..]));
+        f[42..50].copy_from_slice(&[
+            0x08,
+            0,
+            0,
+            0,
+            (vni >> 16) as u8,
+            (vni >> 8) as u8,
+            vni as u8,
+            0,
+        ]);
+        f[50..].copy_from_slice(inner);
+        f
+    }
+
+    /// The reply to a frame the pipeline sent: addresses and ports swapped.
+    fn reply_to(out: &[u8]) -> Option<Vec<u8>> {
+        let l = parse_layout(out).ok()?;
+        if l.l3 != L3::Ipv4 {
+            return None;
+        }
+        let src = ipv4_at(out, 26);
+        let dst = ipv4_at(out, 30);
+        let kind = match l.l4 {
+            L4::Udp => L4Kind::Udp(l.dst_port, l.src_port),
+            L4::Tcp => L4Kind::Tcp(l.dst_port, l.src_port, 0x12),
+            L4::Icmpv4 if l.src_port == l.dst_port && out.get(34) == Some(&8) => {
+                let mut f = v4(dst, src, L4Kind::Echo(l.src_port), 64);
+                f[34] = 0; // echo reply
+                let c = get16(&f, 36);
+                put16(&mut f, 36, checksum::update16(c, 0x0800, 0x0000));
+                return Some(f);
+            }
+            _ => return None,
+        };
+        Some(v4(dst, src, kind, 64))
+    }
+
+    /// One generated packet: frame, ingress port, mark.
+    type Pkt = (Vec<u8>, PortId, Option<u32>);
+
+    fn gen(rng: &mut Rng, sent: &[Vec<u8>]) -> Pkt {
+        let inside = |rng: &mut Rng| Ipv4Addr::new(10, 0, 0, 2 + rng.below(40) as u8);
+        let l4 = |rng: &mut Rng| match rng.below(7) {
+            0..=2 => L4Kind::Udp(1000 + rng.below(8) as u16, 53 + rng.below(3) as u16),
+            3..=4 => L4Kind::Tcp(
+                2000 + rng.below(8) as u16,
+                443,
+                [0x02, 0x10, 0x11][rng.below(3) as usize],
+            ),
+            5 => L4Kind::Echo(rng.below(4) as u16),
+            _ => L4Kind::Unreachable,
+        };
+        let internet = |rng: &mut Rng| match rng.below(4) {
+            0 => Ipv4Addr::new(8, 8, rng.below(3) as u8 + 7, rng.below(256) as u8),
+            1 => Ipv4Addr::new(100, 64, 1, 1),
+            _ => rng.v4(),
+        };
+        let vpc_port = |rng: &mut Rng| if rng.below(2) == 0 { PORT_A } else { PORT_A2 };
+        let uplink = |rng: &mut Rng| UPLINKS[rng.below(2) as usize];
+        match rng.below(20) {
+            0..=3 => {
+                let src = if rng.below(5) == 0 {
+                    STATIC_IN
+                } else {
+                    inside(rng)
+                };
+                let ttl = if rng.below(20) == 0 { 1 } else { 64 };
+                let k = l4(rng);
+                let dst = internet(rng);
+                (v4(src, dst, k, ttl), vpc_port(rng), None)
+            }
+            4 => {
+                let dst = match rng.below(3) {
+                    0 => inside(rng),
+                    1 => Ipv4Addr::new(10, 9, 1, 1),
+                    _ => Ipv4Addr::new(10, 20, rng.below(4) as u8, rng.below(256) as u8),
+                };
+                let k = l4(rng);
+                (v4(inside(rng), dst, k, 64), vpc_port(rng), None)
+            }
+            5 => {
+                let src = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2 + rng.below(8) as u16);
+                let dst = match rng.below(3) {
+                    0 => Ipv6Addr::from(
+                        (0x64_ff9b_u128 << 96) | u128::from(u32::from(internet(rng))),
+                    ),
+                    1 => Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 7),
+                    _ => Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, rng.below(9) as u16),
+                };
+                (
+                    v6(src, dst, 3000 + rng.below(4) as u16, 80),
+                    vpc_port(rng),
+                    None,
+                )
+            }
+            6..=9 => match sent
+                .get(rng.below(sent.len().max(1) as u64) as usize)
+                .and_then(|o| reply_to(o))
+            {
+                Some(f) => (f, uplink(rng), None),
+                None => (
+                    v4(rng.v4(), NAT64_POOL, L4Kind::Udp(53, 1024), 64),
+                    uplink(rng),
+                    None,
+                ),
+            },
+            10 => {
+                let dst =
+                    [Ipv4Addr::new(203, 0, 113, 1), NAT64_POOL, STATIC_OUT][rng.below(3) as usize];
+                let k = l4(rng);
+                (v4(rng.v4(), dst, k, 64), uplink(rng), None)
+            }
+            11 => {
+                let inner_dst = if rng.below(2) == 0 {
+                    inside(rng)
+                } else {
+                    internet(rng)
+                };
+                let k = l4(rng);
+                let mut inner = v4(Ipv4Addr::new(10, 0, 1, 9), inner_dst, k, 64);
+                if rng.below(4) == 0 {
+                    inner[12..14].copy_from_slice(&[0x08, 0x06]); // ARP inside
+                }
+                let vni = if rng.below(6) == 0 { 999 } else { 100 };
+                (vxlan_in(&inner, vni), uplink(rng), None)
+            }
+            12 | 13 => {
+                let k = l4(rng);
+                (v4(rng.v4(), internet(rng), k, 64), uplink(rng), None)
+            }
+            14 | 15 => {
+                let src = Ipv4Addr::new(10, 1, 0, rng.below(256) as u8);
+                let dst = if rng.below(3) == 0 {
+                    Ipv4Addr::new(10, 1, 2, 3)
+                } else {
+                    internet(rng)
+                };
+                let k = l4(rng);
+                (v4(src, dst, k, 64), PORT_B, None)
+            }
+            16 => {
+                let table = [10, 20, 254, 77][rng.below(4) as usize];
+                let k = l4(rng);
+                let f = if rng.below(4) == 0 {
+                    v6(
+                        Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 3),
+                        Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 7),
+                        1,
+                        2,
+                    )
+                } else {
+                    v4(inside(rng), internet(rng), k, 64)
+                };
+                (f, uplink(rng), Some(mark::resume_in_vrf(table)))
+            }
+            17 => {
+                // Junk: ARP, VLAN-tagged, truncated, unknown port, unknown mark.
+                let mut f = v4(inside(rng), internet(rng), L4Kind::Udp(1, 2), 64);
+                match rng.below(5) {
+                    0 => f[12..14].copy_from_slice(&[0x08, 0x06]),
+                    1 => {
+                        f.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+                    }
+                    2 => f.truncate(30 + rng.below(10) as usize),
+                    3 => return (f, PortId(99), None),
+                    _ => return (f, vpc_port(rng), Some(0x0300_0001)),
+                }
+                (f, vpc_port(rng), None)
+            }
+            _ => {
+                let k = l4(rng);
+                (v4(inside(rng), internet(rng), k, 64), PORT_A, None)
+            }
+        }
+    }
+
+    fn bufs(pkts: &[Pkt]) -> Vec<HeadroomBuf> {
+        pkts.iter()
+            .map(|(f, _, _)| {
+                let mut b = HeadroomBuf::new(512, 128);
+                assert!(b.load(f, 128));
+                b
+            })
+            .collect()
+    }
+
+    /// `process_burst` decides and rewrites exactly as `process` on each packet in turn, also
+    /// when a burst holds both a packet that creates NAT state and the reply that uses it,
+    /// and across the first pass's chunk boundary.
+    #[test]
+    fn burst_equals_one_by_one() {
+        let m = model();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut one = Pipeline::new(&m, PipelineLimits::default(), 7).unwrap();
+        let mut burst = Pipeline::new(&m, PipelineLimits::default(), 7).unwrap();
+        let mut sent: Vec<Vec<u8>> = Vec::new();
+        let mut seen = BTreeMap::<String, usize>::new();
+        for b in 0..300u64 {
+            let now = b * 3_000_000;
+            let n = [1, 5, 31, 32, 33, 64, 70][rng.below(7) as usize];
+            let mut pkts = Vec::new();
+            let mut want = Vec::new();
+            for _ in 0..n {
+                let p = gen(&mut rng, &sent);
+                let mut buf = bufs(std::slice::from_ref(&p)).pop().unwrap();
+                let v = one.process(&mut buf, p.1, p.2, now);
+                if let Verdict::Tx(_) = v {
+                    sent.push(buf.data().to_vec());
+                }
+                *seen.entry(format!("{v:?}")).or_default() += 1;
+                want.push((v, buf.data().to_vec()));
+                pkts.push(p);
+            }
+            let mut bs = bufs(&pkts);
+            let ports: Vec<PortId> = pkts.iter().map(|p| p.1).collect();
+            let marks: Vec<Option<u32>> = pkts.iter().map(|p| p.2).collect();
+            let mut verdicts = vec![Verdict::ToHost; n];
+            burst.process_burst(&mut bs, &ports, &marks, &mut verdicts, now);
+            for (i, ((v, out), (got, buf))) in want.iter().zip(verdicts.iter().zip(&bs)).enumerate()
+            {
+                assert_eq!(got, v, "burst {b} packet {i}: verdict");
+                assert_eq!(buf.data(), &out[..], "burst {b} packet {i}: bytes");
+            }
+        }
+        for k in m.routes().keys() {
+            assert_eq!(one.route_counters(k), burst.route_counters(k), "{k:?}");
+        }
+        // The traffic covers the interesting outcomes.
+        for v in [
+            "Tx(PortId(0))",
+            "Tx(PortId(1))",
+            "Tx(PortId(10))",
+            "Tx(PortId(11))",
+            "Tx(PortId(20))",
+            "ToHost",
+            "Drop(NoSession)",
+            "Drop(Policed)",
+            "Drop(Blackhole)",
+            "Drop(TtlExceeded)",
+            "Drop(UnknownVni)",
+            "Drop(UnknownPort)",
+            "Drop(Malformed)",
+            "Drop(NoRoute)",
+        ] {
+            assert!(seen.contains_key(v), "no {v} in {seen:?}");
+        }
+    }
+
+    /// Shorter `ingress`/`marks` than packets, fewer verdicts than packets.
+    #[test]
+    fn burst_with_short_slices() {
+        let m = model();
+        let mut a = Pipeline::new(&m, PipelineLimits::default(), 1).unwrap();
+        let mut b = Pipeline::new(&m, PipelineLimits::default(), 1).unwrap();
+        let f = v4(
+            Ipv4Addr::new(10, 0, 0, 2),
+            Ipv4Addr::new(8, 8, 8, 8),
+            L4Kind::Udp(1, 2),
+            64,
+        );
+        let pkts: Vec<Pkt> = (0..40).map(|_| (f.clone(), PORT_A, None)).collect();
+        let mut bs = bufs(&pkts);
+        let ports = vec![PORT_A; 35];
+        let mut verdicts = vec![Verdict::ToHost; 38];
+        b.process_burst(&mut bs, &ports, &[], &mut verdicts, 5);
+        for (i, (v, buf)) in verdicts.iter().zip(&bs).enumerate() {
+            let mut x = bufs(&pkts[i..=i]).pop().unwrap();
+            let port = ports.get(i).copied().unwrap_or(PortId(u16::MAX));
+            assert_eq!(*v, a.process(&mut x, port, None, 5), "packet {i}");
+            assert_eq!(buf.data(), x.data());
+        }
+        // Packets without a verdict slot are left alone.
+        assert_eq!(bs[39].data(), &f[..]);
+    }
+
+    fn with(m: &Model, changes: &[Change]) -> Model {
+        let mut m = m.clone();
+        m.apply(changes).unwrap();
+        m
+    }
+
+    fn send(p: &mut Pipeline, dst: Ipv4Addr) -> Verdict {
+        let f = v4(Ipv4Addr::new(1, 2, 3, 4), dst, L4Kind::Udp(1, 2), 64);
+        let mut b = bufs(&[(f, UPLINKS[0], None)]).pop().unwrap();
+        p.process(&mut b, UPLINKS[0], None, 1)
+    }
+
+    /// Next-hop groups are shared by equal lists, survive replacement of one route, and are
+    /// freed with their last route; route slots are reused; counters follow the route.
+    #[test]
+    fn nexthop_groups_are_shared_and_freed() {
+        let base = model();
+        let before = Pipeline::new(&base, PipelineLimits::default(), 1).unwrap();
+        let groups0 = before.nh_groups.live();
+        let prefixes: Vec<String> = (0..200).map(|i| format!("172.16.{i}.0/24")).collect();
+        let adds: Vec<Change> = prefixes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| route(254, p, vec![gw(UPLINKS[i % 2], 40 + (i % 2) as u8)]))
+            .collect();
+        let m1 = with(&base, &adds);
+        let mut p = Pipeline::new(&base, PipelineLimits::default(), 1).unwrap();
+        for p2 in &prefixes {
+            p.update_route(&m1, key(254, p2)).unwrap();
+        }
+        assert_eq!(p.nh_groups.live(), groups0 + 2);
+        let slots = p.routes.len();
+
+        let k0 = key(254, &prefixes[0]);
+        assert_eq!(
+            send(&mut p, Ipv4Addr::new(172, 16, 0, 9)),
+            Verdict::Tx(UPLINKS[0])
+        );
+        assert_eq!(p.route_counters(&k0).map(|c| c.packets), Some(1));
+
+        // Replace: a new list makes a new group, the counters stay.
+        let m2 = with(&m1, &[route(254, &prefixes[0], vec![gw(UPLINKS[1], 50)])]);
+        p.update_route(&m2, k0).unwrap();
+        assert_eq!(p.nh_groups.live(), groups0 + 3);
+        assert_eq!(
+            send(&mut p, Ipv4Addr::new(172, 16, 0, 9)),
+            Verdict::Tx(UPLINKS[1])
+        );
+        assert_eq!(p.route_counters(&k0).map(|c| c.packets), Some(2));
+        // Back to the shared list: the private group goes away.
+        p.update_route(&m1, k0).unwrap();
+        assert_eq!(p.nh_groups.live(), groups0 + 2);
+
+        // Delete everything: groups and slots come back.
+        let dels: Vec<Change> = prefixes
+            .iter()
+            .map(|p| Change::DeleteRoute(key(254, p)))
+            .collect();
+        let m3 = with(&m1, &dels);
+        for p2 in &prefixes {
+            p.update_route(&m3, key(254, p2)).unwrap();
+        }
+        assert_eq!(p.nh_groups.live(), groups0);
+        assert_eq!(p.route_counters(&k0), None);
+        assert!(matches!(
+            send(&mut p, Ipv4Addr::new(172, 16, 0, 9)),
+            Verdict::Tx(_)
+        ));
+        for p2 in &prefixes {
+            p.update_route(&m1, key(254, p2)).unwrap();
+        }
+        assert_eq!(p.routes.len(), slots, "free slots are reused");
+        assert_eq!(p.route_counters(&k0).map(|c| c.packets), Some(0));
+        assert_eq!(p.nh_groups.live(), groups0 + 2);
+    }
 }
