@@ -1268,6 +1268,11 @@ impl Compiler {
                     ObjectKey::Route(cover),
                     SwReason::ShadowsSoftwareRoute(because),
                 );
+                // Demoted without a trap: it is itself an untrapped software route now, so a
+                // shorter route placed later must not cover it from hardware.
+                if let Some(v) = self.vrfs.get_mut(&(prefix_key.table, family)) {
+                    v.untrapped.insert(cover.prefix);
+                }
             }
         }
     }
