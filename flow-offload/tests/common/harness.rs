@@ -7,11 +7,11 @@ use std::fmt::Write as _;
 
 use flow_offload::caps::{Caps, Profile};
 use flow_offload::compile::{Op, RuleId};
-use flow_offload::reconcile::Installed;
 use flow_offload::ir::Action;
 use flow_offload::lpm::LpmLimits;
 use flow_offload::model::{Model, PortId};
 use flow_offload::packet::xlat;
+use flow_offload::reconcile::Installed;
 use flow_offload::refnic::{NicDrop, NicVerdict, RefNic, RuleHandle};
 use flow_offload::soft::pipeline::{DropReason, Pipeline, PipelineLimits, Verdict};
 
