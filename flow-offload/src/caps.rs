@@ -169,27 +169,12 @@ impl Caps {
             Profile::Partial => Caps {
                 source,
                 items: all_items.into_iter().collect(),
-                actions: [
-                    A::Queue,
-                    A::Rss,
-                    A::Drop,
-                    A::Count,
-                    A::Mark,
-                    A::Jump,
-                    A::Meter,
-                    A::Port,
-                    A::SetMacSrc,
-                    A::SetMacDst,
-                    A::DecTtl,
-                    A::SetIpv4Src,
-                    A::SetIpv4Dst,
-                    A::SetIpv6Src,
-                    A::SetIpv6Dst,
-                    A::VxlanEncap,
-                    A::VxlanDecap,
-                ]
-                .into_iter()
-                .collect(),
+                // The full set less L4 port rewrites and raw encap/decap.
+                actions: Caps::profile(Profile::Full)
+                    .actions
+                    .into_iter()
+                    .filter(|a| !matches!(a, A::SetTpSrc | A::SetTpDst | A::RawEncap | A::RawDecap))
+                    .collect(),
                 encap_with_modify: false,
                 priorities: 8,
                 max_groups: 64,
