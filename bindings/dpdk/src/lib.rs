@@ -1,0 +1,24 @@
+//! Thin safe wrapper over [`dpdk_sys`]: a once-per-process [`Eal`], pktmbuf
+//! [`Mempool`]s and [`Mbuf`]s, [`Port`]s with one rx/tx queue, and
+//! [`flow_validate`] with a typed [`FlowError`] naming the refused
+//! item/action.
+//!
+//! Ownership follows lifetimes: mempools borrow the `Eal`, ports and mbufs
+//! borrow their mempool, so dropping happens in the only safe order
+//! (mbufs, ports, pools, then `rte_eal_cleanup`).
+
+#![warn(missing_docs)]
+
+mod eal;
+mod errno;
+mod flow;
+mod mempool;
+mod port;
+
+pub use eal::{Eal, EalError};
+pub use errno::Errno;
+pub use flow::{
+    flow_validate, FlowAction, FlowAttr, FlowError, FlowErrorCause, FlowItem, ItemPart,
+};
+pub use mempool::{Mbuf, Mempool, MempoolError};
+pub use port::{Port, PortConfig, PortError, PortStats};
