@@ -155,8 +155,8 @@ fn main() {
         for (r, p) in &plan.hw.meters {
             nic.create_meter(*r, *p, 0).expect("meter fits");
         }
-        for rule in plan.hw.rules.values() {
-            nic.create(rule)
+        for (_, rule) in plan.hw.iter_rules() {
+            nic.create(&rule)
                 .expect("the compiler emits only what the caps accept");
         }
         println!(
