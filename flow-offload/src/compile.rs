@@ -275,8 +275,9 @@ impl RouteRules {
 /// What goes to hardware.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HwPlan {
-    /// Every rule but the routes' (classification, traps, chain ends), by identity.
-    pub rules: BTreeMap<RuleId, Rule>,
+    /// Every rule but the routes' (classification, traps, chain ends), by identity. For every
+    /// rule of the plan use [`HwPlan::iter_rules`].
+    pub structure: BTreeMap<RuleId, Rule>,
     /// Route rules (forwarding or trap), one entry per route; their identities are
     /// [`RuleId::Route`] per port.
     pub routes: BTreeMap<RouteKey, RouteRules>,
@@ -287,7 +288,7 @@ pub struct HwPlan {
 impl HwPlan {
     /// How many rules the target holds for this plan.
     pub fn rule_count(&self) -> usize {
-        self.rules.len() + self.routes.values().map(|r| r.ports.len()).sum::<usize>()
+        self.structure.len() + self.routes.values().map(|r| r.ports.len()).sum::<usize>()
     }
 
     /// One rule by identity.
@@ -298,13 +299,13 @@ impl HwPlan {
                 .get(key)
                 .filter(|r| r.ports.contains(port))
                 .map(|r| r.rule(key, *port)),
-            _ => self.rules.get(id).cloned(),
+            _ => self.structure.get(id).cloned(),
         }
     }
 
     /// Every rule with its identity: the other rules, then the routes' per port.
     pub fn iter_rules(&self) -> impl Iterator<Item = (RuleId, Rule)> + '_ {
-        let other = self.rules.iter().map(|(id, r)| (id.clone(), r.clone()));
+        let other = self.structure.iter().map(|(id, r)| (id.clone(), r.clone()));
         let routes = self.routes.iter().flat_map(|(key, r)| {
             r.ports.iter().map(move |port| {
                 (
@@ -610,7 +611,7 @@ impl Compiler {
     fn set_rule(&mut self, id: RuleId, rule: Option<Rule>) {
         use std::collections::btree_map::Entry;
         // One search per rule: this runs for every rule of a full compile.
-        match (self.plan.hw.rules.entry(id), rule) {
+        match (self.plan.hw.structure.entry(id), rule) {
             (Entry::Vacant(_), None) => {}
             (Entry::Occupied(o), None) => {
                 let (id, old) = o.remove_entry();
@@ -636,7 +637,7 @@ impl Compiler {
     }
 
     fn room_for(&self, n: usize) -> bool {
-        self.plan.hw.rules.len() + self.route_rules + n <= self.caps.max_rules as usize
+        self.plan.hw.structure.len() + self.route_rules + n <= self.caps.max_rules as usize
     }
 
     /// Sets (or removes) a route's rules, journaling per-port operations.
@@ -909,7 +910,7 @@ impl Compiler {
             let reachable: BTreeSet<PortId> = self
                 .plan
                 .hw
-                .rules
+                .structure
                 .iter()
                 .filter(|(_, r)| r.attr.group == 0)
                 .filter(|(_, r)| {
@@ -959,7 +960,7 @@ impl Compiler {
                 let ends: Vec<RuleId> = self
                     .plan
                     .hw
-                    .rules
+                    .structure
                     .keys()
                     .filter(|id| {
                         matches!(id, RuleId::ChainEnd { port: p, table: t, family: f, .. }
@@ -1061,7 +1062,7 @@ impl Compiler {
     fn rules_of_port_chain(&self, port: PortId) -> Vec<(RuleId, ())> {
         self.plan
             .hw
-            .rules
+            .structure
             .keys()
             .filter(|id| match id {
                 RuleId::ChainEnd { port: p, table, .. } => *p == port && *table == UNDERLAY_TABLE,
@@ -1461,7 +1462,7 @@ fn coalesce(ops: Vec<Op>) -> Vec<Op> {
 fn chain_complete(plan: &Plan, chain: &Chain, table: TableId, family: Family) -> bool {
     chain.ports.iter().all(|port| {
         (0..chain.groups.len()).all(|index| {
-            plan.hw.rules.contains_key(&RuleId::ChainEnd {
+            plan.hw.structure.contains_key(&RuleId::ChainEnd {
                 port: *port,
                 table,
                 family,

@@ -89,11 +89,13 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<Op> {
         (Some(_), None) => ops.push(Op::DestroyMeter(*r)),
         _ => {}
     });
-    merge(&old.hw.rules, &new.hw.rules, |id, a, b| match (a, b) {
-        (None, Some(r)) => ops.push(Op::Create(id.clone(), r.clone())),
-        (Some(r), None) => ops.push(Op::Destroy(id.clone(), r.attr.group)),
-        (Some(p), Some(q)) if p != q => ops.push(Op::Replace(id.clone(), q.clone())),
-        _ => {}
+    merge(&old.hw.structure, &new.hw.structure, |id, a, b| {
+        match (a, b) {
+            (None, Some(r)) => ops.push(Op::Create(id.clone(), r.clone())),
+            (Some(r), None) => ops.push(Op::Destroy(id.clone(), r.attr.group)),
+            (Some(p), Some(q)) if p != q => ops.push(Op::Replace(id.clone(), q.clone())),
+            _ => {}
+        }
     });
     merge(&old.hw.routes, &new.hw.routes, |key, a, b| {
         route_ops(key, a, b, &mut ops)

@@ -223,7 +223,7 @@ fn touches_vteps(model: &Model, before: &Model, key: RouteKey) -> bool {
 /// Ports a (VRF, family) chain is instantiated on in a plan.
 fn chain_ports(plan: &Plan, table: TableId, family: Family) -> usize {
     plan.hw
-        .rules
+        .structure
         .keys()
         .filter(|id| {
             matches!(id, RuleId::ChainEnd { table: t, family: f, index: 0, .. } if *t == table && *f == family)
