@@ -1,4 +1,5 @@
-//! `rte_flow_validate` with typed errors that name the refused item/action.
+//! `rte_flow_validate` with typed errors that name the refused item/action
+//! (IR rules: see [`crate::rule`]).
 
 use std::ffi::{c_void, CStr};
 use std::fmt;
@@ -149,10 +150,10 @@ impl fmt::Display for FlowErrorCause {
     }
 }
 
-/// A refused rule.
+/// A rule the driver refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("rte_flow refused the rule: {errno}, cause {cause}, message {message:?}")]
-pub struct FlowError {
+pub struct FlowRefusal {
     /// ENOSYS (no rte_flow), ENOTSUP (valid but unsupported), EINVAL,
     /// ENOSPC, EEXIST, ENOMEM, EBUSY, EIO, ENODEV...
     pub errno: Errno,
@@ -169,7 +170,7 @@ pub fn flow_validate(
     attr: &FlowAttr,
     pattern: &[FlowItem],
     actions: &[FlowAction],
-) -> Result<(), FlowError> {
+) -> Result<(), FlowRefusal> {
     let mut raw_attr = sys::rte_flow_attr {
         group: attr.group,
         priority: attr.priority,
@@ -253,6 +254,16 @@ pub fn flow_validate(
     if ret >= 0 {
         return Ok(());
     }
+    Err(refusal(
+        ret,
+        &err,
+        classify_cause(err.type_, err.cause, &items, &raw_actions),
+    ))
+}
+
+/// A [`FlowRefusal`] from a negative return code, the filled-in error and
+/// its resolved cause.
+pub(crate) fn refusal(ret: i32, err: &sys::rte_flow_error, cause: FlowErrorCause) -> FlowRefusal {
     let message = if err.message.is_null() {
         None
     } else {
@@ -263,11 +274,11 @@ pub fn flow_validate(
                 .into_owned(),
         )
     };
-    Err(FlowError {
+    FlowRefusal {
         errno: Errno::from_ret(ret),
-        cause: classify_cause(err.type_, err.cause, &items, &raw_actions),
+        cause,
         message,
-    })
+    }
 }
 
 /// Resolve `rte_flow_error.{type, cause}` into indices of `items`/`actions`

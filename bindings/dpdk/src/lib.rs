@@ -1,7 +1,9 @@
 //! Thin safe wrapper over [`dpdk_sys`]: a once-per-process [`Eal`], pktmbuf
 //! [`Mempool`]s and [`Mbuf`]s, [`Port`]s with one rx/tx queue, and
-//! [`flow_validate`] with a typed [`FlowError`] naming the refused
-//! item/action.
+//! [`flow_validate`] with a typed [`FlowRefusal`] naming the refused
+//! item/action; IR rules ([`flow_offload::ir::Rule`]) become owned `rte_flow`
+//! arrays ([`FlowSpec`]) for [`Port::flow_validate`] / [`Port::flow_create`]
+//! (an RAII [`Flow`]).
 //!
 //! Ownership follows lifetimes: mempools borrow the `Eal`, ports and mbufs
 //! borrow their mempool, so dropping happens in the only safe order
@@ -14,11 +16,13 @@ mod errno;
 mod flow;
 mod mempool;
 mod port;
+mod rule;
 
 pub use eal::{Eal, EalError};
 pub use errno::Errno;
 pub use flow::{
-    flow_validate, FlowAction, FlowAttr, FlowError, FlowErrorCause, FlowItem, ItemPart,
+    flow_validate, FlowAction, FlowAttr, FlowErrorCause, FlowItem, FlowRefusal, ItemPart,
 };
 pub use mempool::{Mbuf, Mempool, MempoolError};
 pub use port::{Port, PortConfig, PortError, PortStats};
+pub use rule::{Flow, FlowError, FlowSpec, VXLAN_UDP_PORT};

@@ -1,0 +1,157 @@
+//! IR rules against DPDK's `net_tap` PMD (needs root and /dev/net/tun). The
+//! PMD creates the kernel interface `dpcptap0` itself and deletes it when the
+//! port closes; this test creates and removes nothing else. One EAL per
+//! process: a single `#[test]` in this binary.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use dpdk::{Eal, Errno, FlowError, FlowErrorCause, Mempool, Port, PortConfig};
+use flow_offload::ir::{
+    vxlan_source_port, Action, ActionKind, Attr, EthFields, Ipv4Fields, Item, Masked, Rule,
+    VxlanEncap,
+};
+use flow_offload::model::{MacAddr, PortId};
+
+const IFACE: &str = "dpcptap0";
+
+const EAL_ARGS: &[&str] = &[
+    "dpdk-tap-flow",
+    "-l",
+    "0",
+    "--no-huge",
+    "--no-pci",
+    "--no-shconf",
+    "-m",
+    "256",
+    "--vdev=net_tap0,iface=dpcptap0",
+    "--log-level=*:error",
+];
+
+fn iface_exists() -> bool {
+    Path::new("/sys/class/net").join(IFACE).exists()
+}
+
+/// eth(type 0x0800) / ipv4(dst 10.1.2.0/24) -> `actions`.
+fn ipv4_prefix(actions: Vec<Action>) -> Rule {
+    Rule {
+        port: PortId(0),
+        attr: Attr {
+            ingress: true,
+            ..Attr::default()
+        },
+        pattern: vec![
+            Item::Eth(Masked {
+                spec: EthFields {
+                    ethertype: 0x0800,
+                    ..EthFields::default()
+                },
+                mask: EthFields {
+                    ethertype: 0xffff,
+                    ..EthFields::default()
+                },
+            }),
+            Item::Ipv4(Masked {
+                spec: Ipv4Fields {
+                    dst: Ipv4Addr::new(10, 1, 2, 0),
+                    ..Ipv4Fields::default()
+                },
+                mask: Ipv4Fields {
+                    dst: Ipv4Addr::new(255, 255, 255, 0),
+                    ..Ipv4Fields::default()
+                },
+            }),
+        ],
+        actions,
+    }
+}
+
+fn encap() -> Action {
+    Action::VxlanEncap(VxlanEncap {
+        eth_src: MacAddr([2, 0, 0, 0, 0, 1]),
+        eth_dst: MacAddr([2, 0, 0, 0, 0, 2]),
+        ip_src: Ipv4Addr::new(192, 0, 2, 1),
+        ip_dst: Ipv4Addr::new(192, 0, 2, 2),
+        vni: 100,
+        udp_src: vxlan_source_port(100),
+    })
+}
+
+fn show(what: &str, r: &Result<(), FlowError>) {
+    match r {
+        Ok(()) => println!("{what}: OK"),
+        Err(e) => println!("{what}: {e}"),
+    }
+}
+
+#[test]
+fn tap_flow_rules() {
+    if !Path::new("/dev/net/tun").exists() {
+        println!("SKIP: no /dev/net/tun");
+        return;
+    }
+    assert!(
+        !iface_exists(),
+        "{IFACE} already exists: not ours, refusing to touch it"
+    );
+    let eal = Eal::init(EAL_ARGS).expect("EAL init");
+    assert!(iface_exists(), "net_tap created {IFACE}");
+    let pool = Mempool::pktmbuf(&eal, "tap_pool", 1023, 32, Mempool::DEFAULT_DATA_ROOM, None)
+        .expect("mempool");
+    let id = Port::id_by_name(&eal, "net_tap0").expect("net_tap0 present");
+    let mut port = Port::configure(id, &pool, PortConfig::default()).expect("configure");
+    port.start().expect("start");
+
+    // eth/ipv4-prefix -> queue / drop: validate OK, create refused (this
+    // kernel has no multiq qdisc, so the PMD cannot install TC rules).
+    for (name, actions) in [
+        ("queue", vec![Action::Queue(0)]),
+        ("drop", vec![Action::Drop]),
+    ] {
+        let rule = ipv4_prefix(actions);
+        let v = port.flow_validate(&rule);
+        show(&format!("validate {name}"), &v);
+        assert_eq!(v, Ok(()), "{name} validates");
+        let c = port.flow_create(&rule).map(drop);
+        show(&format!("create {name}"), &c);
+        let err = c.expect_err("net_tap cannot install TC rules here");
+        let errno = err.errno().expect("a driver refusal");
+        println!("  errno {} = {errno}", errno.0);
+        assert_eq!(errno, Errno::EXIST);
+        assert_eq!(err.cause(), Some(FlowErrorCause::Handle));
+    }
+
+    // Actions net_tap has no translation for: the refusal names the action
+    // by its index in the IR rule (put second on purpose).
+    for (name, kind, action) in [
+        (
+            "set_ipv4_dst",
+            ActionKind::SetIpv4Dst,
+            Action::SetIpv4Dst(Ipv4Addr::new(10, 9, 9, 9)),
+        ),
+        ("vxlan_encap", ActionKind::VxlanEncap, encap()),
+    ] {
+        let rule = ipv4_prefix(vec![Action::Queue(0), action]);
+        assert_eq!(rule.actions[1].kind(), kind);
+        let v = port.flow_validate(&rule);
+        show(&format!("validate queue+{name}"), &v);
+        let c = port.flow_create(&rule).map(drop);
+        show(&format!("create queue+{name}"), &c);
+        for err in [v.expect_err("refused"), c.expect_err("refused")] {
+            assert_eq!(err.errno(), Some(Errno::NOTSUP));
+            assert_eq!(
+                err.cause(),
+                Some(FlowErrorCause::Action {
+                    index: Some(1),
+                    conf: false
+                })
+            );
+        }
+    }
+
+    drop(port);
+    assert!(!iface_exists(), "port close removed {IFACE}");
+    drop(pool);
+    drop(eal);
+}
