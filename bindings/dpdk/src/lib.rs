@@ -14,6 +14,7 @@
 mod eal;
 mod errno;
 mod flow;
+mod lpm;
 mod mempool;
 mod port;
 mod rule;
@@ -23,6 +24,7 @@ pub use errno::Errno;
 pub use flow::{
     flow_validate, FlowAction, FlowAttr, FlowErrorCause, FlowItem, FlowRefusal, ItemPart,
 };
+pub use lpm::{RteFib, RteLpm, TableError};
 pub use mempool::{Mbuf, Mempool, MempoolError};
 pub use port::{Port, PortConfig, PortError, PortStats};
 pub use rule::{Flow, FlowError, FlowSpec, VXLAN_UDP_PORT};
