@@ -17,6 +17,7 @@ mod flow;
 mod lpm;
 mod mempool;
 mod port;
+mod probe;
 mod rule;
 
 pub use eal::{Eal, EalError};
@@ -27,4 +28,7 @@ pub use flow::{
 pub use lpm::{RteFib, RteLpm, TableError};
 pub use mempool::{Mbuf, Mempool, MempoolError};
 pub use port::{Port, PortConfig, PortError, PortStats};
+pub use probe::{
+    probe, Probe, ProbeAnswer, DEFAULT_MAX_GROUPS, DEFAULT_MAX_RULES, PROBED_PRIORITIES,
+};
 pub use rule::{Flow, FlowError, FlowSpec, VXLAN_UDP_PORT};

@@ -147,6 +147,22 @@ fn null_port_end_to_end() {
     }
     assert_eq!(pool.available(), 1023);
 
+    // The capability probe: nothing offloadable, every answer ENOSYS.
+    let probe = dpdk::probe(&port);
+    println!("{}", probe.table());
+    assert!(!probe.answers.is_empty());
+    for a in &probe.answers {
+        let err = a.result.as_ref().expect_err(a.what);
+        assert_eq!(err.errno(), Some(Errno::NOSYS), "{}", a.what);
+    }
+    assert_eq!(
+        probe.caps,
+        flow_offload::caps::Caps {
+            source: flow_offload::caps::CapsSource::Probed,
+            ..flow_offload::caps::Caps::profile(flow_offload::caps::Profile::None)
+        }
+    );
+
     port.stop().expect("stop");
     // A stopped port delivers nothing.
     assert_eq!(port.rx_burst(&mut pkts, 32), 0);

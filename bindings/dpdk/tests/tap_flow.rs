@@ -7,7 +7,8 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use dpdk::{Eal, Errno, FlowError, FlowErrorCause, Mempool, Port, PortConfig};
+use dpdk::{Eal, Errno, FlowError, FlowErrorCause, ItemPart, Mempool, Port, PortConfig};
+use flow_offload::caps::{Caps, CapsSource, Profile};
 use flow_offload::ir::{
     vxlan_source_port, Action, ActionKind, Attr, EthFields, Ipv4Fields, Item, Masked, Rule,
     VxlanEncap,
@@ -150,6 +151,64 @@ fn tap_flow_rules() {
         }
     }
 
+    // The capability probe.
+    let probe = dpdk::probe(&port);
+    println!("{}", probe.table());
+    println!("{:?}", probe.caps);
+    // What this net_tap validates is exactly the TapLike profile.
+    assert_eq!(
+        probe.caps,
+        Caps {
+            source: CapsSource::Probed,
+            ..Caps::profile(Profile::TapLike)
+        }
+    );
+    let answer = |what: &str| {
+        &probe
+            .answers
+            .iter()
+            .find(|a| a.what == what)
+            .unwrap_or_else(|| panic!("no probe answer {what:?}"))
+            .result
+    };
+    // net_tap accepts group 1 as an attribute, but without Jump it counts
+    // for nothing; priorities stop at 63 (65535 is EINVAL on the priority).
+    assert_eq!(answer("group 1: eth/ipv4 -> queue"), &Ok(()));
+    assert_eq!(answer("priority 63: eth/ipv4 -> queue"), &Ok(()));
+    let err = answer("priority 65535: eth/ipv4 -> queue")
+        .as_ref()
+        .unwrap_err();
+    assert_eq!(err.errno(), Some(Errno::INVAL));
+    assert_eq!(err.cause(), Some(FlowErrorCause::AttrPriority));
+    let err = answer("match ipv4 / udp / vxlan vni -> queue")
+        .as_ref()
+        .unwrap_err();
+    assert_eq!(err.errno(), Some(Errno::NOTSUP));
+    assert_eq!(
+        err.cause(),
+        Some(FlowErrorCause::Item {
+            index: Some(3),
+            part: ItemPart::Item
+        })
+    );
+    // Refused actions are named by their IR index (first in these rules).
+    for what in [
+        "eth/ipv4 -> set ipv4 dst, queue",
+        "eth/ipv4 -> vxlan encap, queue",
+        "eth/ipv4 -> set mac src, vxlan encap, queue",
+        "eth/ipv4 -> jump group 1",
+    ] {
+        let err = answer(what).as_ref().unwrap_err();
+        assert_eq!(err.errno(), Some(Errno::NOTSUP), "{what}");
+        assert_eq!(
+            err.cause(),
+            Some(FlowErrorCause::Action {
+                index: Some(0),
+                conf: false
+            }),
+            "{what}"
+        );
+    }
     drop(port);
     assert!(!iface_exists(), "port close removed {IFACE}");
     drop(pool);
