@@ -2,48 +2,13 @@
 //! no NIC). One EAL per process: a single `#[test]` in this binary.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::Ipv4Addr;
+mod common;
 
 use dpdk::{
     flow_validate, Eal, EalError, Errno, FlowAction, FlowAttr, FlowError, FlowErrorCause, FlowItem,
     Mempool, Port, PortConfig,
 };
-use flow_offload::ir::{Action, Attr, EthFields, Ipv4Fields, Item, Masked, Rule};
-use flow_offload::model::PortId;
-
-/// eth(type 0x0800) / ipv4(dst 10.1.2.0/24) -> queue 0.
-fn ipv4_prefix_to_queue() -> Rule {
-    Rule {
-        port: PortId(0),
-        attr: Attr {
-            ingress: true,
-            ..Attr::default()
-        },
-        pattern: vec![
-            Item::Eth(Masked {
-                spec: EthFields {
-                    ethertype: 0x0800,
-                    ..EthFields::default()
-                },
-                mask: EthFields {
-                    ethertype: 0xffff,
-                    ..EthFields::default()
-                },
-            }),
-            Item::Ipv4(Masked {
-                spec: Ipv4Fields {
-                    dst: Ipv4Addr::new(10, 1, 2, 0),
-                    ..Ipv4Fields::default()
-                },
-                mask: Ipv4Fields {
-                    dst: Ipv4Addr::new(255, 255, 255, 0),
-                    ..Ipv4Fields::default()
-                },
-            }),
-        ],
-        actions: vec![Action::Queue(0)],
-    }
-}
+use flow_offload::ir::Action;
 
 const EAL_ARGS: &[&str] = &[
     "dpdk-null-port",
@@ -129,7 +94,7 @@ fn null_port_end_to_end() {
     assert_eq!(err.cause, FlowErrorCause::Unspecified);
 
     // The same through the IR: validate and create both fail with ENOSYS.
-    let rule = ipv4_prefix_to_queue();
+    let rule = common::ipv4_prefix(vec![Action::Queue(0)]);
     let err = port
         .flow_validate(&rule)
         .expect_err("net_null has no rte_flow");

@@ -4,16 +4,15 @@
 //! process: a single `#[test]` in this binary.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::net::Ipv4Addr;
 use std::path::Path;
 
 use dpdk::{Eal, Errno, FlowError, FlowErrorCause, ItemPart, Mempool, Port, PortConfig};
 use flow_offload::caps::{Caps, CapsSource, Profile};
-use flow_offload::ir::{
-    vxlan_source_port, Action, ActionKind, Attr, EthFields, Ipv4Fields, Item, Masked, Rule,
-    VxlanEncap,
-};
-use flow_offload::model::{MacAddr, PortId};
+use flow_offload::ir::{vxlan_source_port, Action, ActionKind, VxlanEncap};
+use flow_offload::model::MacAddr;
 
 const IFACE: &str = "dpcptap0";
 
@@ -32,40 +31,6 @@ const EAL_ARGS: &[&str] = &[
 
 fn iface_exists() -> bool {
     Path::new("/sys/class/net").join(IFACE).exists()
-}
-
-/// eth(type 0x0800) / ipv4(dst 10.1.2.0/24) -> `actions`.
-fn ipv4_prefix(actions: Vec<Action>) -> Rule {
-    Rule {
-        port: PortId(0),
-        attr: Attr {
-            ingress: true,
-            ..Attr::default()
-        },
-        pattern: vec![
-            Item::Eth(Masked {
-                spec: EthFields {
-                    ethertype: 0x0800,
-                    ..EthFields::default()
-                },
-                mask: EthFields {
-                    ethertype: 0xffff,
-                    ..EthFields::default()
-                },
-            }),
-            Item::Ipv4(Masked {
-                spec: Ipv4Fields {
-                    dst: Ipv4Addr::new(10, 1, 2, 0),
-                    ..Ipv4Fields::default()
-                },
-                mask: Ipv4Fields {
-                    dst: Ipv4Addr::new(255, 255, 255, 0),
-                    ..Ipv4Fields::default()
-                },
-            }),
-        ],
-        actions,
-    }
 }
 
 fn encap() -> Action {
@@ -110,7 +75,7 @@ fn tap_flow_rules() {
         ("queue", vec![Action::Queue(0)]),
         ("drop", vec![Action::Drop]),
     ] {
-        let rule = ipv4_prefix(actions);
+        let rule = common::ipv4_prefix(actions);
         let v = port.flow_validate(&rule);
         show(&format!("validate {name}"), &v);
         assert_eq!(v, Ok(()), "{name} validates");
@@ -133,7 +98,7 @@ fn tap_flow_rules() {
         ),
         ("vxlan_encap", ActionKind::VxlanEncap, encap()),
     ] {
-        let rule = ipv4_prefix(vec![Action::Queue(0), action]);
+        let rule = common::ipv4_prefix(vec![Action::Queue(0), action]);
         assert_eq!(rule.actions[1].kind(), kind);
         let v = port.flow_validate(&rule);
         show(&format!("validate queue+{name}"), &v);
