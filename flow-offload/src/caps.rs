@@ -122,6 +122,17 @@ pub enum Refusal {
     /// The target answers ENOSYS for everything.
     #[error("flow API not implemented by this port")]
     NotImplemented,
+    /// The target refused at create time for another reason (a driver error that validation
+    /// did not predict), as the driver reported it.
+    #[error("driver refused: {errno} ({cause}){}", message.as_ref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Driver {
+        /// The errno's symbolic name (`EEXIST`, `EINVAL`, ...).
+        errno: String,
+        /// What the driver pointed at (`pattern item #1`, `action #2`, `attributes`).
+        cause: String,
+        /// The driver's message, if any.
+        message: Option<String>,
+    },
 }
 
 impl Caps {

@@ -386,6 +386,20 @@ pub struct Compiler {
     actions: BTreeMap<Nexthop, Arc<[Action]>>,
     /// The trap action list, shared.
     trap: Arc<[Action]>,
+    /// What the target refused at create time although its capabilities admit it: such a
+    /// rule is treated as refused by the capabilities from then on (see [`Compiler::refuse`]).
+    refused: Refusals,
+}
+
+/// Rules and meters the target refused when they were created.
+#[derive(Debug, Clone, Default)]
+struct Refusals {
+    /// Non-route rules by identity.
+    rules: BTreeMap<RuleId, Refusal>,
+    /// Route rules by route and kind (`true`: the trap); one refusal covers every port.
+    routes: BTreeMap<(RouteKey, bool), Refusal>,
+    /// Meters.
+    meters: BTreeMap<MeterRef, Refusal>,
 }
 
 /// A plan compiled from scratch.
@@ -489,7 +503,46 @@ impl Compiler {
             route_rules: 0,
             actions: BTreeMap::new(),
             trap: Arc::from(trap()),
+            refused: Refusals::default(),
         }
+    }
+
+    /// Records that the target refused to create rule `id` (the rule it was given) although
+    /// the capabilities admit it: "do not trust validate alone". From now on the compiler
+    /// treats that rule as refused with `refusal`, so the next [`Compiler::rebuild`] (or
+    /// [`Compiler::update_route`] of that route) puts the object in software with the
+    /// driver's reason, trapping or demoting as for any other refusal. A route's refusal is
+    /// kept until [`Compiler::forget_route_refusals`]; others until the compiler is rebuilt
+    /// from [`Compiler::new`].
+    pub fn refuse(&mut self, id: &RuleId, rule: &Rule, refusal: Refusal) {
+        match id {
+            RuleId::Route { key, .. } => {
+                let is_trap = matches!(&*rule.actions, [Action::Queue(_)]);
+                self.refused.routes.insert((*key, is_trap), refusal);
+            }
+            other => {
+                self.refused.rules.insert(other.clone(), refusal);
+            }
+        }
+    }
+
+    /// Records that the target refused to create a meter.
+    pub fn refuse_meter(&mut self, meter: MeterRef, refusal: Refusal) {
+        self.refused.meters.insert(meter, refusal);
+    }
+
+    /// Forgets create-time refusals of a route (it changed: worth trying again).
+    pub fn forget_route_refusals(&mut self, key: &RouteKey) {
+        self.refused.routes.remove(&(*key, false));
+        self.refused.routes.remove(&(*key, true));
+    }
+
+    /// Whether the target admits a non-route rule: its capabilities, then what it refused.
+    fn admits(&self, id: &RuleId, rule: &Rule) -> Result<(), Refusal> {
+        if let Some(r) = self.refused.rules.get(id) {
+            return Err(r.clone());
+        }
+        self.caps.check(rule)
     }
 
     /// The plan in force.
@@ -515,6 +568,7 @@ impl Compiler {
     pub fn rebuild(&mut self, model: &Model) {
         let old = std::mem::take(&mut self.plan);
         let mut fresh = Compiler::new(self.caps.clone());
+        fresh.refused = std::mem::take(&mut self.refused);
         fresh.journal = false;
         fresh.build(model);
         fresh.journal = true;
@@ -751,7 +805,7 @@ impl Compiler {
                         family: *family,
                         index: i as u32,
                     };
-                    if self.caps.check(&rule).is_ok() && self.room_for(1) {
+                    if self.admits(&id, &rule).is_ok() && self.room_for(1) {
                         self.set_rule(id, Some(rule));
                     }
                 }
@@ -815,15 +869,13 @@ impl Compiler {
                             ],
                         };
                         // A refused decap is covered by the VXLAN trap below.
-                        if self.caps.check(&rule).is_ok() && self.room_for(1) {
-                            self.set_rule(
-                                RuleId::Decap {
-                                    port,
-                                    table: vpc.table,
-                                    family,
-                                },
-                                Some(rule),
-                            );
+                        let id = RuleId::Decap {
+                            port,
+                            table: vpc.table,
+                            family,
+                        };
+                        if self.admits(&id, &rule).is_ok() && self.room_for(1) {
+                            self.set_rule(id, Some(rule));
                         }
                     }
                 }
@@ -1029,7 +1081,15 @@ impl Compiler {
             return;
         };
         let meter_key = ObjectKey::Meter(meter.name.clone());
-        let refusal = rules.iter().find_map(|(_, r)| self.caps.check(r).err());
+        let refusal = rules
+            .iter()
+            .find_map(|(id, r)| self.admits(id, r).err())
+            .or_else(|| {
+                self.refused
+                    .meters
+                    .get(&Self::vpc_meter_ref(vpc.table))
+                    .cloned()
+            });
         let reason = if let Some(refusal) = refusal {
             Some(SwReason::Unsupported(refusal))
         } else if !complete {
@@ -1074,7 +1134,7 @@ impl Compiler {
     }
 
     fn try_rule(&mut self, id: RuleId, rule: Rule) -> bool {
-        if self.caps.check(&rule).is_ok() && self.room_for(1) {
+        if self.admits(&id, &rule).is_ok() && self.room_for(1) {
             self.set_rule(id, Some(rule));
             true
         } else {
@@ -1207,8 +1267,18 @@ impl Compiler {
                 Family::V6 => ItemKind::Ipv6,
             },
         ];
+        let refused_fwd = self.refused.routes.get(&(key, false)).cloned();
+        let refused_trap = self.refused.routes.get(&(key, true)).cloned();
         let check = |caps: &Caps, r: &RouteRules| {
-            caps.check_parts(items, &r.actions, &ingress(r.group, r.priority))
+            let refused = if r.is_trap() {
+                &refused_trap
+            } else {
+                &refused_fwd
+            };
+            match refused {
+                Some(refusal) => Err(refusal.clone()),
+                None => caps.check_parts(items, &r.actions, &ingress(r.group, r.priority)),
+            }
         };
         // 1. Forward in hardware.
         let wanted = if n == 0 {
@@ -1356,10 +1426,15 @@ impl Compiler {
                 )
             })
             .collect();
-        let ok = rules
-            .iter()
-            .all(|(_, r)| r.as_ref().is_some_and(|r| self.caps.check(r).is_ok()))
-            && self.room_for(rules.len());
+        let ok = rules.iter().all(|(port, r)| {
+            r.as_ref().is_some_and(|r| {
+                let id = RuleId::Nat64Prefix {
+                    port: *port,
+                    nat: nat.clone(),
+                };
+                self.admits(&id, r).is_ok()
+            })
+        }) && self.room_for(rules.len());
         if ok {
             for (port, rule) in rules {
                 self.set_rule(

@@ -17,6 +17,7 @@ pub mod ir;
 pub mod lpm;
 pub mod model;
 pub mod packet;
+pub mod program;
 pub mod reconcile;
 pub mod refnic;
 pub mod soft;

@@ -441,6 +441,22 @@ impl RefNic {
         Ok(())
     }
 
+    /// Changes a meter's profile in place (`rte_mtr_meter_profile_update`): its rules keep
+    /// using it; the buckets restart full at `now_ns`.
+    pub fn update_meter(
+        &mut self,
+        id: MeterRef,
+        profile: MeterProfile,
+        now_ns: u64,
+    ) -> Result<(), RefNicError> {
+        let m = self
+            .meters
+            .get_mut(&id)
+            .ok_or(RefNicError::UnknownMeter(id))?;
+        *m = Meter::new(profile, now_ns);
+        Ok(())
+    }
+
     /// Destroys a meter no rule uses.
     pub fn destroy_meter(&mut self, id: MeterRef) -> Result<(), RefNicError> {
         if !self.meters.contains_key(&id) {

@@ -1354,3 +1354,172 @@ fn chains_stay_within_the_jump_bound() {
     c.packet(PortId(1), &bytes, 10)
         .unwrap_or_else(|m| panic!("{m}"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Create-time refusals (do not trust validate alone)
+// ---------------------------------------------------------------------------------------------
+
+/// A target that refuses some creates its capabilities admit, as a real NIC does when
+/// validation promised more than creation keeps: a seeded choice per (identity, rule), so the
+/// same rule is refused every time it is asked for, but a route's trap is judged apart from
+/// its forwarding rule.
+struct Refusing {
+    inner: flow_offload::program::RefNicTarget,
+    seed: u64,
+    one_in: u64,
+    refused: usize,
+}
+
+impl Refusing {
+    fn refuses(&mut self, id: &RuleId, rule: &ir::Rule) -> Option<Refusal> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.seed.hash(&mut h);
+        format!("{id:?}{:?}", rule.actions).hash(&mut h);
+        if h.finish() % self.one_in == 0 {
+            self.refused += 1;
+            Some(Refusal::Driver {
+                errno: "EEXIST".into(),
+                cause: "Unspecified".into(),
+                message: Some("refused by the test target".into()),
+            })
+        } else {
+            None
+        }
+    }
+}
+
+impl flow_offload::program::FlowTarget for Refusing {
+    fn create_rule(&mut self, id: &RuleId, rule: &ir::Rule) -> Result<(), Refusal> {
+        match self.refuses(id, rule) {
+            Some(r) => Err(r),
+            None => self.inner.create_rule(id, rule),
+        }
+    }
+    fn replace_rule(&mut self, id: &RuleId, rule: &ir::Rule) -> Result<(), Refusal> {
+        match self.refuses(id, rule) {
+            Some(r) => {
+                self.inner.destroy_rule(id);
+                Err(r)
+            }
+            None => self.inner.replace_rule(id, rule),
+        }
+    }
+    fn destroy_rule(&mut self, id: &RuleId) {
+        self.inner.destroy_rule(id);
+    }
+    fn create_meter(&mut self, m: ir::MeterRef, p: &MeterProfile) -> Result<(), Refusal> {
+        self.inner.create_meter(m, p)
+    }
+    fn update_meter(&mut self, m: ir::MeterRef, p: &MeterProfile) -> Result<(), Refusal> {
+        self.inner.update_meter(m, p)
+    }
+    fn destroy_meter(&mut self, m: ir::MeterRef) {
+        self.inner.destroy_meter(m);
+    }
+}
+
+/// For random models and packets under the grouped profiles: a target that refuses a random
+/// quarter of the creates it is asked for ends up holding exactly the compiler's plan, every
+/// refused route reports software with the driver's reason (or a reason that follows from
+/// it), and "target, then pipeline" still forwards every packet as the model does. Then a
+/// batch of route changes is programmed incrementally on the same target and checked again.
+#[test]
+fn create_refusals_fall_back_to_software() {
+    use flow_offload::program::{program, RefNicTarget};
+    use flow_offload::refnic::RefNic;
+    let mut runner = TestRunner::new(config(96));
+    let refused_total = RefCell::new(0usize);
+    let strategy = (
+        model_spec(),
+        vec(pkt_spec(), 1..=32),
+        vec(route_change(), 0..=8),
+        any::<u64>(),
+    );
+    let result = runner.run(&strategy, |(spec, pkts, changes, seed)| {
+        let Some(model) = build_model(&spec) else {
+            return Err(TestCaseError::reject("node and VPCs refused"));
+        };
+        for profile in [Profile::Full, Profile::Partial, Profile::TapLike] {
+            let caps = Caps::profile(profile);
+            let mut target = Refusing {
+                inner: RefNicTarget::new(RefNic::new(caps.clone())),
+                seed,
+                one_in: 4,
+                refused: 0,
+            };
+            let mut compiler = Compiler::new(caps.clone());
+            compiler.rebuild(&model);
+            let report = program(&mut compiler, &model, &mut target)
+                .map_err(|e| fail(format!("{profile:?}: {e}")))?;
+            *refused_total.borrow_mut() += report.refused.len();
+            let installed = target.inner.installed();
+            let planned = compiler.plan().hw.installed();
+            if installed != planned {
+                return Err(fail(format!(
+                    "{profile:?}: target holds {} rules, plan {}",
+                    installed.rules.len(),
+                    planned.rules.len()
+                )));
+            }
+            for (id, refusal) in &report.refused {
+                if let RuleId::Route { key, .. } = id {
+                    let status = compiler.plan().status(&ObjectKey::Route(*key));
+                    if status == flow_offload::status::OffloadStatus::Offloaded {
+                        return Err(fail(format!(
+                            "{profile:?}: {key:?} refused ({refusal}) but reported offloaded"
+                        )));
+                    }
+                }
+            }
+            let mut c = Checker::new(&model, &caps, &installed, false, seed)
+                .map_err(|m| fail(format!("{profile:?}: {m}")))?;
+            run_packets(&mut c, &model, &pkts).map_err(|m| {
+                fail(format!(
+                    "{profile:?}: {m}\n{}\n{}",
+                    model_summary(&model),
+                    plan_summary(compiler.plan())
+                ))
+            })?;
+
+            // Incremental route changes on the same target.
+            let mut model2 = model.clone();
+            let mut keys = Vec::new();
+            for ch in &changes {
+                let change = build_change(&model2, ch);
+                let Some(change) = change else { continue };
+                if model2.apply(std::slice::from_ref(&change)).is_ok() {
+                    if let Change::UpsertRoute(r) = &change {
+                        keys.push(r.key);
+                    }
+                    if let Change::DeleteRoute(k) = &change {
+                        keys.push(*k);
+                    }
+                }
+            }
+            for k in &keys {
+                compiler.forget_route_refusals(k);
+                compiler.update_route(&model2, *k);
+            }
+            program(&mut compiler, &model2, &mut target)
+                .map_err(|e| fail(format!("{profile:?} incremental: {e}")))?;
+            let installed = target.inner.installed();
+            if installed != compiler.plan().hw.installed() {
+                return Err(fail(format!(
+                    "{profile:?}: incremental target differs from plan"
+                )));
+            }
+            let mut c = Checker::new(&model2, &caps, &installed, false, seed)
+                .map_err(|m| fail(format!("{profile:?} incremental: {m}")))?;
+            run_packets(&mut c, &model2, &pkts)
+                .map_err(|m| fail(format!("{profile:?} incremental: {m}")))?;
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    let refused = refused_total.into_inner();
+    eprintln!("create_refusals_fall_back_to_software: {refused} creates refused");
+    assert!(refused > 0, "the test target never refused a create");
+}
