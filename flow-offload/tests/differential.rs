@@ -1376,7 +1376,7 @@ impl Refusing {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.seed.hash(&mut h);
         format!("{id:?}{:?}", rule.actions).hash(&mut h);
-        if h.finish() % self.one_in == 0 {
+        if h.finish().is_multiple_of(self.one_in) {
             self.refused += 1;
             Some(Refusal::Driver {
                 errno: "EEXIST".into(),
