@@ -1282,7 +1282,11 @@ impl Compiler {
         };
         // 1. Forward in hardware.
         let wanted = if n == 0 {
-            Err(SwReason::NoHardwarePath)
+            // The target's own refusal of this route says more than the missing path.
+            Err(match refused_fwd.as_ref().or(refused_trap.as_ref()) {
+                Some(r) => SwReason::Unsupported(r.clone()),
+                None => SwReason::NoHardwarePath,
+            })
         } else if slot.is_none() {
             Err(SwReason::PrioritiesExhausted)
         } else {

@@ -44,6 +44,26 @@ impl Errno {
         Self(ret.saturating_abs())
     }
 
+    /// The symbolic name of the common codes (`"EEXIST"`, ...), for machine-readable reasons.
+    pub fn name(self) -> String {
+        let known = [
+            (Self::NOSYS, "ENOSYS"),
+            (Self::NOTSUP, "ENOTSUP"),
+            (Self::INVAL, "EINVAL"),
+            (Self::NOSPC, "ENOSPC"),
+            (Self::EXIST, "EEXIST"),
+            (Self::NOMEM, "ENOMEM"),
+            (Self::BUSY, "EBUSY"),
+            (Self::NODEV, "ENODEV"),
+            (Self::IO, "EIO"),
+            (Self::ALREADY, "EALREADY"),
+        ];
+        known
+            .iter()
+            .find(|(e, _)| *e == self)
+            .map_or_else(|| format!("errno {}", self.0), |(_, n)| (*n).to_owned())
+    }
+
     /// DPDK's description of this error (covers DPDK-specific codes too).
     pub fn description(self) -> String {
         // SAFETY: rte_strerror accepts any int and returns a NUL-terminated

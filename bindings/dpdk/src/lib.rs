@@ -16,9 +16,11 @@ mod errno;
 mod flow;
 mod lpm;
 mod mempool;
+mod meter;
 mod port;
 mod probe;
 mod rule;
+mod target;
 
 pub use eal::{Eal, EalError};
 pub use errno::Errno;
@@ -27,8 +29,10 @@ pub use flow::{
 };
 pub use lpm::{RteFib, RteLpm, TableError};
 pub use mempool::{Mbuf, Mempool, MempoolError};
-pub use port::{Port, PortConfig, PortError, PortStats};
+pub use meter::MeterError;
+pub use port::{Port, PortConfig, PortError, PortStats, Queue, MAX_BURST};
 pub use probe::{
     probe, Probe, ProbeAnswer, DEFAULT_MAX_GROUPS, DEFAULT_MAX_RULES, PROBED_PRIORITIES,
 };
 pub use rule::{Flow, FlowError, FlowSpec, VXLAN_UDP_PORT};
+pub use target::{refusal_of, DpdkTarget};

@@ -87,6 +87,13 @@ impl Drop for Mempool<'_> {
     }
 }
 
+// SAFETY: rte_mempool get/put are multi-thread safe (ring-backed, per-lcore caches used only
+// by EAL threads), so a pool may be shared by reference between the control thread and an
+// lcore thread.
+unsafe impl Sync for Mempool<'_> {}
+// SAFETY: as above; the pool pointer is not tied to the creating thread.
+unsafe impl Send for Mempool<'_> {}
+
 /// One owned packet buffer; returned to its pool on drop.
 #[derive(Debug)]
 pub struct Mbuf<'pool> {
@@ -105,6 +112,11 @@ impl<'pool> Mbuf<'pool> {
             raw,
             _pool: PhantomData,
         }
+    }
+
+    /// The raw pointer, still owned by this `Mbuf`.
+    pub(crate) fn as_raw(&self) -> *mut sys::rte_mbuf {
+        self.raw.as_ptr()
     }
 
     /// Give up ownership (e.g. to a tx queue).
@@ -143,6 +155,36 @@ impl<'pool> Mbuf<'pool> {
         }
     }
 
+    /// Number of segments.
+    pub fn segments(&self) -> u16 {
+        // SAFETY: we own a valid mbuf.
+        unsafe { (*self.raw.as_ptr()).nb_segs }
+    }
+
+    /// The 32-bit mark a `MARK` rte_flow action attached on receive, if any.
+    pub fn mark(&self) -> Option<u32> {
+        let m = self.raw.as_ptr();
+        // SAFETY: we own a valid mbuf; ol_flags is a plain field.
+        let flags = unsafe { (*m).ol_flags };
+        if flags & u64::from(sys::RTE_MBUF_F_RX_FDIR_ID) == 0 {
+            return None;
+        }
+        // SAFETY: with RTE_MBUF_F_RX_FDIR_ID set the driver stored the mark in
+        // hash.fdir.hi (the union's active member).
+        Some(unsafe { (*m).__bindgen_anon_2.hash.fdir.hi })
+    }
+
+    /// The first segment's data, writable.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        let m = self.raw.as_ptr();
+        // SAFETY: as in `data`; `&mut self` makes the bytes exclusive (we own the
+        // mbuf and hand out no other reference to its buffer).
+        unsafe {
+            let base = (*m).buf_addr.cast::<u8>().add(usize::from((*m).data_off));
+            std::slice::from_raw_parts_mut(base, usize::from((*m).data_len))
+        }
+    }
+
     /// Append `len` bytes at the end of the packet and return them for
     /// writing; `None` if the buffer lacks tailroom.
     pub fn append(&mut self, len: u16) -> Option<&mut [u8]> {
@@ -154,6 +196,75 @@ impl<'pool> Mbuf<'pool> {
         // SAFETY: rte_pktmbuf_append returned `len` bytes of tailroom inside
         // our buffer, now counted in the packet; `&mut self` makes them exclusive.
         Some(unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), usize::from(len)) })
+    }
+}
+
+// SAFETY: an mbuf is owned by one `Mbuf` at a time and may be freed from any thread.
+unsafe impl Send for Mbuf<'_> {}
+
+/// Headroom operations on single-segment mbufs, done on the fields as DPDK's inline helpers
+/// do (no call per packet). A multi-segment mbuf refuses to change length (callers drop it).
+impl flow_offload::soft::pipeline::PacketBuf for Mbuf<'_> {
+    fn data(&self) -> &[u8] {
+        Mbuf::data(self)
+    }
+
+    fn data_mut(&mut self) -> &mut [u8] {
+        Mbuf::data_mut(self)
+    }
+
+    fn prepend(&mut self, n: usize) -> bool {
+        let m = self.raw.as_ptr();
+        let Ok(n) = u16::try_from(n) else {
+            return false;
+        };
+        // SAFETY: we own a valid mbuf; only plain length fields change, and only
+        // within the buffer (n <= data_off, the headroom).
+        unsafe {
+            if (*m).nb_segs != 1 || n > (*m).data_off {
+                return false;
+            }
+            (*m).data_off -= n;
+            (*m).data_len += n;
+            (*m).pkt_len += u32::from(n);
+        }
+        true
+    }
+
+    fn adj(&mut self, n: usize) -> bool {
+        let m = self.raw.as_ptr();
+        let Ok(n) = u16::try_from(n) else {
+            return false;
+        };
+        // SAFETY: we own a valid mbuf; n <= data_len keeps data inside the buffer.
+        unsafe {
+            if (*m).nb_segs != 1 || n > (*m).data_len {
+                return false;
+            }
+            (*m).data_off += n;
+            (*m).data_len -= n;
+            (*m).pkt_len -= u32::from(n);
+        }
+        true
+    }
+
+    fn set_len(&mut self, len: usize) -> bool {
+        let m = self.raw.as_ptr();
+        let Ok(len) = u16::try_from(len) else {
+            return false;
+        };
+        // SAFETY: we own a valid mbuf; data_off + len <= buf_len keeps the frame
+        // inside the buffer.
+        unsafe {
+            if (*m).nb_segs != 1
+                || u32::from((*m).data_off) + u32::from(len) > u32::from((*m).buf_len)
+            {
+                return false;
+            }
+            (*m).data_len = len;
+            (*m).pkt_len = u32::from(len);
+        }
+        true
     }
 }
 

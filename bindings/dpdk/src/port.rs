@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use dpdk_sys as sys;
@@ -74,6 +75,18 @@ pub struct Port<'pool> {
     id: u16,
     pool: &'pool Mempool<'pool>,
     started: bool,
+    /// Whether a [`Queue`] handle for queue 0 is out.
+    queue_taken: AtomicBool,
+}
+
+/// Most packets one [`Queue::rx_burst`] or [`Queue::tx_burst`] call moves.
+pub const MAX_BURST: usize = 64;
+
+/// Exclusive use of a started port's rx/tx queue 0, for one lcore thread, while other
+/// threads keep the [`Port`] for control (flows, meters, stats). Released on drop.
+#[derive(Debug)]
+pub struct Queue<'port, 'pool> {
+    port: &'port Port<'pool>,
 }
 
 impl<'pool> Port<'pool> {
@@ -124,6 +137,7 @@ impl<'pool> Port<'pool> {
             id,
             pool,
             started: false,
+            queue_taken: AtomicBool::new(false),
         };
         // SAFETY: configured port, queue 0 < 1, NULL conf = driver defaults,
         // live pool that outlives the port (borrowed for 'pool).
@@ -162,56 +176,38 @@ impl<'pool> Port<'pool> {
         Ok(())
     }
 
-    /// Receive up to `max` packets from queue 0, appending them to `out`;
-    /// returns how many arrived.
+    /// Receive up to `max` (at most [`MAX_BURST`]) packets from queue 0, appending them to
+    /// `out`; returns how many arrived.
     pub fn rx_burst(&mut self, out: &mut Vec<Mbuf<'pool>>, max: u16) -> usize {
         if !self.started {
             return 0;
         }
-        let mut buf: Vec<*mut sys::rte_mbuf> = vec![ptr::null_mut(); usize::from(max)];
-        // SAFETY: started port, queue 0 exists, `buf` has room for `max`
-        // pointers; `&mut self` keeps queue 0 to one thread at a time.
-        let n = unsafe { sys::rte_eth_rx_burst(self.id, 0, buf.as_mut_ptr(), max) };
-        out.extend(
-            buf.into_iter()
-                .take(usize::from(n))
-                .filter_map(NonNull::new)
-                .map(|m| {
-                    // SAFETY: the PMD handed us ownership of `n` valid mbufs taken from
-                    // this port's rx pool, which lives for 'pool.
-                    unsafe { Mbuf::from_raw(m) }
-                }),
-        );
-        usize::from(n)
+        rx_burst(self.id, out, max)
     }
 
     /// Send packets from the front of `pkts` on queue 0; the sent ones are
     /// removed from `pkts` (now owned by the driver), the rest stay. Returns
     /// how many were sent.
     pub fn tx_burst(&mut self, pkts: &mut Vec<Mbuf<'_>>) -> usize {
-        if !self.started || pkts.is_empty() {
+        if !self.started {
             return 0;
         }
-        let count = u16::try_from(pkts.len()).unwrap_or(u16::MAX);
-        let mut raw: Vec<*mut sys::rte_mbuf> = pkts
-            .drain(..usize::from(count))
-            .map(Mbuf::into_raw)
-            .collect();
-        // SAFETY: started port, queue 0 exists; `raw` holds `count` mbufs we
-        // own; the driver takes ownership of the first `sent`.
-        let sent = unsafe { sys::rte_eth_tx_burst(self.id, 0, raw.as_mut_ptr(), count) };
-        let sent = usize::from(sent);
-        let unsent: Vec<Mbuf<'_>> = raw
-            .drain(sent..)
-            .filter_map(NonNull::new)
-            .map(|m| {
-                // SAFETY: the driver did not take these; they are still ours and
-                // valid, from a pool outliving the original `Mbuf`s' lifetime.
-                unsafe { Mbuf::from_raw(m) }
-            })
-            .collect();
-        pkts.splice(0..0, unsent);
-        sent
+        tx_burst(self.id, pkts)
+    }
+
+    /// Takes queue 0 for one thread while this handle stays usable for control. The port must
+    /// be started; one queue handle at a time.
+    pub fn queue(&self) -> Result<Queue<'_, 'pool>, PortError> {
+        if !self.started {
+            return Err(PortError::Call {
+                call: "queue (port not started)",
+                errno: Errno::INVAL,
+            });
+        }
+        if self.queue_taken.swap(true, Ordering::AcqRel) {
+            return Err(PortError::AlreadyClaimed(self.id));
+        }
+        Ok(Queue { port: self })
     }
 
     /// Basic counters (packets in/out, bytes, errors).
@@ -237,6 +233,74 @@ impl<'pool> Port<'pool> {
     pub fn pool(&self) -> &'pool Mempool<'pool> {
         self.pool
     }
+}
+
+impl<'pool> Queue<'_, 'pool> {
+    /// The port id.
+    pub fn port_id(&self) -> u16 {
+        self.port.id
+    }
+
+    /// Receive up to `max` (at most [`MAX_BURST`]) packets, appending them to `out` (no
+    /// allocation when `out` has the capacity); returns how many arrived.
+    pub fn rx_burst(&mut self, out: &mut Vec<Mbuf<'pool>>, max: u16) -> usize {
+        rx_burst(self.port.id, out, max)
+    }
+
+    /// Send packets from the front of `pkts` (at most [`MAX_BURST`]); the sent ones are
+    /// removed from `pkts`, the rest stay. Returns how many were sent.
+    pub fn tx_burst(&mut self, pkts: &mut Vec<Mbuf<'_>>) -> usize {
+        tx_burst(self.port.id, pkts)
+    }
+}
+
+impl Drop for Queue<'_, '_> {
+    fn drop(&mut self) {
+        self.port.queue_taken.store(false, Ordering::Release);
+    }
+}
+
+/// rx burst on queue 0 of a started port whose queue the caller holds exclusively.
+fn rx_burst<'pool>(id: u16, out: &mut Vec<Mbuf<'pool>>, max: u16) -> usize {
+    let mut buf: [*mut sys::rte_mbuf; MAX_BURST] = [ptr::null_mut(); MAX_BURST];
+    let max = max.min(MAX_BURST as u16);
+    // SAFETY: started port, queue 0 exists, `buf` has room for `max` pointers;
+    // the caller holds queue 0 exclusively (`&mut` Port or Queue).
+    let n = unsafe { sys::rte_eth_rx_burst(id, 0, buf.as_mut_ptr(), max) };
+    let n = usize::from(n);
+    out.extend(
+        buf.iter()
+            .take(n)
+            .filter_map(|m| NonNull::new(*m))
+            .map(|m| {
+                // SAFETY: the PMD handed us ownership of `n` valid mbufs taken from
+                // this port's rx pool, which lives for 'pool.
+                unsafe { Mbuf::from_raw(m) }
+            }),
+    );
+    n
+}
+
+/// tx burst on queue 0 of a started port whose queue the caller holds exclusively.
+fn tx_burst(id: u16, pkts: &mut Vec<Mbuf<'_>>) -> usize {
+    if pkts.is_empty() {
+        return 0;
+    }
+    let mut raw: [*mut sys::rte_mbuf; MAX_BURST] = [ptr::null_mut(); MAX_BURST];
+    let count = pkts.len().min(MAX_BURST);
+    for (slot, m) in raw.iter_mut().zip(pkts.iter()) {
+        *slot = m.as_raw();
+    }
+    // SAFETY: started port, queue 0 exists; `raw` holds `count` valid mbufs that
+    // `pkts` owns; the driver takes ownership of the first `sent`, which we
+    // forget below without freeing.
+    let sent = unsafe { sys::rte_eth_tx_burst(id, 0, raw.as_mut_ptr(), count as u16) };
+    let sent = usize::from(sent);
+    for m in pkts.drain(..sent) {
+        // Owned by the driver now.
+        let _ = m.into_raw();
+    }
+    sent
 }
 
 /// `rte_eth_stats` without the per-queue arrays.

@@ -128,6 +128,49 @@ fn null_port_end_to_end() {
         }
     );
 
+    // Programming a plan compiled for a full NIC onto net_null: every create answers ENOSYS,
+    // so every rule falls back and the route reports the driver's answer.
+    let model = common::one_route_model(port.id());
+    let mut compiler = flow_offload::compile::Compiler::new(flow_offload::caps::Caps::profile(
+        flow_offload::caps::Profile::Full,
+    ));
+    compiler.rebuild(&model);
+    let mut target = dpdk::DpdkTarget::new([&port]);
+    let report =
+        flow_offload::program::program(&mut compiler, &model, &mut target).expect("settles");
+    assert!(!report.refused.is_empty());
+    assert!(report
+        .refused
+        .iter()
+        .all(|(_, r)| *r == flow_offload::caps::Refusal::NotImplemented));
+    assert_eq!(target.rule_count(), 0);
+    assert_eq!(compiler.plan().hw.rule_count(), 0);
+    let key = *model.routes().keys().next().expect("one route");
+    assert_eq!(
+        compiler
+            .plan()
+            .status(&flow_offload::model::ObjectKey::Route(key)),
+        flow_offload::status::OffloadStatus::Software {
+            reason: flow_offload::compile::SwReason::Unsupported(
+                flow_offload::caps::Refusal::NotImplemented
+            )
+        }
+    );
+    // No rte_mtr either.
+    let err = port
+        .meter_profile_add(
+            1,
+            &flow_offload::model::MeterProfile::SrTcm {
+                cir: 1_000_000,
+                cbs: 2000,
+                ebs: 2000,
+            },
+        )
+        .expect_err("net_null has no rte_mtr");
+    println!("meter_profile_add: {err}");
+    assert_eq!(err.errno, Errno::NOSYS);
+    drop(target);
+
     port.stop().expect("stop");
     // A stopped port delivers nothing.
     assert_eq!(port.rx_burst(&mut pkts, 32), 0);

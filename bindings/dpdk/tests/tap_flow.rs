@@ -9,10 +9,16 @@ mod common;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use dpdk::{Eal, Errno, FlowError, FlowErrorCause, ItemPart, Mempool, Port, PortConfig};
-use flow_offload::caps::{Caps, CapsSource, Profile};
+use dpdk::{
+    DpdkTarget, Eal, Errno, FlowError, FlowErrorCause, ItemPart, Mempool, Port, PortConfig,
+};
+use flow_offload::caps::{Caps, CapsSource, Profile, Refusal};
+use flow_offload::compile::{Compiler, SwReason};
 use flow_offload::ir::{vxlan_source_port, Action, ActionKind, VxlanEncap};
 use flow_offload::model::MacAddr;
+use flow_offload::model::{MeterProfile, ObjectKey};
+use flow_offload::program::program;
+use flow_offload::status::OffloadStatus;
 
 const IFACE: &str = "dpcptap0";
 
@@ -174,6 +180,39 @@ fn tap_flow_rules() {
             "{what}"
         );
     }
+    // Programming a plan: the route's rule validates (the compiler trusts the probe) but its
+    // create fails, so the route lands in software with the driver's errno as the reason;
+    // the target ends up holding exactly the recompiled plan (nothing).
+    let model = common::one_route_model(port.id());
+    let mut compiler = Compiler::new(probe.caps.clone());
+    compiler.rebuild(&model);
+    let wanted = compiler.plan().hw.rule_count();
+    assert!(wanted > 0, "the probed caps admit the route rule");
+    let mut target = DpdkTarget::new([&port]);
+    let report = program(&mut compiler, &model, &mut target).expect("settles");
+    println!("program report: {report:?}");
+    assert!(!report.refused.is_empty());
+    assert_eq!(target.rule_count(), compiler.plan().hw.rule_count());
+    let key = *model.routes().keys().next().expect("one route");
+    match compiler.plan().status(&ObjectKey::Route(key)) {
+        OffloadStatus::Software {
+            reason: SwReason::Unsupported(Refusal::Driver { errno, .. }),
+        } => assert_eq!(errno, "EEXIST"),
+        other => panic!("route status {other:?}"),
+    }
+    // net_tap has no rte_mtr: a metered rule is refused naming the meter action.
+    assert!(port
+        .meter_profile_add(
+            7,
+            &MeterProfile::SrTcm {
+                cir: 1_000_000,
+                cbs: 2000,
+                ebs: 2000
+            }
+        )
+        .is_err());
+    drop(target);
+
     drop(port);
     assert!(!iface_exists(), "port close removed {IFACE}");
     drop(pool);

@@ -39,3 +39,32 @@ pub fn ipv4_prefix(actions: Vec<Action>) -> Rule {
         actions,
     }
 }
+
+/// A node whose one uplink is `port`, with an underlay route 10.1.0.0/16 out of it.
+pub fn one_route_model(port: u16) -> flow_offload::model::Model {
+    use flow_offload::model::{
+        Change, MacAddr, Model, Nexthop, Node, Prefix, Route, RouteKey, UNDERLAY_TABLE,
+    };
+    let mut m = Model::new();
+    let prefix: Prefix = "10.1.0.0/16".parse().expect("prefix");
+    m.apply(&[
+        Change::SetNode(Node {
+            vtep: Ipv4Addr::new(192, 0, 2, 1),
+            router_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            uplinks: [PortId(port)].into_iter().collect(),
+        }),
+        Change::UpsertRoute(Route {
+            key: RouteKey {
+                table: UNDERLAY_TABLE,
+                prefix,
+            },
+            nexthops: vec![Nexthop::Underlay {
+                gateway: Ipv4Addr::new(192, 0, 2, 254).into(),
+                port: PortId(port),
+                mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            }],
+        }),
+    ])
+    .expect("valid model");
+    m
+}
