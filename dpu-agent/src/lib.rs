@@ -1,3 +1,14 @@
 //! The DPU agent: receives desired state from the host agent, compiles it against the probed
 //! capabilities of its ports, programs what the NIC accepts and forwards the rest in software.
+//!
+//! - [`config`]: the TOML configuration, every bad field named.
+//! - [`agent`]: model, compiler, hardware target and software pipeline kept in step, batch by
+//!   batch, with per-object status.
+//! - [`lcore`]: the software forwarding loop over DPDK queues.
+//! - [`link`]: the host link server (framed postcard messages over TCP).
 #![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod config;
+pub mod lcore;
+pub mod link;

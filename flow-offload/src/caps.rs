@@ -136,6 +136,25 @@ pub enum Refusal {
 }
 
 impl Caps {
+    /// What two targets both accept: a plan compiled for the result fits either (the agent
+    /// compiles once for all its ports).
+    pub fn meet(&self, other: &Caps) -> Caps {
+        Caps {
+            source: if self.source == other.source {
+                self.source
+            } else {
+                CapsSource::Probed
+            },
+            items: self.items.intersection(&other.items).copied().collect(),
+            actions: self.actions.intersection(&other.actions).copied().collect(),
+            encap_with_modify: self.encap_with_modify && other.encap_with_modify,
+            priorities: self.priorities.min(other.priorities),
+            max_groups: self.max_groups.min(other.max_groups),
+            max_rules: self.max_rules.min(other.max_rules),
+            max_meters: self.max_meters.min(other.max_meters),
+        }
+    }
+
     /// A named profile.
     pub fn profile(profile: Profile) -> Caps {
         use ActionKind as A;

@@ -709,6 +709,12 @@ pub enum Problem {
         max: usize,
     },
     /// Nexthops of different kinds in one ECMP set, or `Vrf`/`Blackhole` not alone.
+    /// A port the DPU does not have as an uplink.
+    #[error("port {0} is not an uplink of this DPU")]
+    NotAnUplink(u16),
+    /// A port the DPU does not have as a VPC-facing port.
+    #[error("port {0} is not a VPC-facing port of this DPU")]
+    NotAVpcPort(u16),
     #[error("nexthops must be all underlay or all VXLAN; vrf and blackhole stand alone")]
     MixedNexthops,
     /// A RFC 6052 prefix length other than 32, 40, 48, 56, 64 or 96.

@@ -1,0 +1,389 @@
+//! The agent's state: the desired model, its compiled plan on the hardware target, the
+//! software pipeline the lcores run, and what was last reported to the host.
+//!
+//! [`Agent::apply`] takes one batch from the host: refused as a whole when any change is
+//! invalid (nothing changes), otherwise applied to the model, recompiled (route-only batches
+//! incrementally, anything else from scratch against the plan in force, so unchanged rules stay
+//! untouched), programmed through the [`FlowTarget`] (creates the NIC refuses fall back to
+//! software with the driver's reason), and mirrored into the software pipeline. Batches are
+//! idempotent by epoch: an epoch already applied is acknowledged again, not re-applied.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use flow_offload::caps::Caps;
+use flow_offload::compile::{Compiler, SwReason};
+use flow_offload::model::{
+    Change, Model, ModelError, Nexthop, ObjectKey, PortId, Problem, RouteKey,
+};
+use flow_offload::program::{program, FlowTarget};
+use flow_offload::soft::pipeline::{Pipeline, PipelineError, PipelineLimits};
+use flow_offload::status::{FailReason, OffloadStatus};
+use flow_offload::wire::{Ack, Apply, Message};
+
+use crate::config::Role;
+
+/// The pipeline the lcores run, shared with the control thread (locked once per burst).
+pub type SharedPipeline = Arc<Mutex<Pipeline>>;
+
+/// What one batch did, for logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Changes applied.
+    pub changes: usize,
+    /// Whether the plan was rebuilt from scratch (otherwise incremental).
+    pub rebuilt: bool,
+    /// Hardware operations applied.
+    pub hw_ops: usize,
+    /// Creates the NIC refused (each moved its object to software).
+    pub nic_refusals: usize,
+    /// Objects whose status changed.
+    pub status_changes: usize,
+}
+
+/// The agent's state over one hardware target.
+#[derive(Debug)]
+pub struct Agent {
+    model: Model,
+    compiler: Compiler,
+    pipeline: SharedPipeline,
+    limits: PipelineLimits,
+    seed: u64,
+    roles: BTreeMap<PortId, Role>,
+    last_epoch: Option<u64>,
+    /// The plan's software placements as last reported.
+    reported_sw: BTreeMap<ObjectKey, SwReason>,
+    /// Objects the software pipeline could not take.
+    failed: BTreeMap<ObjectKey, FailReason>,
+}
+
+impl Agent {
+    /// An empty agent: no model, nothing programmed, for a target with `caps` whose ports have
+    /// these roles.
+    pub fn new(
+        caps: Caps,
+        roles: BTreeMap<PortId, Role>,
+        limits: PipelineLimits,
+        seed: u64,
+    ) -> Result<Agent, PipelineError> {
+        let model = Model::new();
+        let pipeline = Pipeline::new(&model, limits, seed)?;
+        Ok(Agent {
+            model,
+            compiler: Compiler::new(caps),
+            pipeline: Arc::new(Mutex::new(pipeline)),
+            limits,
+            seed,
+            roles,
+            last_epoch: None,
+            reported_sw: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        })
+    }
+
+    /// The pipeline, for the lcores.
+    pub fn pipeline(&self) -> SharedPipeline {
+        self.pipeline.clone()
+    }
+
+    /// The model in force.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The last epoch applied since start (`None`: empty, the host must send everything).
+    pub fn last_epoch(&self) -> Option<u64> {
+        self.last_epoch
+    }
+
+    /// The target's capabilities the compiler uses.
+    pub fn caps(&self) -> &Caps {
+        self.compiler.caps()
+    }
+
+    /// Where an object landed.
+    pub fn status(&self, object: &ObjectKey) -> OffloadStatus {
+        if let Some(reason) = self.failed.get(object) {
+            return OffloadStatus::Failed {
+                reason: reason.clone(),
+            };
+        }
+        self.compiler.plan().status(object)
+    }
+
+    /// Rules the plan holds in hardware.
+    pub fn hw_rule_count(&self) -> usize {
+        self.compiler.plan().hw.rule_count()
+    }
+
+    /// Every object of the model.
+    pub fn objects(&self) -> Vec<ObjectKey> {
+        let m = &self.model;
+        let mut v: Vec<ObjectKey> = Vec::new();
+        if m.node().is_some() {
+            v.push(ObjectKey::Node);
+        }
+        v.extend(m.vpcs().keys().map(|n| ObjectKey::Vpc(n.clone())));
+        v.extend(m.routes().keys().map(|k| ObjectKey::Route(*k)));
+        v.extend(m.nat_rules().keys().map(|n| ObjectKey::Nat(n.clone())));
+        v.extend(m.meters().keys().map(|n| ObjectKey::Meter(n.clone())));
+        v
+    }
+
+    /// Applies one batch from the host and answers it ([`Message::Ack`] or
+    /// [`Message::Refused`]).
+    pub fn apply<T: FlowTarget + ?Sized>(
+        &mut self,
+        target: &mut T,
+        batch: &Apply,
+    ) -> (Message, BatchReport) {
+        let mut report = BatchReport::default();
+        if let Some(last) = self.last_epoch {
+            if batch.epoch <= last {
+                // Already applied: acknowledge again with the current status.
+                let status = self.status_of(batch.changes.iter().map(Change::object));
+                return (
+                    Message::Ack(Ack {
+                        epoch: batch.epoch,
+                        status,
+                    }),
+                    report,
+                );
+            }
+        }
+        if let Err(error) = self.check_ports(&batch.changes) {
+            return (
+                Message::Refused {
+                    epoch: batch.epoch,
+                    error,
+                },
+                report,
+            );
+        }
+        let routes_only = !batch.full
+            && batch
+                .changes
+                .iter()
+                .all(|c| matches!(c, Change::UpsertRoute(_) | Change::DeleteRoute(_)));
+        if batch.full {
+            let mut fresh = Model::new();
+            if let Err(error) = fresh.apply(&batch.changes) {
+                return (
+                    Message::Refused {
+                        epoch: batch.epoch,
+                        error,
+                    },
+                    report,
+                );
+            }
+            self.model = fresh;
+        } else if let Err(error) = self.model.apply(&batch.changes) {
+            return (
+                Message::Refused {
+                    epoch: batch.epoch,
+                    error,
+                },
+                report,
+            );
+        }
+        report.changes = batch.changes.len();
+
+        // Compile and mirror into the software pipeline.
+        let mut touched: BTreeSet<ObjectKey> = batch.changes.iter().map(Change::object).collect();
+        if routes_only {
+            let keys: BTreeSet<RouteKey> = batch
+                .changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::UpsertRoute(r) => Some(r.key),
+                    Change::DeleteRoute(k) => Some(*k),
+                    _ => None,
+                })
+                .collect();
+            let mut pipe = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
+            for key in &keys {
+                self.compiler.forget_route_refusals(key);
+                self.compiler.update_route(&self.model, *key);
+                let object = ObjectKey::Route(*key);
+                self.failed.remove(&object);
+                if let Err(e) = pipe.update_route(&self.model, *key) {
+                    tracing::warn!(route = ?key, error = %e, "software tables refuse the route");
+                    self.failed.insert(object, FailReason::SoftwareTableFull);
+                }
+            }
+        } else {
+            report.rebuilt = true;
+            self.compiler.rebuild(&self.model);
+            self.rebuild_pipeline(&mut touched);
+        }
+        match program(&mut self.compiler, &self.model, target) {
+            Ok(r) => {
+                report.hw_ops = r.applied;
+                report.nic_refusals = r.refused.len() + r.refused_meters.len();
+                for (id, refusal) in &r.refused {
+                    tracing::info!(rule = ?id, %refusal, "NIC refused a rule at create time; its object runs in software");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "hardware programming did not settle");
+            }
+        }
+        let mut failed = std::mem::take(&mut self.failed);
+        failed.retain(|k, _| self.model_has(k));
+        self.failed = failed;
+
+        // Report the batch's objects and every object whose placement changed.
+        let sw = &self.compiler.plan().sw;
+        let changed = changed_keys(&self.reported_sw, sw);
+        report.status_changes = changed.len();
+        touched.extend(changed);
+        self.reported_sw = sw.clone();
+        self.last_epoch = Some(batch.epoch);
+        let status = self.status_of(touched.into_iter());
+        (
+            Message::Ack(Ack {
+                epoch: batch.epoch,
+                status,
+            }),
+            report,
+        )
+    }
+
+    fn rebuild_pipeline(&mut self, touched: &mut BTreeSet<ObjectKey>) {
+        self.failed.clear();
+        match Pipeline::new(&self.model, self.limits, self.seed) {
+            Ok(p) => {
+                let mut pipe = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
+                *pipe = p;
+            }
+            Err(e) => {
+                // The software tables cannot hold the model: the old pipeline keeps running.
+                tracing::error!(error = %e, "software pipeline refused the model; keeping the previous one");
+                let object = match &e {
+                    PipelineError::Lpm { key, .. } => Some(ObjectKey::Route(*key)),
+                    PipelineError::Nat { rule, .. } => Some(ObjectKey::Nat(rule.clone())),
+                    PipelineError::RoutesFull { .. } => None,
+                };
+                if let Some(o) = object {
+                    touched.insert(o.clone());
+                    self.failed.insert(o, FailReason::SoftwareTableFull);
+                }
+            }
+        }
+    }
+
+    fn model_has(&self, k: &ObjectKey) -> bool {
+        match k {
+            ObjectKey::Node => self.model.node().is_some(),
+            ObjectKey::Vpc(n) => self.model.vpcs().contains_key(n),
+            ObjectKey::Route(r) => self.model.routes().contains_key(r),
+            ObjectKey::Nat(n) => self.model.nat_rules().contains_key(n),
+            ObjectKey::Meter(n) => self.model.meters().contains_key(n),
+        }
+    }
+
+    fn status_of(
+        &self,
+        objects: impl Iterator<Item = ObjectKey>,
+    ) -> Vec<(ObjectKey, OffloadStatus)> {
+        let set: BTreeSet<ObjectKey> = objects.filter(|o| self.model_has(o)).collect();
+        set.into_iter()
+            .map(|o| {
+                let s = self.status(&o);
+                (o, s)
+            })
+            .collect()
+    }
+
+    /// Refuses changes naming ports this DPU does not have in that role.
+    fn check_ports(&self, changes: &[Change]) -> Result<(), ModelError> {
+        let in_batch = |index: usize, e: ModelError| ModelError::InBatch {
+            index,
+            source: Box::new(e),
+        };
+        for (index, c) in changes.iter().enumerate() {
+            let object = c.object();
+            let bad = |field: String, problem: Problem| {
+                in_batch(
+                    index,
+                    ModelError::Invalid {
+                        object: object.clone(),
+                        field,
+                        problem,
+                    },
+                )
+            };
+            match c {
+                Change::SetNode(n) => {
+                    for (i, p) in n.uplinks.iter().enumerate() {
+                        if self.roles.get(p) != Some(&Role::Uplink) {
+                            return Err(bad(format!("uplinks[{i}]"), Problem::NotAnUplink(p.0)));
+                        }
+                    }
+                }
+                Change::UpsertVpc(v) => {
+                    for (i, p) in v.ports.iter().enumerate() {
+                        if self.roles.get(p) != Some(&Role::Vpc) {
+                            return Err(bad(format!("ports[{i}]"), Problem::NotAVpcPort(p.0)));
+                        }
+                    }
+                }
+                Change::UpsertRoute(r) => {
+                    for (i, nh) in r.nexthops.iter().enumerate() {
+                        if let Nexthop::Underlay { port, .. } = nh {
+                            if !self.roles.contains_key(port) {
+                                return Err(bad(
+                                    format!("nexthops[{i}].port"),
+                                    Problem::NotAnUplink(port.0),
+                                ));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keys whose software placement differs between two plans' `sw` maps (merge-join).
+fn changed_keys(
+    old: &BTreeMap<ObjectKey, SwReason>,
+    new: &BTreeMap<ObjectKey, SwReason>,
+) -> Vec<ObjectKey> {
+    let mut out = Vec::new();
+    let mut a = old.iter().peekable();
+    let mut b = new.iter().peekable();
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((k, _)), None) => {
+                out.push((*k).clone());
+                a.next();
+            }
+            (None, Some((k, _))) => {
+                out.push((*k).clone());
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.push((*ka).clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push((*kb).clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if va != vb {
+                        out.push((*ka).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+    out
+}

@@ -1,0 +1,354 @@
+//! The agent's configuration file (TOML).
+//!
+//! ```toml
+//! dpu_id = "dpu-a"
+//!
+//! [eal]
+//! args = ["-l", "0", "--no-huge", "--no-pci", "--no-shconf", "-m", "512"]
+//!
+//! [[ports]]
+//! name = "net_tap0"                      # the ethdev name
+//! device = "net_tap0,iface=dpa-up"       # a vdev string, or a PCI address (0000:03:00.0)
+//! role = "uplink"                        # or "vpc"
+//!
+//! [lcores]
+//! forwarding = 0                         # the lcore that runs the software pipeline
+//!
+//! [link]
+//! listen = "127.0.0.1:7700"              # where the host agent connects
+//!
+//! [limits]
+//! nat_sessions = 65536
+//! mbufs = 8191
+//! ```
+//!
+//! Every bad field is reported with its path (`ports[1].device`), never a panic.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// What a port is for. The model the host sends must agree: uplinks carry the underlay, VPC
+/// ports face a VPC's hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Underlay-facing.
+    Uplink,
+    /// VPC-facing.
+    Vpc,
+}
+
+/// One port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// The ethdev name DPDK gives the port (`net_tap0`, `0000:03:00.0`).
+    pub name: String,
+    /// How EAL gets it: a vdev string (`net_tap0,iface=x`) or a PCI address.
+    pub device: String,
+    /// What it is for.
+    pub role: Role,
+}
+
+impl PortConfig {
+    /// Whether `device` is a PCI address (`-a`) rather than a vdev (`--vdev`).
+    pub fn is_pci(&self) -> bool {
+        is_pci_address(&self.device)
+    }
+}
+
+fn is_pci_address(s: &str) -> bool {
+    // domain:bus:device.function, hex digits: 0000:03:00.0
+    let parts: Vec<&str> = s.split([':', '.']).collect();
+    matches!(parts.as_slice(), [d, b, dev, f]
+        if d.len() == 4 && b.len() == 2 && dev.len() == 2 && f.len() == 1
+            && parts.iter().all(|p| p.chars().all(|c| c.is_ascii_hexdigit())))
+}
+
+/// EAL settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EalConfig {
+    /// Arguments for `rte_eal_init` (the agent adds `--vdev`/`-a` for the ports).
+    pub args: Vec<String>,
+}
+
+/// Lcore layout.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LcoreConfig {
+    /// The lcore the software pipeline runs on (one forwarding lcore in this version).
+    pub forwarding: u32,
+}
+
+/// The host link.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// Listen address.
+    pub listen: String,
+}
+
+/// Table and pool sizes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// NAT sessions per stateful rule.
+    pub nat_sessions: usize,
+    /// Mbufs in the packet pool.
+    pub mbufs: u32,
+    /// Routes the software tables hold.
+    pub max_routes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            nat_sessions: 1 << 16,
+            mbufs: 8191,
+            max_routes: 1 << 21,
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This DPU's identity (reported to the host agent).
+    pub dpu_id: String,
+    /// EAL.
+    pub eal: EalConfig,
+    /// Ports, in the order EAL creates them.
+    pub ports: Vec<PortConfig>,
+    /// Lcores.
+    pub lcores: LcoreConfig,
+    /// Host link.
+    pub link: LinkConfig,
+    /// Sizes.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// A configuration error, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// Not valid TOML or a field of the wrong type.
+    #[error("{0}")]
+    Syntax(String),
+    /// A field with a bad value.
+    #[error("{field}: {problem}")]
+    Invalid {
+        /// Its path (`ports[1].device`).
+        field: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.link
+            .listen
+            .parse()
+            .map_err(|e| invalid("link.listen", format!("not an address:port: {e}")))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let id_ok = !self.dpu_id.is_empty()
+            && self.dpu_id.len() <= 64
+            && self
+                .dpu_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !id_ok {
+            return Err(invalid(
+                "dpu_id",
+                "1-64 characters of letters, digits, '-', '_', '.'",
+            ));
+        }
+        if self.ports.is_empty() {
+            return Err(invalid("ports", "at least one port is needed"));
+        }
+        let mut names = BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            let bad_text = |s: &str| s.is_empty() || s.chars().any(|c| c.is_whitespace());
+            if bad_text(&p.name) {
+                return Err(invalid(format!("ports[{i}].name"), "empty or has spaces"));
+            }
+            if bad_text(&p.device) {
+                return Err(invalid(format!("ports[{i}].device"), "empty or has spaces"));
+            }
+            if !p.is_pci() && !p.device.starts_with("net_") {
+                return Err(invalid(
+                    format!("ports[{i}].device"),
+                    "neither a PCI address (0000:03:00.0) nor a vdev (net_tap0,...)",
+                ));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(invalid(
+                    format!("ports[{i}].name"),
+                    format!("{:?} appears twice", p.name),
+                ));
+            }
+        }
+        if self.ports.len() > usize::from(u16::MAX) {
+            return Err(invalid("ports", "too many ports"));
+        }
+        for (i, a) in self.eal.args.iter().enumerate() {
+            if a.starts_with("--vdev") || a == "-a" || a.starts_with("--allow") {
+                return Err(invalid(
+                    format!("eal.args[{i}]"),
+                    "ports are given in [[ports]], not as EAL arguments",
+                ));
+            }
+        }
+        self.listen_addr()?;
+        if self.limits.mbufs < 1023 {
+            return Err(invalid("limits.mbufs", "at least 1023"));
+        }
+        if self.limits.nat_sessions == 0 {
+            return Err(invalid("limits.nat_sessions", "at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The full EAL argument list: program name, the configured arguments, then one
+    /// `--vdev`/`-a` per port.
+    pub fn eal_args(&self) -> Vec<String> {
+        let mut v = vec!["dpu-agent".to_owned()];
+        v.extend(self.eal.args.iter().cloned());
+        for p in &self.ports {
+            if p.is_pci() {
+                v.push("-a".into());
+                v.push(p.device.clone());
+            } else {
+                v.push(format!("--vdev={}", p.device));
+            }
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    const GOOD: &str = r#"
+dpu_id = "dpu-a"
+[eal]
+args = ["-l", "0", "--no-huge"]
+[[ports]]
+name = "net_tap0"
+device = "net_tap0,iface=dpa-up"
+role = "uplink"
+[[ports]]
+name = "0000:03:00.0"
+device = "0000:03:00.0"
+role = "vpc"
+[lcores]
+forwarding = 0
+[link]
+listen = "127.0.0.1:7700"
+"#;
+
+    #[test]
+    fn good_file_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.ports.len(), 2);
+        assert_eq!(c.ports[0].role, Role::Uplink);
+        assert!(c.ports[1].is_pci());
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(
+            c.eal_args(),
+            [
+                "dpu-agent",
+                "-l",
+                "0",
+                "--no-huge",
+                "--vdev=net_tap0,iface=dpa-up",
+                "-a",
+                "0000:03:00.0"
+            ]
+        );
+    }
+
+    fn err_of(text: &str) -> ConfigError {
+        Config::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let cases = [
+            (GOOD.replace("dpu-a", "dpu a"), "dpu_id"),
+            (GOOD.replace("net_tap0,iface=dpa-up", "tap0"), "ports[0].device"),
+            (GOOD.replace("\"0000:03:00.0\"\nrole", "\"\"\nrole"), "ports[1].device"),
+            (GOOD.replace("name = \"0000:03:00.0\"", "name = \"net_tap0\""), "ports[1].name"),
+            (GOOD.replace("127.0.0.1:7700", "localhost"), "link.listen"),
+            (GOOD.replace("\"--no-huge\"", "\"--vdev=net_null0\""), "eal.args[2]"),
+        ];
+        for (text, field) in cases {
+            match err_of(&text) {
+                ConfigError::Invalid { field: f, .. } => assert_eq!(f, field, "{text}"),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn syntax_and_type_errors_say_where() {
+        let e = err_of(&GOOD.replace("role = \"uplink\"", "role = \"upstream\""));
+        let ConfigError::Syntax(m) = e else {
+            panic!("{e:?}")
+        };
+        assert!(m.contains("upstream"), "{m}");
+        let e = err_of(&GOOD.replace("forwarding = 0", "forwarding = \"x\""));
+        assert!(matches!(e, ConfigError::Syntax(_)), "{e:?}");
+        let e = err_of(&format!("{GOOD}\nbogus = 1\n"));
+        assert!(matches!(e, ConfigError::Syntax(m) if m.contains("bogus")));
+        let e = err_of(&GOOD.replace("[[ports]]", "[[portz]]"));
+        assert!(matches!(e, ConfigError::Syntax(_)));
+    }
+
+    #[test]
+    fn missing_file_is_a_read_error() {
+        let e = Config::load(Path::new("/nonexistent/dpu-agent.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+    }
+}

@@ -1,0 +1,208 @@
+//! The host link server: the host agent connects over TCP and speaks framed postcard
+//! [`Message`]s (see [`flow_offload::wire`]).
+//!
+//! One host at a time. On every connection the agent says [`Message::Hello`] first (with the
+//! last epoch it applied, `None` after a restart: the host then resends everything), answers
+//! each [`Message::Apply`] with an ack or a refusal, and sends a heartbeat every second and
+//! route counters every [`COUNTERS_EVERY`]. A host silent for [`HOST_TIMEOUT`] is dropped; a
+//! framing error drops the connection (the byte stream cannot be resynchronised); an
+//! undecodable but well-framed message is logged and skipped. Forwarding continues on the last
+//! state while no host is connected.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::PoisonError;
+use std::time::{Duration, Instant};
+
+use flow_offload::caps::Caps;
+use flow_offload::model::PortId;
+use flow_offload::program::FlowTarget;
+use flow_offload::wire::frame::{FrameCodec, FrameError, FrameReader};
+use flow_offload::wire::{Counters, Hello, Message};
+
+use crate::agent::Agent;
+
+/// Heartbeat period.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// Counter report period.
+pub const COUNTERS_EVERY: Duration = Duration::from_secs(5);
+/// A host that sends nothing for this long is disconnected.
+pub const HOST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Routes whose counters are read per pipeline lock (the lcore waits meanwhile).
+const COUNTER_CHUNK: usize = 4096;
+
+/// Who this agent is, for [`Message::Hello`].
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// DPU id.
+    pub dpu_id: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Random per start.
+    pub boot_id: u64,
+    /// Probed capabilities per port.
+    pub ports: Vec<(PortId, Caps)>,
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Socket error.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The byte stream lost its framing.
+    #[error("framing: {0}")]
+    Frame(#[from] FrameError),
+    /// The host said nothing for too long.
+    #[error("host silent for {0:?}")]
+    Timeout(Duration),
+    /// The host closed the connection.
+    #[error("host closed the connection")]
+    Closed,
+}
+
+/// Serves hosts until `stop` is set: accepts, then talks to one host at a time.
+pub fn serve<T: FlowTarget + ?Sized>(
+    listener: &TcpListener,
+    agent: &mut Agent,
+    target: &mut T,
+    id: &Identity,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                tracing::info!(%peer, "host connected");
+                match session(stream, agent, target, id, stop) {
+                    Ok(()) => tracing::info!(%peer, "host link closed (shutdown)"),
+                    Err(e) => tracing::warn!(%peer, error = %e, "host link ended"),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn send(stream: &mut TcpStream, codec: &FrameCodec, msg: &Message) -> Result<(), LinkError> {
+    let mut out = Vec::new();
+    codec.encode(msg, &mut out)?;
+    stream.write_all(&out)?;
+    Ok(())
+}
+
+fn counters(agent: &Agent, at_ns: u64) -> Counters {
+    let keys: Vec<_> = agent.model().routes().keys().copied().collect();
+    let mut routes = Vec::new();
+    let pipeline = agent.pipeline();
+    for chunk in keys.chunks(COUNTER_CHUNK) {
+        let pipe = pipeline.lock().unwrap_or_else(PoisonError::into_inner);
+        for k in chunk {
+            if let Some(c) = pipe.route_counters(k) {
+                if c.packets > 0 {
+                    routes.push((*k, c.packets, c.bytes));
+                }
+            }
+        }
+    }
+    Counters { at_ns, routes }
+}
+
+fn session<T: FlowTarget + ?Sized>(
+    mut stream: TcpStream,
+    agent: &mut Agent,
+    target: &mut T,
+    id: &Identity,
+    stop: &AtomicBool,
+) -> Result<(), LinkError> {
+    stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let codec = FrameCodec::default();
+    let start = Instant::now();
+    send(
+        &mut stream,
+        &codec,
+        &Message::Hello(Hello {
+            dpu_id: id.dpu_id.clone(),
+            agent_version: id.agent_version.clone(),
+            boot_id: id.boot_id,
+            last_epoch: agent.last_epoch(),
+            ports: id.ports.clone(),
+        }),
+    )?;
+    let mut reader = FrameReader::new(codec);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut last_rx = Instant::now();
+    let mut last_hb = Instant::now();
+    let mut last_counters = Instant::now();
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        match stream.read(&mut buf) {
+            Ok(0) => return Err(LinkError::Closed),
+            Ok(n) => {
+                last_rx = Instant::now();
+                reader.push(buf.get(..n).unwrap_or(&[]));
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e.into()),
+        }
+        loop {
+            match reader.next::<Message>() {
+                Ok(Some(Message::Apply(batch))) => {
+                    let t = Instant::now();
+                    let (reply, report) = agent.apply(target, &batch);
+                    match &reply {
+                        Message::Refused { error, .. } => {
+                            tracing::warn!(epoch = batch.epoch, %error, "batch refused");
+                        }
+                        _ => tracing::info!(
+                            epoch = batch.epoch,
+                            full = batch.full,
+                            changes = report.changes,
+                            rebuilt = report.rebuilt,
+                            hw_ops = report.hw_ops,
+                            nic_refusals = report.nic_refusals,
+                            status_changes = report.status_changes,
+                            took_ms = t.elapsed().as_millis() as u64,
+                            "batch applied"
+                        ),
+                    }
+                    send(&mut stream, &codec, &reply)?;
+                }
+                Ok(Some(Message::Heartbeat { .. })) => {}
+                Ok(Some(other)) => {
+                    tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected message from host ignored");
+                }
+                Ok(None) => break,
+                Err(e) if e.is_fatal() => return Err(e.into()),
+                Err(e) => tracing::warn!(error = %e, "undecodable message skipped"),
+            }
+        }
+        if last_hb.elapsed() >= HEARTBEAT_EVERY {
+            seq += 1;
+            send(&mut stream, &codec, &Message::Heartbeat { seq })?;
+            last_hb = Instant::now();
+        }
+        if last_counters.elapsed() >= COUNTERS_EVERY {
+            let at = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let c = counters(agent, at);
+            if !c.routes.is_empty() {
+                send(&mut stream, &codec, &Message::Counters(c))?;
+            }
+            last_counters = Instant::now();
+        }
+        if last_rx.elapsed() >= HOST_TIMEOUT {
+            return Err(LinkError::Timeout(HOST_TIMEOUT));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! `dpu-agent --config FILE`: the DPU daemon.
+//!
+//! Start: read the configuration, start EAL with the configured ports, configure and start
+//! them, probe what each can offload (logged as a table), compile for what all of them accept,
+//! start the software forwarding lcore, then serve the host link. SIGTERM or SIGINT: stop the
+//! lcore, destroy every flow and meter, close the ports, exit 0.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use dpdk::{DpdkTarget, Eal, Mempool, Port, PortConfig};
+use dpu_agent::agent::Agent;
+use dpu_agent::config::Config;
+use dpu_agent::lcore::{self, LcoreStats};
+use dpu_agent::link::{self, Identity};
+use flow_offload::caps::Caps;
+use flow_offload::model::PortId;
+use flow_offload::soft::pipeline::PipelineLimits;
+use nix::sys::signal::{SigSet, Signal};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "DPU agent: rte_flow offload with software fallback")]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("configuration: {0}")]
+    Config(#[from] dpu_agent::config::ConfigError),
+    #[error("EAL: {0}")]
+    Eal(#[from] dpdk::EalError),
+    #[error("mempool: {0}")]
+    Mempool(#[from] dpdk::MempoolError),
+    #[error("port {name}: {source}")]
+    Port {
+        name: String,
+        source: dpdk::PortError,
+    },
+    #[error("software pipeline: {0}")]
+    Pipeline(#[from] flow_offload::soft::pipeline::PipelineError),
+    #[error("link listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("signals: {0}")]
+    Signals(#[from] nix::Error),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("dpu-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), StartError> {
+    let config = Config::load(&args.config)?;
+    let listen = config.listen_addr()?;
+
+    // Block SIGTERM/SIGINT before any thread exists (EAL's included), so they all inherit the
+    // mask and only the waiter below receives them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block()?;
+    let stop = AtomicBool::new(false);
+
+    let eal_args = config.eal_args();
+    tracing::info!(args = ?eal_args, "starting EAL");
+    let eal = Eal::init(&eal_args)?;
+    let pool = Mempool::pktmbuf(
+        &eal,
+        "dpu_agent_pool",
+        config.limits.mbufs,
+        256,
+        Mempool::DEFAULT_DATA_ROOM,
+        None,
+    )?;
+    let mut ports: Vec<Port<'_>> = Vec::new();
+    for p in &config.ports {
+        let port_err = |source| StartError::Port {
+            name: p.name.clone(),
+            source,
+        };
+        let id = Port::id_by_name(&eal, &p.name).map_err(port_err)?;
+        let mut port = Port::configure(id, &pool, PortConfig::default()).map_err(port_err)?;
+        port.start().map_err(port_err)?;
+        tracing::info!(port = %p.name, id, role = ?p.role, "port started");
+        ports.push(port);
+    }
+
+    // Probe: what each port accepts; compile for what all accept.
+    let mut caps: Option<Caps> = None;
+    let mut per_port = Vec::new();
+    for (port, p) in ports.iter().zip(&config.ports) {
+        let probe = dpdk::probe(port);
+        tracing::info!(
+            "port {} ({}) offload probe:\n{}",
+            p.name,
+            port.id(),
+            probe.table()
+        );
+        caps = Some(match caps {
+            None => probe.caps.clone(),
+            Some(c) => c.meet(&probe.caps),
+        });
+        per_port.push((PortId(port.id()), probe.caps));
+    }
+    let caps = caps.unwrap_or_else(|| Caps::profile(flow_offload::caps::Profile::None));
+    tracing::info!(?caps, "compiling for these capabilities");
+
+    let roles: BTreeMap<PortId, _> = ports
+        .iter()
+        .zip(&config.ports)
+        .map(|(port, p)| (PortId(port.id()), p.role))
+        .collect();
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x5eed);
+    let limits = PipelineLimits {
+        nat_sessions: config.limits.nat_sessions,
+        max_routes: config.limits.max_routes,
+        ..PipelineLimits::default()
+    };
+    let mut agent = Agent::new(caps, roles, limits, seed)?;
+    let identity = Identity {
+        dpu_id: config.dpu_id.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        boot_id: seed,
+        ports: per_port,
+    };
+    let listener = TcpListener::bind(listen).map_err(|source| StartError::Listen {
+        addr: listen.to_string(),
+        source,
+    })?;
+    tracing::info!(%listen, dpu_id = %config.dpu_id, "serving the host link");
+
+    let stats = LcoreStats::default();
+    let clock = Instant::now();
+    let forwarding_cpu = config.lcores.forwarding;
+    let mut target = DpdkTarget::new(ports.iter());
+    let mut queues = Vec::new();
+    for (port, p) in ports.iter().zip(&config.ports) {
+        queues.push(port.queue().map_err(|source| StartError::Port {
+            name: p.name.clone(),
+            source,
+        })?);
+    }
+    std::thread::scope(|s| {
+        // The signal waiter: the only thread with SIGTERM/SIGINT deliverable.
+        let stop_ref = &stop;
+        s.spawn(move || {
+            while !stop_ref.load(Ordering::Relaxed) {
+                match signals.wait() {
+                    Ok(sig) => {
+                        tracing::info!(signal = ?sig, "shutting down");
+                        stop_ref.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "sigwait failed; shutting down");
+                        stop_ref.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        let pipeline = agent.pipeline();
+        let stats_ref = &stats;
+        s.spawn(move || {
+            pin_to(forwarding_cpu);
+            tracing::info!(cpu = forwarding_cpu, "forwarding lcore running");
+            lcore::run(queues, pipeline, stop_ref, stats_ref, clock);
+            tracing::info!("forwarding lcore stopped");
+        });
+        if let Err(e) = link::serve(&listener, &mut agent, &mut target, &identity, &stop) {
+            tracing::error!(error = %e, "link server failed; shutting down");
+        }
+        stop.store(true, Ordering::Relaxed);
+        // Wake the signal waiter if it is still waiting (harmless: the signal is blocked and
+        // we are stopping anyway).
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
+    });
+    tracing::info!(stats = %stats.summary(), "lcore counters");
+    let errors = target.clear();
+    for e in &errors {
+        tracing::warn!("{e}");
+    }
+    tracing::info!("flows destroyed, closing ports");
+    drop(target);
+    drop(ports);
+    drop(pool);
+    drop(eal);
+    Ok(())
+}
+
+/// Pins the calling thread to `cpu` (logs and carries on if that fails, e.g. the CPU is not
+/// in the process's allowed set).
+fn pin_to(cpu: u32) {
+    let mut set = nix::sched::CpuSet::new();
+    let pinned = set
+        .set(cpu as usize)
+        .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+    if let Err(e) = pinned {
+        tracing::warn!(cpu, error = %e, "could not pin the forwarding lcore");
+    }
+}
