@@ -317,11 +317,23 @@ listen = "127.0.0.1:7700"
     fn every_bad_field_is_named() {
         let cases = [
             (GOOD.replace("dpu-a", "dpu a"), "dpu_id"),
-            (GOOD.replace("net_tap0,iface=dpa-up", "tap0"), "ports[0].device"),
-            (GOOD.replace("\"0000:03:00.0\"\nrole", "\"\"\nrole"), "ports[1].device"),
-            (GOOD.replace("name = \"0000:03:00.0\"", "name = \"net_tap0\""), "ports[1].name"),
+            (
+                GOOD.replace("net_tap0,iface=dpa-up", "tap0"),
+                "ports[0].device",
+            ),
+            (
+                GOOD.replace("\"0000:03:00.0\"\nrole", "\"\"\nrole"),
+                "ports[1].device",
+            ),
+            (
+                GOOD.replace("name = \"0000:03:00.0\"", "name = \"net_tap0\""),
+                "ports[1].name",
+            ),
             (GOOD.replace("127.0.0.1:7700", "localhost"), "link.listen"),
-            (GOOD.replace("\"--no-huge\"", "\"--vdev=net_null0\""), "eal.args[2]"),
+            (
+                GOOD.replace("\"--no-huge\"", "\"--vdev=net_null0\""),
+                "eal.args[2]",
+            ),
         ];
         for (text, field) in cases {
             match err_of(&text) {

@@ -192,14 +192,12 @@ pub fn run(
                     }
                     stats.tx.fetch_add(sent as u64, Ordering::Relaxed);
                 }
-                stats
-                    .tx_full
-                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                stats.tx_full.fetch_add(buf.len() as u64, Ordering::Relaxed);
                 buf.clear();
             }
         }
         polls = polls.wrapping_add(1);
-        if polls % EXPIRE_EVERY == 0 {
+        if polls.is_multiple_of(EXPIRE_EVERY) {
             let now = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
             let mut pipe = pipeline.lock().unwrap_or_else(PoisonError::into_inner);
             pipe.expire(now, EXPIRE_BUDGET);

@@ -80,7 +80,7 @@ pub fn serve<T: FlowTarget + ?Sized>(
                     Err(e) => tracing::warn!(%peer, error = %e, "host link ended"),
                 }
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => {
@@ -152,7 +152,12 @@ fn session<T: FlowTarget + ?Sized>(
                 last_rx = Instant::now();
                 reader.push(buf.get(..n).unwrap_or(&[]));
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            // net_tap signals the process (SIGIO): reads get interrupted.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
             Err(e) => return Err(e.into()),
         }
         loop {
