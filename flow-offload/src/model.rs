@@ -851,6 +851,62 @@ enum Undo {
 }
 
 impl Model {
+    /// The changes that build this model from an empty one, in an order [`Model::apply`]
+    /// accepts (node, VPCs, routes, NAT rules, meters).
+    pub fn to_changes(&self) -> Vec<Change> {
+        Model::new().changes_to(self).unwrap_or_default()
+    }
+
+    /// The changes that turn this model into `target` (set differences per object kind), in
+    /// an order [`Model::apply`] accepts: the node, VPC upserts, route upserts, NAT and meter
+    /// upserts, then deletions in reverse dependency order (meters, NAT rules, routes, VPCs).
+    /// `None` when the difference cannot be expressed as changes (the node removed): send the
+    /// whole target instead. Whether the batch validates is still up to `apply` (a VPC moved
+    /// to another table while routes use the old one is refused; a full resync then works).
+    pub fn changes_to(&self, target: &Model) -> Option<Vec<Change>> {
+        fn upserts<K: Ord, V: PartialEq + Clone>(
+            old: &BTreeMap<K, V>,
+            new: &BTreeMap<K, V>,
+            make: impl Fn(V) -> Change,
+            out: &mut Vec<Change>,
+        ) {
+            for (k, v) in new {
+                if old.get(k) != Some(v) {
+                    out.push(make(v.clone()));
+                }
+            }
+        }
+        fn deletes<K: Ord + Clone, V>(
+            old: &BTreeMap<K, V>,
+            new: &BTreeMap<K, V>,
+            make: impl Fn(K) -> Change,
+            out: &mut Vec<Change>,
+        ) {
+            for k in old.keys() {
+                if !new.contains_key(k) {
+                    out.push(make(k.clone()));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        match (&self.node, &target.node) {
+            (Some(_), None) => return None,
+            (a, Some(b)) if a.as_ref() != Some(b) => out.push(Change::SetNode(b.clone())),
+            _ => {}
+        }
+        upserts(&self.vpcs, &target.vpcs, Change::UpsertVpc, &mut out);
+        upserts(&self.routes, &target.routes, Change::UpsertRoute, &mut out);
+        upserts(&self.nat, &target.nat, Change::UpsertNat, &mut out);
+        upserts(&self.meters, &target.meters, Change::UpsertMeter, &mut out);
+        deletes(&self.meters, &target.meters, Change::DeleteMeter, &mut out);
+        deletes(&self.nat, &target.nat, Change::DeleteNat, &mut out);
+        deletes(&self.routes, &target.routes, Change::DeleteRoute, &mut out);
+        deletes(&self.vpcs, &target.vpcs, Change::DeleteVpc, &mut out);
+        Some(out)
+    }
+}
+
+impl Model {
     /// An empty model.
     pub fn new() -> Model {
         Model::default()

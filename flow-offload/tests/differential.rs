@@ -1523,3 +1523,60 @@ fn create_refusals_fall_back_to_software() {
     eprintln!("create_refusals_fall_back_to_software: {refused} creates refused");
     assert!(refused > 0, "the test target never refused a create");
 }
+
+/// Model differences as changes: `to_changes` always rebuilds a model exactly, and
+/// `changes_to` turns one random model into another whenever `apply` accepts the batch (it
+/// refuses only what the docs say: a VPC moved to another table under its routes, and the
+/// like; the host then sends the whole model).
+#[test]
+fn model_changes_roundtrip() {
+    let mut runner = TestRunner::new(config(256));
+    let applied = RefCell::new((0usize, 0usize));
+    let result = runner.run(&(model_spec(), model_spec()), |(sa, sb)| {
+        let (Some(a), Some(b)) = (build_model(&sa), build_model(&sb)) else {
+            return Err(TestCaseError::reject("node and VPCs refused"));
+        };
+        for m in [&a, &b] {
+            let mut fresh = Model::new();
+            fresh
+                .apply(&m.to_changes())
+                .map_err(|e| fail(format!("to_changes refused: {e}")))?;
+            if fresh != *m {
+                return Err(fail("to_changes did not rebuild the model".into()));
+            }
+        }
+        let Some(ch) = a.changes_to(&b) else {
+            return Ok(());
+        };
+        let mut m = a.clone();
+        let mut counts = applied.borrow_mut();
+        counts.1 += 1;
+        if m.apply(&ch).is_ok() {
+            counts.0 += 1;
+            if m != b {
+                return Err(fail(
+                    "changes_to applied but did not reach the target".into(),
+                ));
+            }
+        } else if m != a {
+            return Err(fail("a refused batch changed the model".into()));
+        }
+        // And back.
+        if let Some(back) = b.changes_to(&a) {
+            let mut m = b.clone();
+            if m.apply(&back).is_ok() && m != a {
+                return Err(fail("changes back did not reach the start".into()));
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    let (ok, all) = applied.into_inner();
+    eprintln!("model_changes_roundtrip: {ok} of {all} incremental batches applied");
+    assert!(
+        ok * 2 > all,
+        "most differences must apply incrementally: {ok}/{all}"
+    );
+}
