@@ -1,0 +1,389 @@
+//! The host side of one DPU link: keeps a DPU agent's model equal to the desired one.
+//!
+//! The link connects to the agent's listen address (retrying), reads its `Hello`, and decides
+//! what to send:
+//! - the whole desired model (`full`) when the agent restarted (its boot id changed, or it
+//!   reports no epoch), or when its last epoch is not the one we saw acknowledged;
+//! - otherwise only the difference between the acknowledged model and the desired one.
+//!
+//! One batch is in flight at a time. Desired-state updates that arrive meanwhile are coalesced:
+//! the next batch is the difference from what was acknowledged to the newest desired model. A
+//! refused incremental batch is followed by a full one. A refused full batch is reported, and
+//! nothing more is sent until the desired model changes. Heartbeats go both ways. An agent
+//! silent for [`LinkConfig::timeout`] is disconnected and reconnected.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flow_offload::model::{Model, ModelError, ObjectKey};
+use flow_offload::status::OffloadStatus;
+use flow_offload::wire::frame::{FrameCodec, FrameError, FrameReader};
+use flow_offload::wire::{Apply, Counters, Hello, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// Timing of a link.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkConfig {
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// An agent silent this long is disconnected.
+    pub timeout: Duration,
+    /// Wait between connection attempts.
+    pub reconnect: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            heartbeat: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            reconnect: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What happened on a link, for the status store, FRR feedback and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DpuEvent {
+    /// Connected; the agent introduced itself.
+    Connected {
+        /// Its hello.
+        hello: Hello,
+        /// Whether it restarted since we last saw it (the whole model is being resent).
+        restarted: bool,
+    },
+    /// A batch is in force on the DPU.
+    Acked {
+        /// The DPU.
+        dpu: String,
+        /// The batch.
+        epoch: u64,
+        /// Whether it was the whole model.
+        full: bool,
+        /// Status of every object the batch touched (all of them for a full batch).
+        status: Vec<(ObjectKey, OffloadStatus)>,
+    },
+    /// A batch was refused; nothing of it applied.
+    Refused {
+        /// The DPU.
+        dpu: String,
+        /// The batch.
+        epoch: u64,
+        /// Whether it was the whole model.
+        full: bool,
+        /// Why.
+        error: ModelError,
+    },
+    /// Route counters.
+    Counters {
+        /// The DPU.
+        dpu: String,
+        /// The counters.
+        counters: Counters,
+    },
+    /// The connection ended (it is retried).
+    Disconnected {
+        /// The DPU, if it had said hello.
+        dpu: Option<String>,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why one connection ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("framing: {0}")]
+    Frame(#[from] FrameError),
+    #[error("agent silent for {0:?}")]
+    Timeout(Duration),
+    #[error("agent closed the connection")]
+    Closed,
+    #[error("first message was not a hello")]
+    NoHello,
+    #[error("shutdown")]
+    Shutdown,
+    #[error("event consumer gone")]
+    NoConsumer,
+}
+
+/// What we know the DPU holds, across reconnects.
+#[derive(Debug, Default)]
+struct Known {
+    boot_id: Option<u64>,
+    epoch: u64,
+    /// The model of the last acknowledged batch.
+    acked: Option<(u64, Arc<Model>)>,
+}
+
+/// Runs the link to the agent at `addr` until `shutdown` turns true.
+pub async fn run(
+    addr: SocketAddr,
+    cfg: LinkConfig,
+    mut desired: watch::Receiver<Arc<Model>>,
+    events: mpsc::Sender<DpuEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut known = Known::default();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                let mut dpu = None;
+                let end = session(
+                    stream,
+                    cfg,
+                    &mut desired,
+                    &events,
+                    &mut shutdown,
+                    &mut known,
+                    &mut dpu,
+                )
+                .await;
+                match end {
+                    SessionEnd::Shutdown | SessionEnd::NoConsumer => return,
+                    other => {
+                        tracing::warn!(%addr, dpu = ?dpu, reason = %other, "DPU link ended");
+                        let _ = events
+                            .send(DpuEvent::Disconnected {
+                                dpu,
+                                reason: other.to_string(),
+                            })
+                            .await;
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(%addr, error = %e, "DPU agent not reachable"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.reconnect) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+async fn send(stream: &mut TcpStream, codec: &FrameCodec, m: &Message) -> Result<(), SessionEnd> {
+    let mut out = Vec::new();
+    codec.encode(m, &mut out)?;
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+struct InFlight {
+    epoch: u64,
+    full: bool,
+    model: Arc<Model>,
+}
+
+/// Sends the next batch if none is in flight and the DPU is behind.
+async fn next_batch(
+    stream: &mut TcpStream,
+    codec: &FrameCodec,
+    known: &mut Known,
+    desired: &Arc<Model>,
+    force_full: bool,
+) -> Result<Option<InFlight>, SessionEnd> {
+    let changes = match (&known.acked, force_full) {
+        (Some((_, acked)), false) => {
+            if Arc::ptr_eq(acked, desired) || **acked == **desired {
+                return Ok(None);
+            }
+            acked.changes_to(desired).map(|c| (false, c))
+        }
+        _ => None,
+    };
+    let (full, changes) = changes.unwrap_or_else(|| (true, desired.to_changes()));
+    known.epoch += 1;
+    let epoch = known.epoch;
+    tracing::info!(epoch, full, changes = changes.len(), "sending batch to DPU");
+    send(
+        stream,
+        codec,
+        &Message::Apply(Apply {
+            epoch,
+            full,
+            changes,
+        }),
+    )
+    .await?;
+    Ok(Some(InFlight {
+        epoch,
+        full,
+        model: desired.clone(),
+    }))
+}
+
+async fn session(
+    mut stream: TcpStream,
+    cfg: LinkConfig,
+    desired: &mut watch::Receiver<Arc<Model>>,
+    events: &mpsc::Sender<DpuEvent>,
+    shutdown: &mut watch::Receiver<bool>,
+    known: &mut Known,
+    dpu: &mut Option<String>,
+) -> SessionEnd {
+    match session_inner(&mut stream, cfg, desired, events, shutdown, known, dpu).await {
+        Ok(()) => SessionEnd::Shutdown,
+        Err(e) => e,
+    }
+}
+
+async fn session_inner(
+    stream: &mut TcpStream,
+    cfg: LinkConfig,
+    desired: &mut watch::Receiver<Arc<Model>>,
+    events: &mpsc::Sender<DpuEvent>,
+    shutdown: &mut watch::Receiver<bool>,
+    known: &mut Known,
+    dpu: &mut Option<String>,
+) -> Result<(), SessionEnd> {
+    stream.set_nodelay(true)?;
+    let codec = FrameCodec::default();
+    let mut reader = FrameReader::new(codec);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut last_rx = Instant::now();
+    let mut heartbeat = tokio::time::interval(cfg.heartbeat);
+    let mut seq = 0u64;
+
+    // The hello comes first.
+    let hello = loop {
+        if let Some(m) = reader.next::<Message>()? {
+            match m {
+                Message::Hello(h) => break h,
+                _ => return Err(SessionEnd::NoHello),
+            }
+        }
+        let n = tokio::time::timeout(cfg.timeout, stream.read(&mut buf))
+            .await
+            .map_err(|_| SessionEnd::Timeout(cfg.timeout))??;
+        if n == 0 {
+            return Err(SessionEnd::Closed);
+        }
+        reader.push(buf.get(..n).unwrap_or(&[]));
+    };
+    *dpu = Some(hello.dpu_id.clone());
+    let restarted = known.boot_id != Some(hello.boot_id)
+        || hello.last_epoch.is_none()
+        || hello.last_epoch != known.acked.as_ref().map(|(e, _)| *e);
+    if restarted {
+        known.acked = None;
+    }
+    known.boot_id = Some(hello.boot_id);
+    tracing::info!(dpu = %hello.dpu_id, version = %hello.agent_version, restarted, "DPU agent connected");
+    events
+        .send(DpuEvent::Connected {
+            hello: hello.clone(),
+            restarted,
+        })
+        .await
+        .map_err(|_| SessionEnd::NoConsumer)?;
+    let dpu_id = hello.dpu_id;
+
+    let current = desired.borrow_and_update().clone();
+    let mut in_flight = next_batch(stream, &codec, known, &current, false).await?;
+    loop {
+        // Decode everything buffered.
+        loop {
+            let m = match reader.next::<Message>() {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) if e.is_fatal() => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(dpu = %dpu_id, error = %e, "undecodable message skipped");
+                    continue;
+                }
+            };
+            match m {
+                Message::Ack(ack) => {
+                    let Some(f) = in_flight.take_if(|f| f.epoch == ack.epoch) else {
+                        tracing::debug!(epoch = ack.epoch, "ack for no batch in flight");
+                        continue;
+                    };
+                    known.acked = Some((f.epoch, f.model.clone()));
+                    events
+                        .send(DpuEvent::Acked {
+                            dpu: dpu_id.clone(),
+                            epoch: ack.epoch,
+                            full: f.full,
+                            status: ack.status,
+                        })
+                        .await
+                        .map_err(|_| SessionEnd::NoConsumer)?;
+                    let current = desired.borrow_and_update().clone();
+                    in_flight = next_batch(stream, &codec, known, &current, false).await?;
+                }
+                Message::Refused { epoch, error } => {
+                    let Some(f) = in_flight.take_if(|f| f.epoch == epoch) else {
+                        continue;
+                    };
+                    tracing::warn!(dpu = %dpu_id, epoch, full = f.full, %error, "DPU refused a batch");
+                    events
+                        .send(DpuEvent::Refused {
+                            dpu: dpu_id.clone(),
+                            epoch,
+                            full: f.full,
+                            error,
+                        })
+                        .await
+                        .map_err(|_| SessionEnd::NoConsumer)?;
+                    if !f.full {
+                        let current = desired.borrow_and_update().clone();
+                        in_flight = next_batch(stream, &codec, known, &current, true).await?;
+                    }
+                }
+                Message::Counters(counters) => {
+                    events
+                        .send(DpuEvent::Counters {
+                            dpu: dpu_id.clone(),
+                            counters,
+                        })
+                        .await
+                        .map_err(|_| SessionEnd::NoConsumer)?;
+                }
+                Message::Heartbeat { .. } => {}
+                Message::Hello(_) | Message::Apply(_) => {
+                    tracing::warn!(dpu = %dpu_id, "unexpected message from DPU ignored");
+                }
+            }
+        }
+        tokio::select! {
+            r = stream.read(&mut buf) => {
+                let n = r?;
+                if n == 0 {
+                    return Err(SessionEnd::Closed);
+                }
+                last_rx = Instant::now();
+                reader.push(buf.get(..n).unwrap_or(&[]));
+            }
+            r = desired.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                if in_flight.is_none() {
+                    let current = desired.borrow_and_update().clone();
+                    in_flight = next_batch(stream, &codec, known, &current, false).await?;
+                }
+            }
+            _ = heartbeat.tick() => {
+                if last_rx.elapsed() > cfg.timeout {
+                    return Err(SessionEnd::Timeout(cfg.timeout));
+                }
+                seq += 1;
+                send(stream, &codec, &Message::Heartbeat { seq }).await?;
+            }
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The host side of the DPU link against the real DPU agent's link server and agent state
+//! (in-process, over the reference NIC backend): first full sync, incremental batches, a DPU
+//! restart answered by a full resend, and refusals.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dpu_agent::agent::Agent;
+use dpu_agent::config::Role;
+use dpu_agent::link::{serve, Identity};
+use flow_offload::caps::{Caps, Profile};
+use flow_offload::model::{
+    Change, MacAddr, Model, Name, Nexthop, Node, ObjectKey, PortId, Prefix, Route, RouteKey,
+    TableId, Vni, Vpc, UNDERLAY_TABLE,
+};
+use flow_offload::program::RefNicTarget;
+use flow_offload::refnic::RefNic;
+use flow_offload::soft::pipeline::PipelineLimits;
+use flow_offload::status::OffloadStatus;
+use host_agent::dpu_link::{run, DpuEvent, LinkConfig};
+use tokio::sync::{mpsc, watch};
+
+/// A DPU agent (its real link server and state) on a thread, stopped on drop.
+struct Dpu {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Dpu {
+    fn start(addr: SocketAddr, boot_id: u64) -> Dpu {
+        let listener = TcpListener::bind(addr).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let caps = Caps::profile(Profile::Full);
+            let roles: BTreeMap<PortId, Role> = [(PortId(0), Role::Uplink), (PortId(1), Role::Vpc)]
+                .into_iter()
+                .collect();
+            let mut agent = Agent::new(caps.clone(), roles, PipelineLimits::default(), 1).unwrap();
+            let mut target = RefNicTarget::new(RefNic::new(caps.clone()));
+            let id = Identity {
+                dpu_id: "dpu-t".into(),
+                agent_version: "test".into(),
+                boot_id,
+                ports: vec![(PortId(0), caps.clone()), (PortId(1), caps)],
+            };
+            serve(&listener, &mut agent, &mut target, &id, &s).unwrap();
+        });
+        Dpu {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Dpu {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+fn route(prefix: &str) -> Change {
+    Change::UpsertRoute(Route {
+        key: RouteKey {
+            table: UNDERLAY_TABLE,
+            prefix: prefix.parse::<Prefix>().unwrap(),
+        },
+        nexthops: vec![Nexthop::Underlay {
+            gateway: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)),
+            port: PortId(0),
+            mac: MacAddr([2, 0, 0, 0, 0, 2]),
+        }],
+    })
+}
+
+fn model(changes: &[Change]) -> Arc<Model> {
+    let mut m = Model::new();
+    m.apply(changes).unwrap();
+    Arc::new(m)
+}
+
+fn base() -> Vec<Change> {
+    vec![
+        Change::SetNode(Node {
+            vtep: Ipv4Addr::new(192, 0, 2, 1),
+            router_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            uplinks: [PortId(0)].into_iter().collect(),
+        }),
+        Change::UpsertVpc(Vpc {
+            name: Name::new("blue").unwrap(),
+            vni: Vni::new(100).unwrap(),
+            table: TableId(10),
+            ports: [PortId(1)].into_iter().collect(),
+        }),
+        route("10.0.1.0/24"),
+        route("10.0.2.0/24"),
+    ]
+}
+
+async fn next(rx: &mut mpsc::Receiver<DpuEvent>) -> DpuEvent {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an event within 10 s")
+        .expect("link running")
+}
+
+/// The next event that is not a counter report.
+async fn next_state(rx: &mut mpsc::Receiver<DpuEvent>) -> DpuEvent {
+    loop {
+        match next(rx).await {
+            DpuEvent::Counters { .. } => continue,
+            e => return e,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_then_incremental_then_resend_after_restart() {
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dpu = Dpu::start(addr, 1);
+    let (desired_tx, desired_rx) = watch::channel(model(&base()));
+    let (ev_tx, mut ev) = mpsc::channel(64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let cfg = LinkConfig {
+        heartbeat: Duration::from_millis(200),
+        timeout: Duration::from_secs(3),
+        reconnect: Duration::from_millis(100),
+    };
+    let link = tokio::spawn(run(addr, cfg, desired_rx, ev_tx, stop_rx));
+
+    // First contact: the agent is empty, so the whole model goes.
+    match next_state(&mut ev).await {
+        DpuEvent::Connected { hello, restarted } => {
+            assert_eq!(hello.dpu_id, "dpu-t");
+            assert_eq!(hello.last_epoch, None);
+            assert!(restarted);
+        }
+        e => panic!("{e:?}"),
+    }
+    match next_state(&mut ev).await {
+        DpuEvent::Acked {
+            full,
+            status,
+            epoch,
+            ..
+        } => {
+            assert!(full);
+            assert_eq!(epoch, 1);
+            assert_eq!(status.len(), 4, "{status:?}");
+            assert!(
+                status.iter().all(|(_, s)| *s == OffloadStatus::Offloaded),
+                "{status:?}"
+            );
+        }
+        e => panic!("{e:?}"),
+    }
+
+    // One more route: only the difference goes.
+    let mut more = base();
+    more.push(route("10.0.3.0/24"));
+    desired_tx.send(model(&more)).unwrap();
+    match next_state(&mut ev).await {
+        DpuEvent::Acked { full, status, .. } => {
+            assert!(!full);
+            assert_eq!(status.len(), 1, "{status:?}");
+            assert!(matches!(status[0].0, ObjectKey::Route(_)));
+        }
+        e => panic!("{e:?}"),
+    }
+
+    // The agent restarts empty (new boot id): the host notices and resends everything.
+    drop(dpu);
+    let dpu = Dpu::start(addr, 2);
+    assert!(matches!(
+        next_state(&mut ev).await,
+        DpuEvent::Disconnected { .. }
+    ));
+    match next_state(&mut ev).await {
+        DpuEvent::Connected { restarted, hello } => {
+            assert!(restarted);
+            assert_eq!(hello.boot_id, 2);
+        }
+        e => panic!("{e:?}"),
+    }
+    match next_state(&mut ev).await {
+        DpuEvent::Acked { full, status, .. } => {
+            assert!(full);
+            assert_eq!(status.len(), 5);
+        }
+        e => panic!("{e:?}"),
+    }
+
+    // A desired model this DPU cannot take (a VPC on a port it does not have): the batch is
+    // refused, then the full one; the DPU keeps what it had.
+    let mut bad = more.clone();
+    bad.push(Change::UpsertVpc(Vpc {
+        name: Name::new("red").unwrap(),
+        vni: Vni::new(200).unwrap(),
+        table: TableId(20),
+        ports: [PortId(7)].into_iter().collect(),
+    }));
+    desired_tx.send(model(&bad)).unwrap();
+    match next_state(&mut ev).await {
+        DpuEvent::Refused { full, error, .. } => {
+            assert!(!full);
+            assert!(
+                error.to_string().contains("not a VPC-facing port"),
+                "{error}"
+            );
+        }
+        e => panic!("{e:?}"),
+    }
+    match next_state(&mut ev).await {
+        DpuEvent::Refused { full, .. } => assert!(full),
+        e => panic!("{e:?}"),
+    }
+    // Fixing the desired state converges again, incrementally from what the DPU acknowledged.
+    let mut fixed = more.clone();
+    fixed.push(route("10.0.4.0/24"));
+    desired_tx.send(model(&fixed)).unwrap();
+    match next_state(&mut ev).await {
+        DpuEvent::Acked { full, status, .. } => {
+            assert!(!full);
+            assert_eq!(status.len(), 1);
+        }
+        e => panic!("{e:?}"),
+    }
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), link)
+        .await
+        .expect("link stops on shutdown")
+        .unwrap();
+    drop(dpu);
+}
