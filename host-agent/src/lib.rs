@@ -3,3 +3,4 @@
 #![forbid(unsafe_code)]
 
 pub mod dpu_link;
+pub mod metrics;
