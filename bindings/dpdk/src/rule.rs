@@ -744,6 +744,40 @@ impl Flow<'_> {
         self.raw.as_ptr()
     }
 
+    /// Reads the rule's `COUNT` action: (packets, bytes) since creation (the counter is not
+    /// reset). The rule must carry a `COUNT` action; drivers answer ENOTSUP otherwise.
+    pub fn query_count(&self) -> Result<(u64, u64), FlowRefusal> {
+        let action = sys::rte_flow_action {
+            type_: sys::RTE_FLOW_ACTION_TYPE_COUNT,
+            conf: ptr::null(),
+        };
+        let mut data = sys::rte_flow_query_count::default();
+        let mut err = sys::rte_flow_error {
+            type_: sys::RTE_FLOW_ERROR_TYPE_NONE,
+            cause: ptr::null(),
+            message: ptr::null(),
+        };
+        // SAFETY: `raw` is a live rule of this open port; `action`, `data` and `err`
+        // live across the call; COUNT's query data is an rte_flow_query_count.
+        let ret = unsafe {
+            sys::rte_flow_query(
+                self.port_id,
+                self.raw.as_ptr(),
+                &action,
+                (&mut data as *mut sys::rte_flow_query_count).cast(),
+                &mut err,
+            )
+        };
+        if ret < 0 {
+            return Err(refusal(
+                ret,
+                &err,
+                classify_cause(err.type_, err.cause, &[], &[]),
+            ));
+        }
+        Ok((data.hits, data.bytes))
+    }
+
     /// Destroy now, reporting the driver's error (drop ignores it).
     pub fn destroy(self) -> Result<(), FlowRefusal> {
         let r = self.destroy_raw();

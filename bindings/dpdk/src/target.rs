@@ -119,6 +119,12 @@ impl<'a> DpdkTarget<'a> {
         self.flows.len()
     }
 
+    /// The (packets, bytes) of an installed rule with a `COUNT` action (`rte_flow_query`);
+    /// `None` when the rule is not installed or the driver cannot say.
+    pub fn query_count(&self, id: &RuleId) -> Option<(u64, u64)> {
+        self.flows.get(id)?.query_count().ok()
+    }
+
     /// Destroys every rule, then every meter (shutdown), reporting what the driver refused.
     pub fn clear(&mut self) -> Vec<String> {
         let mut errors = Vec::new();
