@@ -64,6 +64,10 @@ fn main() {
         // members): keep them as opaque byte blobs.
         .opaque_type("rte_l2tpv2_combined_msg_hdr")
         .opaque_type("rte_gtp_psc_generic_hdr")
+        // DPDK 24.11 aligns rte_ether_addr (2 bytes), which Rust cannot put in the packed ARP
+        // headers; nothing here reads ARP headers through DPDK's structs.
+        .opaque_type("rte_arp_ipv4")
+        .opaque_type("rte_arp_hdr")
         .prepend_enum_name(false)
         .derive_default(true)
         .derive_debug(true)
@@ -74,6 +78,19 @@ fn main() {
         .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
         .generate()
         .unwrap_or_else(|e| fail(&format!("bindgen failed on csrc/wrapper.h: {e}")));
+    // DPDK 24.07+ replaced rte_mbuf's zero-length marker fields with anonymous unions, which
+    // moves the fast-path fields one or two levels down in the generated struct; `mbuf`
+    // accessors in lib.rs pick the right path.
+    let text = bindings.to_string();
+    println!("cargo::rustc-check-cfg=cfg(dpdk_mbuf_unions)");
+    if text.contains("pub rearm_data: [u64; 1usize]") {
+        println!("cargo:rustc-cfg=dpdk_mbuf_unions");
+    }
+    // DPDK 24.11 wraps IPv6 addresses in `struct rte_ipv6_addr`.
+    println!("cargo::rustc-check-cfg=cfg(dpdk_ipv6_addr_struct)");
+    if text.contains("pub struct rte_ipv6_addr {") {
+        println!("cargo:rustc-cfg=dpdk_ipv6_addr_struct");
+    }
     if let Err(e) = bindings.write_to_file(out.join("bindings.rs")) {
         fail(&format!("cannot write bindings.rs: {e}"));
     }

@@ -26,6 +26,7 @@
     non_snake_case,
     dead_code,
     improper_ctypes,
+    unnecessary_transmutes,
     unsafe_op_in_unsafe_fn,
     missing_debug_implementations,
     clippy::all,
@@ -38,3 +39,76 @@ mod generated {
 }
 
 pub use generated::*;
+
+/// An IPv6 address as DPDK's headers and actions hold it: `uint8_t[16]` up to 24.07,
+/// `struct rte_ipv6_addr` from 24.11.
+#[cfg(not(dpdk_ipv6_addr_struct))]
+pub type Ipv6Bytes = [u8; 16];
+/// An IPv6 address as DPDK's headers and actions hold it: `uint8_t[16]` up to 24.07,
+/// `struct rte_ipv6_addr` from 24.11.
+#[cfg(dpdk_ipv6_addr_struct)]
+pub type Ipv6Bytes = rte_ipv6_addr;
+
+/// [`Ipv6Bytes`] from octets.
+#[inline(always)]
+pub fn ipv6_bytes(octets: [u8; 16]) -> Ipv6Bytes {
+    #[cfg(dpdk_ipv6_addr_struct)]
+    {
+        rte_ipv6_addr { a: octets }
+    }
+    #[cfg(not(dpdk_ipv6_addr_struct))]
+    {
+        octets
+    }
+}
+
+/// Pointers to the `rte_mbuf` fields the fast path touches, wherever the DPDK version puts them
+/// (22.11: plain fields; 24.07+: inside anonymous unions). No call, no copy.
+///
+/// # Safety
+/// Every function requires `m` to point at a valid `rte_mbuf`; the returned pointer is valid
+/// as long as the mbuf is.
+pub mod mbuf {
+    use super::rte_mbuf;
+    use core::ptr::addr_of_mut;
+
+    macro_rules! field {
+        ($(#[$doc:meta])* $name:ident: $ty:ty, old: $($old:ident).+, new: $($new:ident).+) => {
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// `m` must point at a valid `rte_mbuf`.
+            #[inline(always)]
+            pub unsafe fn $name(m: *mut rte_mbuf) -> *mut $ty {
+                #[cfg(not(dpdk_mbuf_unions))]
+                // SAFETY: the caller guarantees `m` is valid; no reference is created.
+                unsafe {
+                    addr_of_mut!((*m).$($old).+)
+                }
+                #[cfg(dpdk_mbuf_unions)]
+                // SAFETY: as above; union fields are reached by place, not read.
+                unsafe {
+                    addr_of_mut!((*m).$($new).+)
+                }
+            }
+        };
+    }
+
+    field!(/// `data_off`.
+        data_off: u16, old: data_off, new: __bindgen_anon_1.__bindgen_anon_1.data_off);
+    field!(/// `refcnt`.
+        refcnt: u16, old: refcnt, new: __bindgen_anon_1.__bindgen_anon_1.refcnt);
+    field!(/// `nb_segs`.
+        nb_segs: u16, old: nb_segs, new: __bindgen_anon_1.__bindgen_anon_1.nb_segs);
+    field!(/// `port`.
+        port: u16, old: port, new: __bindgen_anon_1.__bindgen_anon_1.port);
+    field!(/// `pkt_len`.
+        pkt_len: u32, old: pkt_len, new: __bindgen_anon_2.__bindgen_anon_1.pkt_len);
+    field!(/// `data_len`.
+        data_len: u16, old: data_len, new: __bindgen_anon_2.__bindgen_anon_1.data_len);
+    field!(/// `buf_len`.
+        buf_len: u16, old: buf_len, new: __bindgen_anon_2.__bindgen_anon_1.buf_len);
+    field!(/// `hash.fdir.hi` (the MARK value when `RTE_MBUF_F_RX_FDIR_ID` is set).
+        fdir_hi: u32, old: __bindgen_anon_2.hash.fdir.hi,
+        new: __bindgen_anon_2.__bindgen_anon_1.__bindgen_anon_2.hash.fdir.hi);
+}

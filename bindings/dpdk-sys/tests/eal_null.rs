@@ -140,7 +140,13 @@ fn eal_null_port_burst_and_flow_validate() {
     for (i, &m) in pkts.iter().enumerate() {
         assert!(!m.is_null(), "rx mbuf {i} is NULL");
         // SAFETY: the PMD returned nb_rx valid mbufs, owned by us until freed/sent.
-        let (pkt_len, data_len, mp) = unsafe { ((*m).pkt_len, (*m).data_len, (*m).pool) };
+        let (pkt_len, data_len, mp) = unsafe {
+            (
+                *dpdk_sys::mbuf::pkt_len(m),
+                *dpdk_sys::mbuf::data_len(m),
+                (*m).pool,
+            )
+        };
         assert_eq!(pkt_len, 64, "net_null default packet size");
         assert_eq!(u32::from(data_len), pkt_len);
         assert_eq!(mp, pool, "rx mbufs come from our pool");
@@ -160,7 +166,7 @@ fn eal_null_port_burst_and_flow_validate() {
     let m = unsafe { sys::rte_pktmbuf_alloc(pool) };
     assert!(!m.is_null(), "rte_pktmbuf_alloc");
     // SAFETY: freshly allocated mbuf.
-    let (pkt_len, refcnt) = unsafe { ((*m).pkt_len, (*m).refcnt) };
+    let (pkt_len, refcnt) = unsafe { (*dpdk_sys::mbuf::pkt_len(m), *dpdk_sys::mbuf::refcnt(m)) };
     assert_eq!((pkt_len, refcnt), (0, 1));
     // SAFETY: `m` is ours and not used afterwards.
     unsafe { sys::rte_pktmbuf_free(m) };

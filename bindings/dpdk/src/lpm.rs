@@ -153,16 +153,18 @@ impl<'eal> RteFib<'eal> {
     ) -> Result<Self, TableError> {
         let cname = CString::new(name).map_err(|_| TableError::BadName)?;
         let max_routes = c_int::try_from(max_routes).map_err(|_| TableError::TooLarge)?;
-        let mut conf = sys::rte_fib_conf {
-            type_: sys::RTE_FIB_DIR24_8,
-            default_nh,
-            max_routes,
-            rib_ext_sz: 0,
-            __bindgen_anon_1: sys::rte_fib_conf__bindgen_ty_1 {
-                dir24_8: sys::rte_fib_conf__bindgen_ty_1__bindgen_ty_1 {
-                    nh_sz: sys::RTE_FIB_DIR24_8_4B,
-                    num_tbl8,
-                },
+        // Field by field on a zeroed struct: DPDK 24.11 added `flags` (0 = defaults).
+        // SAFETY: rte_fib_conf is plain integers and a union of integer structs, for
+        // which all-zero is valid.
+        let mut conf: sys::rte_fib_conf = unsafe { std::mem::zeroed() };
+        conf.type_ = sys::RTE_FIB_DIR24_8;
+        conf.default_nh = default_nh;
+        conf.max_routes = max_routes;
+        conf.rib_ext_sz = 0;
+        conf.__bindgen_anon_1 = sys::rte_fib_conf__bindgen_ty_1 {
+            dir24_8: sys::rte_fib_conf__bindgen_ty_1__bindgen_ty_1 {
+                nh_sz: sys::RTE_FIB_DIR24_8_4B,
+                num_tbl8,
             },
         };
         // SAFETY: EAL is initialised (borrowed `_eal`); `cname` and `conf`

@@ -129,19 +129,19 @@ impl<'pool> Mbuf<'pool> {
     /// Total packet length over all segments.
     pub fn pkt_len(&self) -> u32 {
         // SAFETY: we own a valid mbuf.
-        unsafe { (*self.raw.as_ptr()).pkt_len }
+        unsafe { *sys::mbuf::pkt_len(self.raw.as_ptr()) }
     }
 
     /// Data length of this (first) segment.
     pub fn data_len(&self) -> u16 {
         // SAFETY: we own a valid mbuf.
-        unsafe { (*self.raw.as_ptr()).data_len }
+        unsafe { *sys::mbuf::data_len(self.raw.as_ptr()) }
     }
 
     /// Port the packet arrived on.
     pub fn port(&self) -> u16 {
         // SAFETY: we own a valid mbuf.
-        unsafe { (*self.raw.as_ptr()).port }
+        unsafe { *sys::mbuf::port(self.raw.as_ptr()) }
     }
 
     /// The first segment's data.
@@ -150,15 +150,18 @@ impl<'pool> Mbuf<'pool> {
         // SAFETY: we own a valid mbuf; buf_addr + data_off points at
         // data_len initialised bytes inside its buffer (DPDK's rte_pktmbuf_mtod).
         unsafe {
-            let base = (*m).buf_addr.cast::<u8>().add(usize::from((*m).data_off));
-            std::slice::from_raw_parts(base, usize::from((*m).data_len))
+            let base = (*m)
+                .buf_addr
+                .cast::<u8>()
+                .add(usize::from(*sys::mbuf::data_off(m)));
+            std::slice::from_raw_parts(base, usize::from(*sys::mbuf::data_len(m)))
         }
     }
 
     /// Number of segments.
     pub fn segments(&self) -> u16 {
         // SAFETY: we own a valid mbuf.
-        unsafe { (*self.raw.as_ptr()).nb_segs }
+        unsafe { *sys::mbuf::nb_segs(self.raw.as_ptr()) }
     }
 
     /// The 32-bit mark a `MARK` rte_flow action attached on receive, if any.
@@ -171,7 +174,7 @@ impl<'pool> Mbuf<'pool> {
         }
         // SAFETY: with RTE_MBUF_F_RX_FDIR_ID set the driver stored the mark in
         // hash.fdir.hi (the union's active member).
-        Some(unsafe { (*m).__bindgen_anon_2.hash.fdir.hi })
+        Some(unsafe { *sys::mbuf::fdir_hi(m) })
     }
 
     /// The first segment's data, writable.
@@ -180,8 +183,11 @@ impl<'pool> Mbuf<'pool> {
         // SAFETY: as in `data`; `&mut self` makes the bytes exclusive (we own the
         // mbuf and hand out no other reference to its buffer).
         unsafe {
-            let base = (*m).buf_addr.cast::<u8>().add(usize::from((*m).data_off));
-            std::slice::from_raw_parts_mut(base, usize::from((*m).data_len))
+            let base = (*m)
+                .buf_addr
+                .cast::<u8>()
+                .add(usize::from(*sys::mbuf::data_off(m)));
+            std::slice::from_raw_parts_mut(base, usize::from(*sys::mbuf::data_len(m)))
         }
     }
 
@@ -221,12 +227,12 @@ impl flow_offload::soft::pipeline::PacketBuf for Mbuf<'_> {
         // SAFETY: we own a valid mbuf; only plain length fields change, and only
         // within the buffer (n <= data_off, the headroom).
         unsafe {
-            if (*m).nb_segs != 1 || n > (*m).data_off {
+            if (*sys::mbuf::nb_segs(m)) != 1 || n > (*sys::mbuf::data_off(m)) {
                 return false;
             }
-            (*m).data_off -= n;
-            (*m).data_len += n;
-            (*m).pkt_len += u32::from(n);
+            (*sys::mbuf::data_off(m)) -= n;
+            (*sys::mbuf::data_len(m)) += n;
+            (*sys::mbuf::pkt_len(m)) += u32::from(n);
         }
         true
     }
@@ -238,12 +244,12 @@ impl flow_offload::soft::pipeline::PacketBuf for Mbuf<'_> {
         };
         // SAFETY: we own a valid mbuf; n <= data_len keeps data inside the buffer.
         unsafe {
-            if (*m).nb_segs != 1 || n > (*m).data_len {
+            if (*sys::mbuf::nb_segs(m)) != 1 || n > (*sys::mbuf::data_len(m)) {
                 return false;
             }
-            (*m).data_off += n;
-            (*m).data_len -= n;
-            (*m).pkt_len -= u32::from(n);
+            (*sys::mbuf::data_off(m)) += n;
+            (*sys::mbuf::data_len(m)) -= n;
+            (*sys::mbuf::pkt_len(m)) -= u32::from(n);
         }
         true
     }
@@ -256,13 +262,14 @@ impl flow_offload::soft::pipeline::PacketBuf for Mbuf<'_> {
         // SAFETY: we own a valid mbuf; data_off + len <= buf_len keeps the frame
         // inside the buffer.
         unsafe {
-            if (*m).nb_segs != 1
-                || u32::from((*m).data_off) + u32::from(len) > u32::from((*m).buf_len)
+            if (*sys::mbuf::nb_segs(m)) != 1
+                || u32::from(*sys::mbuf::data_off(m)) + u32::from(len)
+                    > u32::from(*sys::mbuf::buf_len(m))
             {
                 return false;
             }
-            (*m).data_len = len;
-            (*m).pkt_len = u32::from(len);
+            (*sys::mbuf::data_len(m)) = len;
+            (*sys::mbuf::pkt_len(m)) = u32::from(len);
         }
         true
     }

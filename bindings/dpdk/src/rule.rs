@@ -198,8 +198,8 @@ fn ipv4_conv(f: &ir::Ipv4Fields) -> sys::rte_flow_item_ipv4 {
 
 fn ipv6_conv(f: &ir::Ipv6Fields) -> sys::rte_flow_item_ipv6 {
     let mut v = sys::rte_flow_item_ipv6::default();
-    v.hdr.src_addr = f.src.octets();
-    v.hdr.dst_addr = f.dst.octets();
+    v.hdr.src_addr = sys::ipv6_bytes(f.src.octets());
+    v.hdr.dst_addr = sys::ipv6_bytes(f.dst.octets());
     v.hdr.proto = f.next_header;
     v
 }
@@ -429,7 +429,7 @@ impl FlowSpec {
                     let i = push(
                         &mut s.set_ipv6,
                         sys::rte_flow_action_set_ipv6 {
-                            ipv6_addr: a.octets(),
+                            ipv6_addr: sys::ipv6_bytes(a.octets()),
                         },
                     );
                     ActionSlot::SetIpv6(ty, i)
