@@ -183,15 +183,31 @@ async fn create_of_existing_object_is_refused() {
     let etcd = Etcd::start().await;
     let store = etcd.store().await;
     store
-        .write(&[Guarded::create(Change::UpsertVpc(vpc("blue", 100, 10, &[])))])
+        .write(&[Guarded::create(Change::UpsertVpc(vpc(
+            "blue",
+            100,
+            10,
+            &[],
+        )))])
         .await
         .unwrap();
     let err = store
-        .write(&[Guarded::create(Change::UpsertVpc(vpc("blue", 200, 20, &[])))])
+        .write(&[Guarded::create(Change::UpsertVpc(vpc(
+            "blue",
+            200,
+            20,
+            &[],
+        )))])
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::AlreadyExists { object: ObjectKey::Vpc(ref n) } if n.as_str() == "blue"), "{err}");
-    assert_eq!(store.load().await.unwrap().0.vpcs()[&name("blue")].table, TableId(10));
+    assert!(
+        matches!(err, StoreError::AlreadyExists { object: ObjectKey::Vpc(ref n) } if n.as_str() == "blue"),
+        "{err}"
+    );
+    assert_eq!(
+        store.load().await.unwrap().0.vpcs()[&name("blue")].table,
+        TableId(10)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +263,10 @@ async fn batch_is_atomic() {
     ];
     let err = store.apply(&bad).await.unwrap_err();
     assert!(
-        matches!(err, StoreError::Invalid(ModelError::InBatch { index: 2, .. })),
+        matches!(
+            err,
+            StoreError::Invalid(ModelError::InBatch { index: 2, .. })
+        ),
         "{err}"
     );
     assert_eq!(key_count(&store).await, before);
@@ -316,10 +335,7 @@ async fn compaction_forces_resync_with_correct_diff() {
         .await
         .unwrap();
     let (base, rev0) = store.load().await.unwrap();
-    store
-        .apply(&[Change::DeleteVpc(name("b"))])
-        .await
-        .unwrap();
+    store.apply(&[Change::DeleteVpc(name("b"))]).await.unwrap();
     store
         .apply(&[Change::UpsertVpc(vpc("a", 100, 10, &[1, 4]))])
         .await
@@ -367,10 +383,7 @@ async fn compaction_via_client_while_watching_from_old_revision() {
         .apply(&[Change::UpsertVpc(vpc("a", 100, 10, &[]))])
         .await
         .unwrap();
-    let last = store
-        .apply(&[Change::DeleteVpc(name("a"))])
-        .await
-        .unwrap();
+    let last = store.apply(&[Change::DeleteVpc(name("a"))]).await.unwrap();
     store
         .client()
         .compact(last, Some(CompactionOptions::new().with_physical()))
@@ -475,10 +488,18 @@ async fn lease_expiry_marks_dpu_dead() {
             assert_eq!(dpus[0].record, rec);
             break;
         }
-        assert!(Instant::now() < deadline, "lease did not expire within 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "lease did not expire within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(store.status(Some(&name("dpu0"))).await.unwrap().0.is_empty());
+    assert!(store
+        .status(Some(&name("dpu0")))
+        .await
+        .unwrap()
+        .0
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,7 +538,10 @@ async fn status_put_list_and_watch() {
         .put_status(&d, &[(route_key.clone(), sw.clone())], None)
         .await
         .unwrap();
-    store.clear_status(&d, &[vpc_key.clone()]).await.unwrap();
+    store
+        .clear_status(&d, std::slice::from_ref(&vpc_key))
+        .await
+        .unwrap();
 
     let (list, _) = store.status(Some(&d)).await.unwrap();
     assert_eq!(list.len(), 1);
@@ -535,7 +559,10 @@ async fn status_put_list_and_watch() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert!(matches!(first, StatusChange::Set { ref entry, .. } if entry.object == route_key && entry.status == sw), "{first:?}");
+    assert!(
+        matches!(first, StatusChange::Set { ref entry, .. } if entry.object == route_key && entry.status == sw),
+        "{first:?}"
+    );
     let second = tokio::time::timeout(Duration::from_secs(30), w.next())
         .await
         .unwrap()

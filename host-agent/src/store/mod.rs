@@ -21,9 +21,7 @@ use std::time::Duration;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse,
 };
-use flow_offload::model::{
-    Change, Meter, Model, ModelError, NatRule, Node, ObjectKey, Route, Vpc,
-};
+use flow_offload::model::{Change, Meter, Model, ModelError, NatRule, Node, ObjectKey, Route, Vpc};
 use serde::{Deserialize, Serialize};
 
 pub use dpu::{DpuInfo, DpuLease, DpuRecord, PortCaps};
@@ -561,10 +559,7 @@ pub fn objects_of(model: &Model) -> BTreeMap<ObjectKey, Object> {
 
 /// The changes that turn `old` into `new` (set difference), in an order [`Model::apply`]
 /// accepts: deletes of dependents first, then upserts in dependency order.
-pub fn diff(
-    old: &BTreeMap<ObjectKey, Object>,
-    new: &BTreeMap<ObjectKey, Object>,
-) -> Vec<Change> {
+pub fn diff(old: &BTreeMap<ObjectKey, Object>, new: &BTreeMap<ObjectKey, Object>) -> Vec<Change> {
     let mut deletes: Vec<&ObjectKey> = old.keys().filter(|k| !new.contains_key(*k)).collect();
     deletes.sort_by_key(|k| 4 - keys::rank(k));
     let mut upserts: Vec<&Object> = new

@@ -85,11 +85,8 @@ async fn run(store: Store, mut state: BTreeMap<ObjectKey, Object>, mut rev: i64,
         loop {
             match store.snapshot().await {
                 Ok(snap) => {
-                    let new: BTreeMap<ObjectKey, Object> = snap
-                        .objects
-                        .into_iter()
-                        .map(|(k, (o, _))| (k, o))
-                        .collect();
+                    let new: BTreeMap<ObjectKey, Object> =
+                        snap.objects.into_iter().map(|(k, (o, _))| (k, o)).collect();
                     let changes = diff(&state, &new);
                     state = new;
                     rev = snap.revision;

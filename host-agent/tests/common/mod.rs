@@ -97,7 +97,9 @@ impl Etcd {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e} (apt install etcd-server)", etcd_bin()));
+            .unwrap_or_else(|e| {
+                panic!("cannot start {}: {e} (apt install etcd-server)", etcd_bin())
+            });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
