@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("dpucp_v1_descriptor.bin"))
+        // dpuctl --json prints the API's own messages.
+        .type_attribute(".dpucp.v1", "#[derive(serde::Serialize)]")
+        .type_attribute(".dpucp.v1", "#[serde(rename_all = \"snake_case\")]")
         .compile_protos(&protos, &["proto"])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
