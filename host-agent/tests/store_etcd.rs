@@ -570,3 +570,29 @@ async fn status_put_list_and_watch() {
         .unwrap();
     assert!(matches!(second, StatusChange::Removed { ref object, .. } if *object == vpc_key));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_without_etcd_is_lazy_and_requests_fail_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = host_agent::store::StoreConfig {
+        endpoints: vec![format!("http://127.0.0.1:{port}")],
+        timeout: Duration::from_secs(1),
+    };
+    // The daemon must come up without etcd; the outer bound only keeps a broken test finite.
+    let store = tokio::time::timeout(Duration::from_secs(15), Store::connect(&cfg))
+        .await
+        .expect("connect did not return")
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(15), store.load())
+        .await
+        .expect("load did not return");
+    assert!(
+        matches!(res, Err(StoreError::Unavailable { .. })),
+        "{res:?}"
+    );
+    assert_eq!(store.last_model(), None);
+}

@@ -252,7 +252,8 @@ struct Ctx {
 impl Ctx {
     fn refused(&self, s: Status) -> CliError {
         // A transport failure after connecting (agent stopped mid-call) is not the agent's answer.
-        if s.code() == Code::Unavailable && s.message().contains("transport") {
+        // Statuses the agent sent carry no source; client-side transport failures do.
+        if s.code() == Code::Unavailable && std::error::Error::source(&s).is_some() {
             return CliError::Gone {
                 url: self.url.clone(),
                 message: s.message().to_owned(),
