@@ -596,3 +596,45 @@ async fn connect_without_etcd_is_lazy_and_requests_fail_unavailable() {
     );
     assert_eq!(store.last_model(), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_batch_applies_change_by_change() {
+    use flow_offload::model::{Meter, MeterProfile, MeterTarget};
+    let etcd = Etcd::start().await;
+    let store = etcd.store().await;
+    let r = blackhole(10, "10.0.0.0/8");
+    let meter = |target| Meter {
+        name: name("m"),
+        profile: MeterProfile::SrTcm {
+            cir: 1000,
+            cbs: 2000,
+            ebs: 2000,
+        },
+        target,
+    };
+    store
+        .apply(&[
+            Change::UpsertVpc(vpc("a", 100, 10, &[])),
+            Change::UpsertRoute(r.clone()),
+            Change::UpsertMeter(meter(MeterTarget::Route(r.key))),
+        ])
+        .await
+        .unwrap();
+    let (mut mirror, rev) = store.load().await.unwrap();
+    let mut w = store.watch(&mirror, rev);
+    // Move the meter off the route and delete the route, in one batch.
+    let wrote = store
+        .apply(&[
+            Change::UpsertMeter(meter(MeterTarget::Vpc(name("a")))),
+            Change::DeleteRoute(r.key),
+        ])
+        .await
+        .unwrap();
+    let u = next_update(&mut w).await;
+    assert_eq!(u.revision, wrote);
+    // A consumer applying each event on its own stays valid all the way.
+    for c in &u.changes {
+        mirror.apply(std::slice::from_ref(c)).unwrap();
+    }
+    assert_eq!(mirror, store.load().await.unwrap().0);
+}

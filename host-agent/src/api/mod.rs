@@ -189,16 +189,21 @@ pub async fn serve_on(
     health
         .set_serving::<DpuServiceServer<services::Api>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1 and v1alpha: grpcurl and older clients still ask v1alpha.
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "management API listening");
     }
     tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(VpcServiceServer::new(api.clone()))
         .add_service(RouteServiceServer::new(api.clone()))
         .add_service(NatServiceServer::new(api.clone()))

@@ -455,6 +455,7 @@ impl Store {
                 None => (0u8, 4 - keys::rank(k)),
                 Some(_) => (1, keys::rank(k)),
             });
+            let effects = applicable_order(&snap.model, effects);
 
             let mut compares = vec![Compare::mod_revision(
                 keys::GENERATION,
@@ -557,8 +558,40 @@ pub fn objects_of(model: &Model) -> BTreeMap<ObjectKey, Object> {
     out
 }
 
+/// Reorders final effects so that applying them one by one to `base` succeeds at every step
+/// (etcd delivers a transaction's events in operation order, and consumers apply them in that
+/// order). Greedy: take the first effect that applies; `Model::apply` changes nothing on
+/// failure, so no copies are needed. Effects that never apply keep their canonical order at the
+/// end (only possible for states `base` cannot reach one change at a time).
+fn applicable_order(
+    base: &Model,
+    effects: Vec<(ObjectKey, Option<Object>)>,
+) -> Vec<(ObjectKey, Option<Object>)> {
+    let change = |(k, o): &(ObjectKey, Option<Object>)| match o {
+        Some(o) => Some(o.upsert()),
+        None => Object::delete(k),
+    };
+    let mut cur = base.clone();
+    let mut pending = effects;
+    let mut out = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let next = pending
+            .iter()
+            .position(|e| change(e).is_none_or(|c| cur.apply(core::slice::from_ref(&c)).is_ok()));
+        match next {
+            Some(i) => out.push(pending.remove(i)),
+            None => {
+                out.append(&mut pending);
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// The changes that turn `old` into `new` (set difference), in an order [`Model::apply`]
-/// accepts: deletes of dependents first, then upserts in dependency order.
+/// accepts one change at a time: deletes of dependents first, then upserts in dependency
+/// order, then reordered where a particular dependency needs it (see `applicable_order`).
 pub fn diff(old: &BTreeMap<ObjectKey, Object>, new: &BTreeMap<ObjectKey, Object>) -> Vec<Change> {
     let mut deletes: Vec<&ObjectKey> = old.keys().filter(|k| !new.contains_key(*k)).collect();
     deletes.sort_by_key(|k| 4 - keys::rank(k));
@@ -568,9 +601,99 @@ pub fn diff(old: &BTreeMap<ObjectKey, Object>, new: &BTreeMap<ObjectKey, Object>
         .map(|(_, o)| o)
         .collect();
     upserts.sort_by_key(|o| keys::rank(&o.key()));
-    deletes
+    let effects: Vec<(ObjectKey, Option<Object>)> = deletes
         .into_iter()
-        .filter_map(Object::delete)
-        .chain(upserts.into_iter().map(Object::upsert))
+        .map(|k| (k.clone(), None))
+        .chain(upserts.into_iter().map(|o| (o.key(), Some(o.clone()))))
+        .collect();
+    let mut changes: Vec<Change> = old.values().map(Object::upsert).collect();
+    changes.sort_by_key(|c| keys::rank(&c.object()));
+    let mut base = Model::new();
+    let effects = if base.apply(&changes).is_ok() {
+        applicable_order(&base, effects)
+    } else {
+        effects
+    };
+    effects
+        .into_iter()
+        .filter_map(|(k, o)| match o {
+            Some(o) => Some(o.upsert()),
+            None => Object::delete(&k),
+        })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use flow_offload::model::{
+        MeterProfile, MeterTarget, Name, Nexthop, Prefix, RouteKey, TableId, Vni,
+    };
+
+    fn vpc(n: &str, vni: u32, table: u32) -> Vpc {
+        Vpc {
+            name: Name::new(n).unwrap(),
+            vni: Vni::new(vni).unwrap(),
+            table: TableId(table),
+            ports: Default::default(),
+        }
+    }
+
+    fn route(table: u32, p: &str) -> Route {
+        Route {
+            key: RouteKey {
+                table: TableId(table),
+                prefix: p.parse::<Prefix>().unwrap(),
+            },
+            nexthops: vec![Nexthop::Blackhole],
+        }
+    }
+
+    fn meter(target: MeterTarget) -> Meter {
+        Meter {
+            name: Name::new("m").unwrap(),
+            profile: MeterProfile::SrTcm {
+                cir: 1000,
+                cbs: 2000,
+                ebs: 2000,
+            },
+            target,
+        }
+    }
+
+    /// Unit test on in-memory maps: a meter moved off a route that is deleted in the same
+    /// step must be moved first, against the canonical deletes-first order.
+    #[test]
+    fn diff_orders_retarget_before_delete() {
+        let r = route(10, "10.0.0.0/8");
+        let mut m = Model::new();
+        let old_changes = vec![
+            Change::UpsertVpc(vpc("a", 100, 10)),
+            Change::UpsertRoute(r.clone()),
+            Change::UpsertMeter(meter(MeterTarget::Route(r.key))),
+        ];
+        m.apply(&old_changes).unwrap();
+        let old = objects_of(&m);
+        let mut want = m.clone();
+        want.apply(&[
+            Change::UpsertMeter(meter(MeterTarget::Vpc(Name::new("a").unwrap()))),
+            Change::DeleteRoute(r.key),
+        ])
+        .unwrap();
+        let new = objects_of(&want);
+        let changes = diff(&old, &new);
+        let mut got = m.clone();
+        for c in &changes {
+            got.apply(core::slice::from_ref(c)).unwrap();
+        }
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn diff_is_empty_for_equal_states() {
+        let mut m = Model::new();
+        m.apply(&[Change::UpsertVpc(vpc("a", 100, 10))]).unwrap();
+        assert!(diff(&objects_of(&m), &objects_of(&m)).is_empty());
+    }
 }
