@@ -581,6 +581,7 @@ async fn connect_without_etcd_is_lazy_and_requests_fail_unavailable() {
     let cfg = host_agent::store::StoreConfig {
         endpoints: vec![format!("http://127.0.0.1:{port}")],
         timeout: Duration::from_secs(1),
+        max_txn_ops: 128,
     };
     // The daemon must come up without etcd; the outer bound only keeps a broken test finite.
     let store = tokio::time::timeout(Duration::from_secs(15), Store::connect(&cfg))
@@ -637,4 +638,44 @@ async fn watched_batch_applies_change_by_change() {
         mirror.apply(std::slice::from_ref(c)).unwrap();
     }
     assert_eq!(mirror, store.load().await.unwrap().0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_beyond_one_transaction_is_refused_whole() {
+    let etcd = Etcd::start().await;
+    let store = etcd.store().await;
+    store
+        .apply(&[Change::UpsertVpc(vpc("a", 100, 10, &[]))])
+        .await
+        .unwrap();
+    let routes = |n: u32| -> Vec<Change> {
+        (0..n)
+            .map(|k| {
+                Change::UpsertRoute(Route {
+                    key: RouteKey {
+                        table: TableId(10),
+                        prefix: Prefix::v4(std::net::Ipv4Addr::from(0x0a00_0000 + (k << 8)), 24)
+                            .unwrap(),
+                    },
+                    nexthops: vec![Nexthop::Blackhole],
+                })
+            })
+            .collect()
+    };
+    let before = key_count(&store).await;
+    let err = store.apply(&routes(200)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::BatchTooLarge {
+                objects: 200,
+                max: 127
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(key_count(&store).await, before);
+    // The largest batch etcd's default --max-txn-ops accepts.
+    store.apply(&routes(127)).await.unwrap();
+    assert_eq!(store.load().await.unwrap().0.routes().len(), 127);
 }

@@ -120,7 +120,10 @@ pub fn store_status(e: &StoreError) -> Status {
         StoreError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
         StoreError::NotFound { .. } => Status::not_found(e.to_string()),
         StoreError::Unavailable { .. } => Status::unavailable(e.to_string()),
-        StoreError::Corrupt { .. } | StoreError::Inconsistent(_) => Status::internal(e.to_string()),
+        StoreError::BatchTooLarge { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::Corrupt { .. } | StoreError::Inconsistent(_) | StoreError::Rejected { .. } => {
+            Status::internal(e.to_string())
+        }
     }
 }
 

@@ -76,6 +76,23 @@ pub enum StoreError {
         #[source]
         source: EtcdFailure,
     },
+    /// etcd answered but refused the request (not an availability problem).
+    #[error("etcd refused {op}: {source}")]
+    Rejected {
+        /// What the store was doing.
+        op: &'static str,
+        /// etcd's answer.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// More objects in one batch than one etcd transaction may touch.
+    #[error("batch touches {objects} objects; at most {max} fit one etcd transaction")]
+    BatchTooLarge {
+        /// Objects touched.
+        objects: usize,
+        /// The limit (etcd's `--max-txn-ops` minus one for the generation key).
+        max: usize,
+    },
     /// Other writers kept committing; the write was retried and given up.
     #[error("gave up after {attempts} attempts: other writers kept committing")]
     Contended {
@@ -112,6 +129,8 @@ pub struct StoreConfig {
     pub endpoints: Vec<String>,
     /// Bound on every request (and on connecting).
     pub timeout: Duration,
+    /// etcd's `--max-txn-ops` (128 unless the server was started otherwise).
+    pub max_txn_ops: usize,
 }
 
 impl StoreConfig {
@@ -120,6 +139,7 @@ impl StoreConfig {
         StoreConfig {
             endpoints: vec![endpoint.into()],
             timeout: Duration::from_secs(2),
+            max_txn_ops: 128,
         }
     }
 }
@@ -279,6 +299,7 @@ impl Guarded {
 pub struct Store {
     client: Client,
     timeout: Duration,
+    max_txn_ops: usize,
     last: Arc<RwLock<Option<Snapshot>>>,
 }
 
@@ -306,6 +327,7 @@ impl Store {
         Ok(Store {
             client,
             timeout: cfg.timeout,
+            max_txn_ops: cfg.max_txn_ops,
             last: Arc::new(RwLock::new(None)),
         })
     }
@@ -331,6 +353,7 @@ impl Store {
                 op,
                 EtcdFailure::Timeout(self.timeout),
             )),
+            Ok(Err(e)) if refused(&e) => Err(StoreError::Rejected { op, source: e }),
             Ok(Err(e)) => Err(StoreError::unavailable(op, e)),
             Ok(Ok(v)) => Ok(v),
         }
@@ -447,6 +470,14 @@ impl Store {
             let mut touched: Vec<ObjectKey> = changes.iter().map(Change::object).collect();
             touched.sort();
             touched.dedup();
+            // Each touched key is one compare and one operation, plus the generation key.
+            let max = self.max_txn_ops.saturating_sub(1);
+            if touched.len() > max {
+                return Err(StoreError::BatchTooLarge {
+                    objects: touched.len(),
+                    max,
+                });
+            }
             let mut effects: Vec<(ObjectKey, Option<Object>)> = touched
                 .iter()
                 .map(|k| (k.clone(), Object::from_model(&model, k)))
@@ -515,6 +546,18 @@ impl Store {
     /// (normally what [`Store::load`] returned). See [`ModelWatch`].
     pub fn watch(&self, base: &Model, from_revision: i64) -> ModelWatch {
         watch::spawn(self.clone(), base, from_revision)
+    }
+}
+
+/// Whether etcd answered with a refusal (as opposed to not answering usefully).
+fn refused(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::GRpcStatus(s) => !matches!(
+            s.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+        ),
+        _ => false,
     }
 }
 

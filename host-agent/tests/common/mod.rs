@@ -122,6 +122,7 @@ impl Etcd {
         StoreConfig {
             endpoints: vec![self.endpoint()],
             timeout: Duration::from_secs(2),
+            max_txn_ops: 128,
         }
     }
 
