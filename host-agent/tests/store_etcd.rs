@@ -679,3 +679,24 @@ async fn batch_beyond_one_transaction_is_refused_whole() {
     store.apply(&routes(127)).await.unwrap();
     assert_eq!(store.load().await.unwrap().0.routes().len(), 127);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_lost_behind_the_keeper_is_reported_expired() {
+    let etcd = Etcd::start().await;
+    let store = etcd.store().await;
+    let rec = DpuRecord {
+        id: name("dpu2"),
+        agent_version: "0.1.0".into(),
+        ports: vec![],
+    };
+    let lease = store.register_dpu(&rec, 2).await.unwrap();
+    assert!(!lease.is_expired());
+    // Revoked behind the keeper's back: its next keep-alive learns the lease is gone.
+    store.client().lease_revoke(lease.lease_id()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lease.is_expired() {
+        assert!(Instant::now() < deadline, "expiry not noticed within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!store.dpus().await.unwrap()[0].alive);
+}

@@ -2,6 +2,8 @@
 //! shown as dead rather than forgotten; liveness is a separate key (`/dpucp/v1/alive/ID`)
 //! bound to a lease the host agent keeps alive while the DPU's link is up.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
@@ -47,6 +49,7 @@ pub struct DpuInfo {
 pub struct DpuLease {
     id: Name,
     lease: i64,
+    expired: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -59,6 +62,12 @@ impl DpuLease {
     /// The DPU.
     pub fn dpu(&self) -> &Name {
         &self.id
+    }
+
+    /// Whether etcd reported the lease gone (e.g. etcd was unreachable for longer than the TTL):
+    /// keep-alives cannot revive it; register again for a new lease.
+    pub fn is_expired(&self) -> bool {
+        self.expired.load(Ordering::Relaxed)
     }
 
     /// Stops the keep-alives: the lease expires after its TTL and the DPU reads as dead.
@@ -104,19 +113,30 @@ impl Store {
         self.bounded("dpu register", kv.txn(Txn::new().and_then(ops)))
             .await?;
         let store = self.clone();
+        let expired = Arc::new(AtomicBool::new(false));
+        let flag = expired.clone();
         let period = Duration::from_millis(u64::try_from(ttl).unwrap_or(1) * 1000 / 3);
         let task = tokio::spawn(async move {
             let mut lc = store.client.lease_client();
             loop {
                 // A fresh keep-alive stream each round keeps this robust across reconnects.
-                let ok = async {
-                    let (mut keeper, mut stream) = lc.keep_alive(lease).await?;
-                    keeper.keep_alive().await?;
-                    Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl()))
-                };
-                match tokio::time::timeout(store.timeout, ok).await {
-                    Ok(Ok(Some(t))) if t > 0 => {}
-                    other => tracing::warn!(lease, ?other, "DPU lease keep-alive failed"),
+                // One renewal per round on a fresh stream: robust across reconnects.
+                match tokio::time::timeout(store.timeout, lc.keep_alive(lease)).await {
+                    Ok(Ok(_)) => {}
+                    other => {
+                        // The client reports a vanished lease as an error: ask etcd which.
+                        let ttl = tokio::time::timeout(store.timeout, lc.time_to_live(lease, None))
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .map(|r| r.ttl());
+                        if ttl.is_some_and(|t| t <= 0) {
+                            tracing::warn!(lease, "DPU lease expired: re-register the DPU");
+                            flag.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        tracing::warn!(lease, ?other, "DPU lease keep-alive failed");
+                    }
                 }
                 tokio::time::sleep(period).await;
             }
@@ -124,6 +144,7 @@ impl Store {
         Ok(DpuLease {
             id: record.id.clone(),
             lease,
+            expired,
             task,
         })
     }
