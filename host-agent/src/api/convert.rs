@@ -20,7 +20,7 @@ use crate::store::{DpuInfo, StatusEntry};
 pub struct FieldError {
     /// The object, as far as it is known ("vpc blue", "route").
     pub object: String,
-    /// The field path ("nexthops[0].underlay.mac").
+    /// The field path (`nexthops[0].underlay.mac`).
     pub field: String,
     /// What is wrong.
     pub problem: Problem,
