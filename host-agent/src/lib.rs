@@ -2,5 +2,7 @@
 //! management API, and the link that pushes desired state to each DPU agent.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod dpu_link;
 pub mod metrics;
+pub mod store;

@@ -1,0 +1,406 @@
+//! The gRPC service implementations: thin translations onto [`Store`].
+
+use std::pin::Pin;
+
+use flow_offload::model::{Change, Name, ObjectKey, TableId};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, FieldError};
+use super::{invalid_argument, pb, store_status};
+use crate::store::{Guarded, Object, StatusChange, Store};
+
+/// The service state: the store.
+#[derive(Debug, Clone)]
+pub struct Api {
+    store: Store,
+}
+
+impl Api {
+    pub fn new(store: Store) -> Api {
+        Api { store }
+    }
+
+    /// Creates one object (must not exist) and returns its stored revision.
+    async fn create(&self, change: Change) -> Result<i64, Status> {
+        self.store
+            .write(&[Guarded::create(change)])
+            .await
+            .map_err(|e| store_status(&e))
+    }
+
+    /// Deletes one object, at `revision` if non-zero.
+    async fn delete(&self, change: Change, revision: i64) -> Result<pb::DeleteResponse, Status> {
+        let g = if revision == 0 {
+            Guarded::any(change)
+        } else {
+            Guarded::at(change, revision)
+        };
+        let revision = self.store.write(&[g]).await.map_err(|e| store_status(&e))?;
+        Ok(pb::DeleteResponse { revision })
+    }
+
+    async fn get(&self, key: ObjectKey) -> Result<(Object, i64), Status> {
+        self.store.get(&key).await.map_err(|e| store_status(&e))
+    }
+}
+
+fn bad(e: FieldError) -> Status {
+    invalid_argument(&e)
+}
+
+fn name(object: &str, s: &str) -> Result<Name, Status> {
+    Name::new(s).map_err(|problem| {
+        bad(FieldError {
+            object: object.to_owned(),
+            field: "name".to_owned(),
+            problem,
+        })
+    })
+}
+
+fn required<T>(v: Option<T>, object: &str, field: &str) -> Result<T, Status> {
+    v.ok_or_else(|| {
+        bad(FieldError {
+            object: object.to_owned(),
+            field: field.to_owned(),
+            problem: flow_offload::model::Problem::Count { min: 1, max: 1 },
+        })
+    })
+}
+
+fn wrong_kind() -> Status {
+    Status::internal("stored object of an unexpected kind")
+}
+
+#[tonic::async_trait]
+impl pb::vpc_service_server::VpcService for Api {
+    async fn create_vpc(
+        &self,
+        req: Request<pb::CreateVpcRequest>,
+    ) -> Result<Response<pb::Vpc>, Status> {
+        let v = required(req.into_inner().vpc, "vpc", "vpc")?;
+        let v = convert::vpc(&v).map_err(bad)?;
+        let rev = self.create(Change::UpsertVpc(v.clone())).await?;
+        Ok(Response::new(convert::vpc_pb(&v, rev)))
+    }
+
+    async fn get_vpc(&self, req: Request<pb::GetVpcRequest>) -> Result<Response<pb::Vpc>, Status> {
+        let n = name("vpc", &req.into_inner().name)?;
+        match self.get(ObjectKey::Vpc(n)).await? {
+            (Object::Vpc(v), rev) => Ok(Response::new(convert::vpc_pb(&v, rev))),
+            _ => Err(wrong_kind()),
+        }
+    }
+
+    async fn list_vpcs(
+        &self,
+        _: Request<pb::ListVpcsRequest>,
+    ) -> Result<Response<pb::ListVpcsResponse>, Status> {
+        let s = self.store.snapshot().await.map_err(|e| store_status(&e))?;
+        let vpcs = s
+            .objects
+            .values()
+            .filter_map(|(o, r)| match o {
+                Object::Vpc(v) => Some(convert::vpc_pb(v, *r)),
+                _ => None,
+            })
+            .collect();
+        Ok(Response::new(pb::ListVpcsResponse {
+            vpcs,
+            revision: s.revision,
+        }))
+    }
+
+    async fn delete_vpc(
+        &self,
+        req: Request<pb::DeleteVpcRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let req = req.into_inner();
+        let n = name("vpc", &req.name)?;
+        Ok(Response::new(
+            self.delete(Change::DeleteVpc(n), req.revision).await?,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::route_service_server::RouteService for Api {
+    async fn create_route(
+        &self,
+        req: Request<pb::CreateRouteRequest>,
+    ) -> Result<Response<pb::Route>, Status> {
+        let r = required(req.into_inner().route, "route", "route")?;
+        let r = convert::route(&r).map_err(bad)?;
+        let rev = self.create(Change::UpsertRoute(r.clone())).await?;
+        Ok(Response::new(convert::route_pb(&r, rev)))
+    }
+
+    async fn get_route(
+        &self,
+        req: Request<pb::GetRouteRequest>,
+    ) -> Result<Response<pb::Route>, Status> {
+        let k = convert::route_key(req.into_inner().key.as_ref(), "key").map_err(bad)?;
+        match self.get(ObjectKey::Route(k)).await? {
+            (Object::Route(r), rev) => Ok(Response::new(convert::route_pb(&r, rev))),
+            _ => Err(wrong_kind()),
+        }
+    }
+
+    async fn list_routes(
+        &self,
+        req: Request<pb::ListRoutesRequest>,
+    ) -> Result<Response<pb::ListRoutesResponse>, Status> {
+        let req = req.into_inner();
+        let s = self.store.snapshot().await.map_err(|e| store_status(&e))?;
+        let table = if req.vpc.is_empty() {
+            (req.table != 0).then_some(TableId(req.table))
+        } else {
+            let n = Name::new(&req.vpc).map_err(|problem| {
+                bad(FieldError {
+                    object: "routes".into(),
+                    field: "vpc".into(),
+                    problem,
+                })
+            })?;
+            let v = s
+                .model
+                .vpcs()
+                .get(&n)
+                .ok_or_else(|| Status::not_found(format!("vpc {n}: not found")))?;
+            Some(v.table)
+        };
+        let routes = s
+            .objects
+            .values()
+            .filter_map(|(o, r)| match o {
+                Object::Route(x) if table.is_none_or(|t| x.key.table == t) => {
+                    Some(convert::route_pb(x, *r))
+                }
+                _ => None,
+            })
+            .collect();
+        Ok(Response::new(pb::ListRoutesResponse {
+            routes,
+            revision: s.revision,
+        }))
+    }
+
+    async fn delete_route(
+        &self,
+        req: Request<pb::DeleteRouteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let req = req.into_inner();
+        let k = convert::route_key(req.key.as_ref(), "key").map_err(bad)?;
+        Ok(Response::new(
+            self.delete(Change::DeleteRoute(k), req.revision).await?,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::nat_service_server::NatService for Api {
+    async fn create_nat_rule(
+        &self,
+        req: Request<pb::CreateNatRuleRequest>,
+    ) -> Result<Response<pb::NatRule>, Status> {
+        let n = required(req.into_inner().rule, "nat", "rule")?;
+        let n = convert::nat(&n).map_err(bad)?;
+        let rev = self.create(Change::UpsertNat(n.clone())).await?;
+        Ok(Response::new(convert::nat_pb(&n, rev)))
+    }
+
+    async fn get_nat_rule(
+        &self,
+        req: Request<pb::GetNatRuleRequest>,
+    ) -> Result<Response<pb::NatRule>, Status> {
+        let n = name("nat", &req.into_inner().name)?;
+        match self.get(ObjectKey::Nat(n)).await? {
+            (Object::Nat(x), rev) => Ok(Response::new(convert::nat_pb(&x, rev))),
+            _ => Err(wrong_kind()),
+        }
+    }
+
+    async fn list_nat_rules(
+        &self,
+        _: Request<pb::ListNatRulesRequest>,
+    ) -> Result<Response<pb::ListNatRulesResponse>, Status> {
+        let s = self.store.snapshot().await.map_err(|e| store_status(&e))?;
+        let rules = s
+            .objects
+            .values()
+            .filter_map(|(o, r)| match o {
+                Object::Nat(x) => Some(convert::nat_pb(x, *r)),
+                _ => None,
+            })
+            .collect();
+        Ok(Response::new(pb::ListNatRulesResponse {
+            rules,
+            revision: s.revision,
+        }))
+    }
+
+    async fn delete_nat_rule(
+        &self,
+        req: Request<pb::DeleteNatRuleRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let req = req.into_inner();
+        let n = name("nat", &req.name)?;
+        Ok(Response::new(
+            self.delete(Change::DeleteNat(n), req.revision).await?,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::meter_service_server::MeterService for Api {
+    async fn create_meter(
+        &self,
+        req: Request<pb::CreateMeterRequest>,
+    ) -> Result<Response<pb::Meter>, Status> {
+        let m = required(req.into_inner().meter, "meter", "meter")?;
+        let m = convert::meter(&m).map_err(bad)?;
+        let rev = self.create(Change::UpsertMeter(m.clone())).await?;
+        Ok(Response::new(convert::meter_pb(&m, rev)))
+    }
+
+    async fn get_meter(
+        &self,
+        req: Request<pb::GetMeterRequest>,
+    ) -> Result<Response<pb::Meter>, Status> {
+        let n = name("meter", &req.into_inner().name)?;
+        match self.get(ObjectKey::Meter(n)).await? {
+            (Object::Meter(x), rev) => Ok(Response::new(convert::meter_pb(&x, rev))),
+            _ => Err(wrong_kind()),
+        }
+    }
+
+    async fn list_meters(
+        &self,
+        _: Request<pb::ListMetersRequest>,
+    ) -> Result<Response<pb::ListMetersResponse>, Status> {
+        let s = self.store.snapshot().await.map_err(|e| store_status(&e))?;
+        let meters = s
+            .objects
+            .values()
+            .filter_map(|(o, r)| match o {
+                Object::Meter(x) => Some(convert::meter_pb(x, *r)),
+                _ => None,
+            })
+            .collect();
+        Ok(Response::new(pb::ListMetersResponse {
+            meters,
+            revision: s.revision,
+        }))
+    }
+
+    async fn delete_meter(
+        &self,
+        req: Request<pb::DeleteMeterRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let req = req.into_inner();
+        let n = name("meter", &req.name)?;
+        Ok(Response::new(
+            self.delete(Change::DeleteMeter(n), req.revision).await?,
+        ))
+    }
+}
+
+fn dpu_filter(dpu: &str) -> Result<Option<Name>, Status> {
+    if dpu.is_empty() {
+        return Ok(None);
+    }
+    Name::new(dpu).map(Some).map_err(|problem| {
+        bad(FieldError {
+            object: "status".into(),
+            field: "dpu".into(),
+            problem,
+        })
+    })
+}
+
+/// The stream of a status watch.
+type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::StatusEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::status_service_server::StatusService for Api {
+    async fn list_status(
+        &self,
+        req: Request<pb::ListStatusRequest>,
+    ) -> Result<Response<pb::ListStatusResponse>, Status> {
+        let dpu = dpu_filter(&req.into_inner().dpu)?;
+        let (entries, revision) = self
+            .store
+            .status(dpu.as_ref())
+            .await
+            .map_err(|e| store_status(&e))?;
+        Ok(Response::new(pb::ListStatusResponse {
+            statuses: entries.iter().map(convert::status_pb).collect(),
+            revision,
+        }))
+    }
+
+    type WatchStream = StatusStream;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchStatusRequest>,
+    ) -> Result<Response<StatusStream>, Status> {
+        let dpu = dpu_filter(&req.into_inner().dpu)?;
+        let (entries, revision) = self
+            .store
+            .status(dpu.as_ref())
+            .await
+            .map_err(|e| store_status(&e))?;
+        let changes = self
+            .store
+            .watch_status(dpu.as_ref(), revision)
+            .await
+            .map_err(|e| store_status(&e))?;
+        // The current state first, then every change after it.
+        let initial = entries.into_iter().map(move |e| {
+            Ok(pb::StatusEvent {
+                status: Some(convert::status_pb(&e)),
+                removed: false,
+                revision,
+            })
+        });
+        let follow = changes.map(|c| match c {
+            Ok(StatusChange::Set { entry, revision }) => Ok(pb::StatusEvent {
+                status: Some(convert::status_pb(&entry)),
+                removed: false,
+                revision,
+            }),
+            Ok(StatusChange::Removed {
+                dpu,
+                object,
+                revision,
+            }) => Ok(pb::StatusEvent {
+                status: Some(pb::ObjectStatus {
+                    dpu: dpu.to_string(),
+                    object: Some(convert::object_ref(&object)),
+                    object_text: object.to_string(),
+                    ..Default::default()
+                }),
+                removed: true,
+                revision,
+            }),
+            Err(e) => Err(store_status(&e)),
+        });
+        let stream = tokio_stream::iter(initial).chain(follow);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::dpu_service_server::DpuService for Api {
+    async fn list_dpus(
+        &self,
+        _: Request<pb::ListDpusRequest>,
+    ) -> Result<Response<pb::ListDpusResponse>, Status> {
+        let dpus = self.store.dpus().await.map_err(|e| store_status(&e))?;
+        Ok(Response::new(pb::ListDpusResponse {
+            dpus: dpus.iter().map(convert::dpu_pb).collect(),
+        }))
+    }
+}
