@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod daemon;
 pub mod dpu_link;
 pub mod metrics;
 pub mod store;

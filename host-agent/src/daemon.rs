@@ -1,0 +1,511 @@
+//! The host agent daemon: configuration, and the task wiring of store, API, DPU links, FRR and
+//! metrics.
+//!
+//! Desired state of every DPU = the configuration in etcd (node, VPCs, static routes, NAT,
+//! meters) plus the routes FRR installs (static routes of the configuration win on the same
+//! prefix). The links start only after the first successful load from etcd: a host agent that
+//! restarts while etcd is down must not tell its DPUs "nothing is desired" (they keep
+//! forwarding on what they have). Status acknowledged by DPUs goes to etcd (per DPU and object,
+//! bound to the DPU's lease), to Prometheus, and back to zebra for the routes it sent.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flow_offload::model::{Change, Model, Name, ObjectKey, Route, RouteKey};
+use flow_offload::status::OffloadStatus;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::dpu_link::{self, DpuEvent, LinkConfig};
+use crate::metrics::{Kind, Metrics};
+use crate::store::{DpuLease, DpuRecord, PortCaps, Store, StoreConfig};
+
+/// One DPU this host supervises.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpuConfig {
+    /// Its id (as its agent reports it).
+    pub id: String,
+    /// Its agent's link address.
+    pub link: String,
+}
+
+/// etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSection {
+    /// Endpoints (`http://127.0.0.1:2379`).
+    pub endpoints: Vec<String>,
+}
+
+/// A listen address.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// `ip:port`.
+    pub listen: String,
+}
+
+/// The configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// etcd.
+    pub etcd: EtcdSection,
+    /// gRPC API.
+    pub api: Listen,
+    /// Prometheus endpoint.
+    pub metrics: Listen,
+    /// zebra's FPM connection (absent: no FRR on this host).
+    pub fpm: Option<FpmSection>,
+    /// DPUs.
+    #[serde(default)]
+    pub dpus: Vec<DpuConfig>,
+}
+
+/// FPM settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FpmSection {
+    /// Where zebra connects (`fpm address ... port ...`).
+    pub listen: String,
+}
+
+/// A configuration error naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not TOML of this shape.
+    #[error("{0}")]
+    Syntax(String),
+    /// A bad value.
+    #[error("{field}: {problem}")]
+    Invalid {
+        /// Its path.
+        field: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+fn addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|e| ConfigError::Invalid {
+        field: field.to_owned(),
+        problem: format!("not an ip:port: {e}"),
+    })
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        if c.etcd.endpoints.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "etcd.endpoints".into(),
+                problem: "at least one endpoint".into(),
+            });
+        }
+        addr("api.listen", &c.api.listen)?;
+        addr("metrics.listen", &c.metrics.listen)?;
+        if let Some(f) = &c.fpm {
+            addr("fpm.listen", &f.listen)?;
+        }
+        for (i, d) in c.dpus.iter().enumerate() {
+            Name::new(&d.id).map_err(|p| ConfigError::Invalid {
+                field: format!("dpus[{i}].id"),
+                problem: p.to_string(),
+            })?;
+            addr(&format!("dpus[{i}].link"), &d.link)?;
+        }
+        Ok(c)
+    }
+}
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Configuration.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The API server.
+    #[error("API: {0}")]
+    Api(#[from] crate::api::ApiError),
+    /// A listener.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// etcd.
+    #[error("etcd: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// The merged desired state: configuration plus FRR's routes.
+#[derive(Debug, Default)]
+pub struct Desired {
+    config: Model,
+    frr: BTreeMap<RouteKey, Route>,
+    model: Model,
+}
+
+impl Desired {
+    /// Replaces the configuration.
+    pub fn set_config(&mut self, config: Model) {
+        self.config = config;
+        self.rebuild();
+    }
+
+    /// Applies configuration changes (from the etcd watch).
+    pub fn config_changes(&mut self, changes: &[Change]) {
+        if self.config.apply(changes).is_err() {
+            tracing::warn!("configuration changes do not apply to the cached model; reloading");
+        }
+        // Static routes of the configuration shadow FRR's: applying the batch to the merged
+        // model directly could get that wrong, so rebuild when the batch is not only routes
+        // that FRR does not have.
+        let simple = changes.iter().all(|c| match c {
+            Change::UpsertRoute(r) => !self.frr.contains_key(&r.key),
+            Change::DeleteRoute(k) => !self.frr.contains_key(k),
+            _ => false,
+        });
+        if simple && self.model.apply(changes).is_ok() {
+            return;
+        }
+        self.rebuild();
+    }
+
+    /// Sets or removes FRR routes; returns the routes the model refused (bad table, ...).
+    pub fn frr_routes(&mut self, upserts: Vec<Route>, deletes: Vec<RouteKey>) -> Vec<RouteKey> {
+        let mut refused = Vec::new();
+        for k in deletes {
+            if self.frr.remove(&k).is_some() && !self.config.routes().contains_key(&k) {
+                let _ = self.model.apply(&[Change::DeleteRoute(k)]);
+            }
+        }
+        for r in upserts {
+            let key = r.key;
+            if self.config.routes().contains_key(&key) {
+                self.frr.insert(key, r);
+                continue;
+            }
+            match self.model.apply(&[Change::UpsertRoute(r.clone())]) {
+                Ok(()) => {
+                    self.frr.insert(key, r);
+                }
+                Err(e) => {
+                    tracing::debug!(route = ?key, error = %e, "FRR route refused by the model");
+                    refused.push(key);
+                }
+            }
+        }
+        refused
+    }
+
+    fn rebuild(&mut self) {
+        let mut m = self.config.clone();
+        for (k, r) in &self.frr {
+            if !m.routes().contains_key(k) {
+                let _ = m.apply(&[Change::UpsertRoute(r.clone())]);
+            }
+        }
+        self.model = m;
+    }
+
+    /// The merged model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+}
+
+/// Runs the daemon until `shutdown` turns true.
+pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
+    let metrics = Metrics::new();
+    describe_metrics(&metrics);
+    let store = Store::connect(&StoreConfig::new(
+        config.etcd.endpoints.first().cloned().unwrap_or_default(),
+    ))
+    .await?;
+
+    // Metrics and API first: operators can look while etcd is still coming up.
+    let metrics_addr = addr("metrics.listen", &config.metrics.listen)?;
+    let ml = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: metrics_addr,
+            source,
+        })?;
+    tracing::info!(url = %crate::metrics::describe_addr(&metrics_addr), "metrics");
+    let metrics_task = tokio::spawn(crate::metrics::serve(ml, metrics.clone(), shutdown.clone()));
+    let api_addr = addr("api.listen", &config.api.listen)?;
+    let api_store = store.clone();
+    let mut api_shutdown = shutdown.clone();
+    let api_task = tokio::spawn(async move {
+        crate::api::serve(api_addr, api_store, async move {
+            let _ = api_shutdown.wait_for(|s| *s).await;
+        })
+        .await
+    });
+    tracing::info!(%api_addr, "gRPC API");
+
+    // The first load: retried until etcd answers.
+    let (config_model, revision) = loop {
+        match store.load().await {
+            Ok(x) => break x,
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd not reachable; DPU links wait for the first load");
+                metrics.set("dpucp_etcd_up", &[], 0.0);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                }
+            }
+        }
+    };
+    metrics.set("dpucp_etcd_up", &[], 1.0);
+    tracing::info!(
+        revision,
+        objects = config_model.to_changes().len(),
+        "desired state loaded from etcd"
+    );
+    let mut desired = Desired::default();
+    desired.set_config(config_model.clone());
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(desired.model().clone()));
+
+    // DPU links.
+    let (ev_tx, mut ev_rx) = mpsc::channel::<DpuEvent>(1024);
+    let mut links = Vec::new();
+    for (i, d) in config.dpus.iter().enumerate() {
+        let a = addr(&format!("dpus[{i}].link"), &d.link)?;
+        links.push(tokio::spawn(dpu_link::run(
+            a,
+            LinkConfig::default(),
+            desired_rx.clone(),
+            ev_tx.clone(),
+            shutdown.clone(),
+        )));
+    }
+    drop(ev_tx);
+
+    let mut watch = store.watch(&config_model, revision);
+    let mut leases: BTreeMap<String, DpuLease> = BTreeMap::new();
+    let mut statuses: BTreeMap<String, BTreeMap<ObjectKey, OffloadStatus>> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            u = watch.next() => match u {
+                Some(Ok(update)) => {
+                    metrics.set("dpucp_etcd_up", &[], 1.0);
+                    metrics.set("dpucp_etcd_revision", &[], update.revision as f64);
+                    tracing::info!(revision = update.revision, changes = update.changes.len(), resync = update.resync, "configuration changed");
+                    desired.config_changes(&update.changes);
+                    let _ = desired_tx.send(Arc::new(desired.model().clone()));
+                }
+                Some(Err(e)) => {
+                    metrics.set("dpucp_etcd_up", &[], 0.0);
+                    tracing::warn!(error = %e, "etcd watch error; forwarding continues on the last state");
+                }
+                None => {
+                    tracing::error!("etcd watch ended; restarting it");
+                    let (m, r) = store.last_model().unwrap_or((config_model.clone(), revision));
+                    watch = store.watch(&m, r);
+                }
+            },
+            ev = ev_rx.recv() => {
+                let Some(ev) = ev else { break };
+                on_dpu_event(ev, &store, &metrics, &mut leases, &mut statuses).await;
+            }
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+    }
+    for l in links {
+        let _ = l.await;
+    }
+    for (_, lease) in leases {
+        let _ = lease.revoke(&store).await;
+    }
+    let _ = metrics_task.await;
+    match api_task.await {
+        Ok(r) => r?,
+        Err(e) => tracing::error!(error = %e, "API task failed"),
+    }
+    Ok(())
+}
+
+fn describe_metrics(m: &Metrics) {
+    m.describe(
+        "dpucp_etcd_up",
+        Kind::Gauge,
+        "Whether the last etcd request succeeded.",
+    );
+    m.describe(
+        "dpucp_etcd_revision",
+        Kind::Gauge,
+        "The etcd revision of the desired state in force.",
+    );
+    m.describe(
+        "dpucp_dpu_up",
+        Kind::Gauge,
+        "Whether the DPU agent's link is up.",
+    );
+    m.describe(
+        "dpucp_objects",
+        Kind::Gauge,
+        "Objects per DPU, kind and where they landed.",
+    );
+    m.describe(
+        "dpucp_batches_total",
+        Kind::Counter,
+        "Batches acknowledged or refused by DPUs.",
+    );
+    m.describe(
+        "dpucp_route_packets_total",
+        Kind::Counter,
+        "Packets per route reported by DPUs.",
+    );
+}
+
+fn kind_of(k: &ObjectKey) -> &'static str {
+    match k {
+        ObjectKey::Node => "node",
+        ObjectKey::Vpc(_) => "vpc",
+        ObjectKey::Route(_) => "route",
+        ObjectKey::Nat(_) => "nat",
+        ObjectKey::Meter(_) => "meter",
+    }
+}
+
+fn where_of(s: &OffloadStatus) -> &'static str {
+    match s {
+        OffloadStatus::Offloaded => "offloaded",
+        OffloadStatus::Software { .. } => "software",
+        OffloadStatus::Failed { .. } => "failed",
+    }
+}
+
+async fn on_dpu_event(
+    ev: DpuEvent,
+    store: &Store,
+    metrics: &Metrics,
+    leases: &mut BTreeMap<String, DpuLease>,
+    statuses: &mut BTreeMap<String, BTreeMap<ObjectKey, OffloadStatus>>,
+) {
+    match ev {
+        DpuEvent::Connected { hello, restarted } => {
+            metrics.set("dpucp_dpu_up", &[("dpu", &hello.dpu_id)], 1.0);
+            let Ok(id) = Name::new(&hello.dpu_id) else {
+                tracing::warn!(dpu = %hello.dpu_id, "DPU id is not a valid name; not registered");
+                return;
+            };
+            let record = DpuRecord {
+                id,
+                agent_version: hello.agent_version.clone(),
+                ports: hello
+                    .ports
+                    .iter()
+                    .map(|(p, c)| PortCaps {
+                        port: *p,
+                        caps: c.source,
+                    })
+                    .collect(),
+            };
+            match store.register_dpu(&record, 10).await {
+                Ok(lease) => {
+                    leases.insert(hello.dpu_id.clone(), lease);
+                }
+                Err(e) => {
+                    tracing::warn!(dpu = %hello.dpu_id, error = %e, "cannot register DPU in etcd")
+                }
+            }
+            if restarted {
+                statuses.remove(&hello.dpu_id);
+            }
+        }
+        DpuEvent::Acked {
+            dpu, full, status, ..
+        } => {
+            metrics.add(
+                "dpucp_batches_total",
+                &[("dpu", &dpu), ("result", "acked")],
+                1.0,
+            );
+            let map = statuses.entry(dpu.clone()).or_default();
+            if full {
+                map.clear();
+            }
+            for (k, s) in &status {
+                map.insert(k.clone(), s.clone());
+            }
+            let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+            for (k, s) in map.iter() {
+                *counts.entry((kind_of(k), where_of(s))).or_default() += 1;
+            }
+            metrics.remove_matching("dpucp_objects", "dpu", &dpu);
+            for ((kind, place), n) in counts {
+                metrics.set(
+                    "dpucp_objects",
+                    &[("dpu", &dpu), ("kind", kind), ("where", place)],
+                    n as f64,
+                );
+            }
+            if let (Ok(id), Some(lease)) = (Name::new(&dpu), leases.get(&dpu)) {
+                // Written in slices: one etcd transaction holds a bounded number of operations.
+                for chunk in status.chunks(100) {
+                    if let Err(e) = store.put_status(&id, chunk, Some(lease.lease_id())).await {
+                        tracing::warn!(dpu = %dpu, error = %e, "cannot write status to etcd");
+                        break;
+                    }
+                }
+            }
+        }
+        DpuEvent::Refused {
+            dpu, error, full, ..
+        } => {
+            metrics.add(
+                "dpucp_batches_total",
+                &[("dpu", &dpu), ("result", "refused")],
+                1.0,
+            );
+            tracing::warn!(dpu = %dpu, full, %error, "DPU refused the desired state");
+        }
+        DpuEvent::Counters { dpu, counters } => {
+            for (k, packets, _) in counters.routes {
+                let route = format!("{}:{}", k.table.0, k.prefix);
+                metrics.set(
+                    "dpucp_route_packets_total",
+                    &[("dpu", &dpu), ("route", &route)],
+                    packets as f64,
+                );
+            }
+        }
+        DpuEvent::Disconnected { dpu, reason } => {
+            if let Some(d) = dpu {
+                metrics.set("dpucp_dpu_up", &[("dpu", &d)], 0.0);
+                tracing::warn!(dpu = %d, %reason, "DPU link down");
+                if let Some(lease) = leases.remove(&d) {
+                    let _ = lease.revoke(store).await;
+                }
+            }
+        }
+    }
+}

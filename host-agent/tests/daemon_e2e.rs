@@ -1,0 +1,194 @@
+//! The host-agent daemon end to end: a real etcd, the real `host-agent` binary, and a DPU agent
+//! (its real link server and state, in this process, on the reference NIC backend). Desired
+//! state written to etcd reaches the DPU; its statuses come back into etcd, `dpuctl status` and
+//! the Prometheus endpoint; SIGTERM stops the daemon with exit 0.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dpu_agent::agent::Agent;
+use dpu_agent::config::Role;
+use dpu_agent::link::{serve, Identity};
+use flow_offload::caps::{Caps, Profile};
+use flow_offload::model::{
+    Change, MacAddr, Name, Nexthop, Node, ObjectKey, PortId, Prefix, Route, RouteKey, TableId, Vni,
+    Vpc, UNDERLAY_TABLE,
+};
+use flow_offload::program::RefNicTarget;
+use flow_offload::refnic::RefNic;
+use flow_offload::soft::pipeline::PipelineLimits;
+use flow_offload::status::OffloadStatus;
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_state_reaches_the_dpu_and_status_comes_back() {
+    let etcd = common::Etcd::start().await;
+    let store = etcd.store().await;
+
+    // The DPU agent.
+    let link = free_addr();
+    let listener = TcpListener::bind(link).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let dpu = std::thread::spawn(move || {
+        let caps = Caps::profile(Profile::Full);
+        let roles: BTreeMap<PortId, Role> = [(PortId(0), Role::Uplink), (PortId(1), Role::Vpc)]
+            .into_iter()
+            .collect();
+        let mut agent = Agent::new(caps.clone(), roles, PipelineLimits::default(), 1).unwrap();
+        let mut target = RefNicTarget::new(RefNic::new(caps.clone()));
+        let id = Identity {
+            dpu_id: "dpu-e2e".into(),
+            agent_version: "test".into(),
+            boot_id: 42,
+            ports: vec![(PortId(0), caps.clone()), (PortId(1), caps)],
+        };
+        serve(&listener, &mut agent, &mut target, &id, &s).unwrap();
+    });
+
+    // The daemon.
+    let api = free_addr();
+    let metrics = free_addr();
+    let dir = std::env::temp_dir().join(format!("host-agent-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("host-agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[etcd]\nendpoints = [\"{}\"]\n[api]\nlisten = \"{api}\"\n[metrics]\nlisten = \"{metrics}\"\n[[dpus]]\nid = \"dpu-e2e\"\nlink = \"{link}\"\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("host-agent.log")).unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_host-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(dir.join("host-agent.log")).unwrap_or_default();
+
+    // Desired state, written the way the API writes it.
+    let key = RouteKey {
+        table: UNDERLAY_TABLE,
+        prefix: "10.7.0.0/16".parse::<Prefix>().unwrap(),
+    };
+    store
+        .apply(&[
+            Change::SetNode(Node {
+                vtep: Ipv4Addr::new(192, 0, 2, 1),
+                router_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+                uplinks: [PortId(0)].into_iter().collect(),
+            }),
+            Change::UpsertVpc(Vpc {
+                name: Name::new("blue").unwrap(),
+                vni: Vni::new(100).unwrap(),
+                table: TableId(10),
+                ports: [PortId(1)].into_iter().collect(),
+            }),
+            Change::UpsertRoute(Route {
+                key,
+                nexthops: vec![Nexthop::Underlay {
+                    gateway: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)),
+                    port: PortId(0),
+                    mac: MacAddr([2, 0, 0, 0, 0, 2]),
+                }],
+            }),
+        ])
+        .await
+        .unwrap();
+
+    // The route's status arrives in etcd under the DPU.
+    let dpu_name = Name::new("dpu-e2e").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (entries, _) = store.status(Some(&dpu_name)).await.unwrap();
+        if entries
+            .iter()
+            .any(|e| e.object == ObjectKey::Route(key) && e.status == OffloadStatus::Offloaded)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no status in etcd: {entries:?}\n{}",
+            read_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // dpuctl shows it.
+    let out = Command::new(env!("CARGO_BIN_EXE_dpuctl"))
+        .args(["--server", &format!("http://{api}"), "status", "--json"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("10.7.0.0/16"), "{text}");
+
+    // And Prometheus.
+    let m = http_get(metrics, "/metrics");
+    assert!(m.contains("dpucp_dpu_up{dpu=\"dpu-e2e\"} 1"), "{m}");
+    assert!(
+        m.contains("dpucp_objects{dpu=\"dpu-e2e\",kind=\"route\",where=\"offloaded\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("dpucp_etcd_up 1"), "{m}");
+
+    // The DPU is registered and alive.
+    let dpus = store.dpus().await.unwrap();
+    assert!(
+        dpus.iter().any(|d| d.record.id == dpu_name && d.alive),
+        "{dpus:?}"
+    );
+
+    // Graceful stop.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = daemon.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = daemon.kill();
+            panic!("host-agent ignored SIGTERM\n{}", read_log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit {status}\n{}", read_log());
+    stop.store(true, Ordering::Relaxed);
+    dpu.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
