@@ -479,8 +479,18 @@ fn request(
     if u64::from(len) > max {
         return Err(FetchError::TooLong { index, len, max });
     }
-    let mut buf = vec![0u8; len as usize];
-    stream.read_exact(&mut buf).map_err(io)?;
+    // Read straight into spare capacity: no zeroing pass over the chunk.
+    let mut buf = Vec::with_capacity(len as usize);
+    let got = (&mut *stream)
+        .take(u64::from(len))
+        .read_to_end(&mut buf)
+        .map_err(io)?;
+    if got != len as usize {
+        return Err(FetchError::Io {
+            index,
+            source: io::ErrorKind::UnexpectedEof.into(),
+        });
+    }
     Ok(buf)
 }
 

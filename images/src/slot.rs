@@ -34,6 +34,9 @@ use crate::{fsutil, hex};
 /// Slot data is synced and the journal rewritten after this many new bytes by default.
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 32 << 20;
 
+/// Read-back granularity.
+const READ_BACK_PIECE: u64 = 128 << 10;
+
 /// Where a slot lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SlotKind {
@@ -468,13 +471,19 @@ impl SlotWriter {
             if !lock_poisoned(&self.progress).done[rb.next as usize] {
                 return Ok(false);
             }
-            let len = m.chunk_len(rb.next);
-            rb.buf.resize(len, 0);
-            let offset = u64::from(rb.next) * u64::from(m.chunk_size);
-            self.file
-                .read_exact_at(&mut rb.buf, offset)
-                .map_err(|e| self.io(e))?;
-            rb.hasher.update(&rb.buf);
+            // Read in pieces that stay in cache between the copy and the hash.
+            let len = m.chunk_len(rb.next) as u64;
+            let start = u64::from(rb.next) * u64::from(m.chunk_size);
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(READ_BACK_PIECE) as usize;
+                rb.buf.resize(n, 0);
+                self.file
+                    .read_exact_at(&mut rb.buf, start + off)
+                    .map_err(|e| self.io(e))?;
+                rb.hasher.update(&rb.buf);
+                off += n as u64;
+            }
             rb.next += 1;
         }
         Ok(rb.next >= count)
