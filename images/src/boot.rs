@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::fsutil;
+use crate::slot::Flashed;
 
 /// One of the two slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -206,6 +207,34 @@ pub fn mark_pending(state: BootState, slot: SlotId, tries: u8) -> Result<BootSta
     })
 }
 
+/// After a verified flash: puts the flashed slot on trial with `tries` boots and stores it.
+/// Takes [`Flashed`], which only a successful read-back verification produces.
+pub fn arm_flashed(
+    control: &dyn BootControl,
+    flashed: &Flashed,
+    tries: u8,
+) -> Result<BootState, BootError> {
+    let state = mark_pending(control.load()?, flashed.slot, tries)?;
+    control.store(&state)?;
+    Ok(state)
+}
+
+/// At agent start: loads the state, decides with [`on_start`], stores the new state (only if
+/// it changed) and returns the decision for the caller to act on (reboot to retry, report a
+/// rollback, ...).
+pub fn start_up(
+    control: &dyn BootControl,
+    running: SlotId,
+    health_ok: bool,
+) -> Result<(Decision, BootState), BootError> {
+    let state = control.load()?;
+    let (decision, new) = on_start(state, running, health_ok);
+    if new != state {
+        control.store(&new)?;
+    }
+    Ok((decision, new))
+}
+
 /// Boot state as a JSON file, replaced atomically (tmp, fsync, rename, fsync dir).
 #[derive(Debug, Clone)]
 pub struct FileBootControl {
@@ -369,6 +398,29 @@ mod tests {
         assert_eq!(bc.load().unwrap(), s);
         std::fs::write(bc.path(), b"{\"active\":\"C\"}").unwrap();
         assert!(matches!(bc.load(), Err(BootError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn start_up_persists_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let bc = FileBootControl::new(dir.path().join("boot.json"));
+        bc.store(&st(A, Some((B, 1)))).unwrap();
+        // Unhealthy on B: retry, stored.
+        let (d, _) = start_up(&bc, B, false).unwrap();
+        assert_eq!(
+            d,
+            Decision::Retry {
+                slot: B,
+                tries_left: 0
+            }
+        );
+        assert_eq!(bc.load().unwrap(), st(A, Some((B, 0))));
+        // Still unhealthy, no tries: rollback, stored.
+        let (d, _) = start_up(&bc, B, false).unwrap();
+        assert_eq!(d, Decision::Rollback { failed: B, to: A });
+        assert_eq!(bc.load().unwrap(), st(A, None));
+        let (d, _) = start_up(&bc, A, true).unwrap();
+        assert_eq!(d, Decision::Normal);
     }
 
     #[test]

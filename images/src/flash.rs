@@ -549,18 +549,26 @@ impl ChunkSource for TcpChunkSource {
         if index >= self.chunk_count {
             return Err(FetchError::NoSuchChunk(index));
         }
+        let max = u64::from(self.chunk_size);
         let pooled = lock(&self.pool).pop();
-        let mut stream = match pooled {
-            Some(s) => s,
-            None => connect(self.addr, self.timeout)?,
+        // A pooled connection may have been closed by the server while idle: one retry on a
+        // fresh connection. A failed connection is dropped, never returned to the pool.
+        let (stream, data) = match pooled {
+            Some(mut s) => match request(&mut s, &self.image_id, index, max) {
+                Ok(d) => (s, d),
+                Err(FetchError::Io { .. }) => {
+                    let mut s = connect(self.addr, self.timeout)?;
+                    let d = request(&mut s, &self.image_id, index, max)?;
+                    (s, d)
+                }
+                Err(e) => return Err(e),
+            },
+            None => {
+                let mut s = connect(self.addr, self.timeout)?;
+                let d = request(&mut s, &self.image_id, index, max)?;
+                (s, d)
+            }
         };
-        // A failed connection is dropped, not returned to the pool.
-        let data = request(
-            &mut stream,
-            &self.image_id,
-            index,
-            u64::from(self.chunk_size),
-        )?;
         lock(&self.pool).push(stream);
         Ok(data)
     }
@@ -656,6 +664,21 @@ mod tests {
         // Server gone: connect error.
         let src = TcpChunkSource::new(addr, &vm).with_timeout(Duration::from_secs(2));
         assert!(matches!(src.fetch(0), Err(FetchError::Connect { .. })));
+    }
+
+    #[test]
+    fn pooled_connection_closed_by_server_is_replaced() {
+        let (img, trust) = image(10_000, 1000);
+        let vm = img.verify(&trust, None).unwrap();
+        let server = ChunkServer::start("127.0.0.1:0".parse().unwrap(), img.clone()).unwrap();
+        let addr = server.local_addr();
+        let src = TcpChunkSource::new(addr, &vm);
+        assert_eq!(src.fetch(0).unwrap(), img.chunk(0).unwrap());
+        // The server restarts on the same address: the pooled connection is dead.
+        server.stop();
+        let server = ChunkServer::start(addr, img.clone()).unwrap();
+        assert_eq!(src.fetch(1).unwrap(), img.chunk(1).unwrap());
+        server.stop();
     }
 
     #[test]

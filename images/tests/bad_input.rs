@@ -545,3 +545,121 @@ fn active_slot_is_never_opened() {
     assert!(matches!(e, SlotError::ActiveSlot(SlotId::A)));
     dpu.assert_active_untouched();
 }
+
+#[test]
+fn full_ab_cycle_flash_arm_commit_then_rollback() {
+    use images::boot::{arm_flashed, start_up, BootControl, Decision, FileBootControl};
+    let mut dpu = Dpu::new();
+    let ctrl = FileBootControl::new(dpu.dir.path().join("boot.json"));
+    ctrl.store(&dpu.boot).unwrap();
+    let v1 = payload(100_000, 20);
+    let img = Image::parse(build_image(&v1, &params(8192), &key()).unwrap()).unwrap();
+    let vm = img.verify(&trust(), Some("bluefield-3")).unwrap();
+    let w = SlotWriter::open(&dpu.slots, &dpu.boot, SlotId::B, vm.clone()).unwrap();
+    let r = flash(&img, w, &FlashOptions::default(), &|_| {}).unwrap();
+    let armed = arm_flashed(&ctrl, &r.flashed, 2).unwrap();
+    assert_eq!(armed.next_boot(), SlotId::B);
+    // While B is on trial it cannot be flashed again.
+    assert!(matches!(
+        SlotWriter::open(&dpu.slots, &armed, SlotId::B, vm.clone()),
+        Err(SlotError::PendingSlot(SlotId::B))
+    ));
+    // Boot into B, healthy: commit.
+    let (d, s) = start_up(&ctrl, SlotId::B, true).unwrap();
+    assert_eq!(d, Decision::Commit(SlotId::B));
+    assert_eq!(ctrl.load().unwrap().active, SlotId::B);
+    dpu.boot = s;
+    // Now A is the inactive slot and B is protected.
+    assert!(matches!(
+        SlotWriter::open(&dpu.slots, &dpu.boot, SlotId::B, vm.clone()),
+        Err(SlotError::ActiveSlot(SlotId::B))
+    ));
+    let v2 = payload(90_000, 21);
+    let img2 = Image::parse(build_image(&v2, &params(8192), &key()).unwrap()).unwrap();
+    let vm2 = img2.verify(&trust(), Some("bluefield-3")).unwrap();
+    let w = SlotWriter::open(&dpu.slots, &dpu.boot, SlotId::A, vm2).unwrap();
+    let r = flash(&img2, w, &FlashOptions::default(), &|_| {}).unwrap();
+    arm_flashed(&ctrl, &r.flashed, 1).unwrap();
+    // A never comes up healthy: one retry, then rollback to B, whose bytes are intact.
+    let (d, _) = start_up(&ctrl, SlotId::A, false).unwrap();
+    assert_eq!(
+        d,
+        Decision::Retry {
+            slot: SlotId::A,
+            tries_left: 0
+        }
+    );
+    let (d, s) = start_up(&ctrl, SlotId::A, false).unwrap();
+    assert_eq!(
+        d,
+        Decision::Rollback {
+            failed: SlotId::A,
+            to: SlotId::B
+        }
+    );
+    assert_eq!(s.next_boot(), SlotId::B);
+    assert_eq!(dpu.b_bytes(v1.len()), v1);
+}
+
+const CRASH_ENV: &str = "DPUCP_IMAGES_CRASH_CHILD_DIR";
+const CRASH_AFTER: u32 = 5;
+
+fn crash_image() -> Image {
+    Image::parse(build_image(&payload(200_000, 30), &params(8192), &key()).unwrap()).unwrap()
+}
+
+fn crash_slots(dir: &Path) -> SlotSet {
+    SlotSet {
+        a: Slot::file(dir.join("slot-a.img"), SLOT_CAP),
+        b: Slot::file(dir.join("slot-b.img"), SLOT_CAP),
+        state_dir: dir.join("state"),
+    }
+}
+
+/// The parent re-runs this test binary as a child that flashes and dies (exit, no unwinding,
+/// no destructors) right after chunk `CRASH_AFTER` lands; the parent then resumes.
+#[test]
+fn process_death_mid_flash_resumes_and_releases_the_lock() {
+    if let Ok(dir) = std::env::var(CRASH_ENV) {
+        let img = crash_image();
+        let vm = img.verify(&trust(), None).unwrap();
+        let slots = crash_slots(Path::new(&dir));
+        let w = SlotWriter::open(&slots, &BootState::new(SlotId::A), SlotId::B, vm)
+            .unwrap()
+            .with_checkpoint_bytes(1);
+        let opts = FlashOptions {
+            parallel: 1,
+            max_attempts: 1,
+        };
+        let _ = flash(&img, w, &opts, &|p| {
+            if p.done == CRASH_AFTER {
+                std::process::exit(17);
+            }
+        });
+        unreachable!("the child exits mid-flash");
+    }
+    let dpu = Dpu::new();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "process_death_mid_flash_resumes_and_releases_the_lock",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(CRASH_ENV, dpu.dir.path())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(17), "child died where planned");
+    let img = crash_image();
+    let vm = img.verify(&trust(), None).unwrap();
+    let slots = crash_slots(dpu.dir.path());
+    // The dead process's lock is gone with it; its journal survived.
+    let w = SlotWriter::open(&slots, &dpu.boot, SlotId::B, vm).unwrap();
+    assert_eq!(w.stats().resumed, CRASH_AFTER);
+    let r = flash(&img, w, &FlashOptions::default(), &|_| {}).unwrap();
+    assert_eq!(
+        r.fetches,
+        u64::from(img.manifest().chunk_count() - CRASH_AFTER)
+    );
+    assert_eq!(dpu.b_bytes(200_000), img.payload());
+    dpu.assert_active_untouched();
+}
