@@ -453,7 +453,7 @@ impl SlotWriter {
             }
             let next = lock_poisoned(&self.read_back).next;
             let p = lock_poisoned(&self.progress);
-            if !p.done[next as usize] {
+            if !p.done.get(next as usize).copied().unwrap_or(true) {
                 // Bounded wait: stop() is polled even if no notification comes.
                 let _ = self
                     .landed

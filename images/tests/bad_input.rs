@@ -663,3 +663,65 @@ fn process_death_mid_flash_resumes_and_releases_the_lock() {
     assert_eq!(dpu.b_bytes(200_000), img.payload());
     dpu.assert_active_untouched();
 }
+
+/// A loop device over a file; detached on drop.
+struct Loop {
+    dev: String,
+    _backing: tempfile::NamedTempFile,
+}
+
+impl Loop {
+    fn attach(size: u64) -> Option<Self> {
+        let backing = tempfile::NamedTempFile::new().unwrap();
+        backing.as_file().set_len(size).unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(backing.path())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let dev = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        Some(Self {
+            dev,
+            _backing: backing,
+        })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}
+
+#[test]
+fn block_device_slot_capacity_and_flash() {
+    let Some(lo) = Loop::attach(1 << 20) else {
+        println!("SKIPPED block_device_slot_capacity_and_flash: losetup unavailable (needs root)");
+        return;
+    };
+    let mut dpu = Dpu::new();
+    dpu.slots.b = Slot::block_device(&lo.dev).unwrap();
+    assert_eq!(dpu.slots.b.capacity, 1 << 20);
+    let too_big =
+        Image::parse(build_image(&payload((1 << 20) + 1, 40), &params(65536), &key()).unwrap())
+            .unwrap();
+    let vm = too_big.verify(&trust(), None).unwrap();
+    assert!(matches!(
+        SlotWriter::open(&dpu.slots, &dpu.boot, SlotId::B, vm),
+        Err(SlotError::TooSmall { .. })
+    ));
+    let p = payload(700_000, 41);
+    let r = dpu
+        .deploy(build_image(&p, &params(65536), &key()).unwrap(), None)
+        .unwrap();
+    assert_eq!(r.flashed.slot, SlotId::B);
+    let mut dev = vec![0u8; p.len()];
+    std::io::Read::read_exact(&mut std::fs::File::open(&lo.dev).unwrap(), &mut dev).unwrap();
+    assert_eq!(dev, p);
+    dpu.assert_active_untouched();
+}
