@@ -11,6 +11,9 @@
 //!   share the machine's cores.
 //! - `image_flash/flash_tcp_64MiB_disk`: the same into a slot in the default temp dir (a real
 //!   disk here): adds the `fdatasync`s of the journal checkpoints, so it measures the disk too.
+//! - `image_flash/cpu` (printed): process CPU time of one SHA-256 pass and of one flash (server
+//!   and client together, tmpfs slot), and their ratio: the flash's floor on this machine's
+//!   cores, independent of how loaded the machine is.
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -107,6 +110,48 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+    // CPU cost beside wall time: what the flash costs in SHA-256 passes, whatever the load.
+    let cpu = || {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let f: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+        let t = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        (t(11) + t(12)) as f64 / 100.0 // utime + stime in 100 Hz ticks
+    };
+    let n = 20;
+    let c0 = cpu();
+    for _ in 0..n {
+        black_box(Sha256Digest::of(black_box(&data)));
+    }
+    let sha_cpu = (cpu() - c0) / f64::from(n);
+    let shm = Scratch::new(Path::new("/dev/shm"), "cpu");
+    let slots = SlotSet {
+        a: Slot::file(shm.0.join("a"), SIZE as u64),
+        b: Slot::file(shm.0.join("b"), SIZE as u64),
+        state_dir: shm.0.clone(),
+    };
+    let source = TcpChunkSource::new(addr, &vm);
+    let c0 = cpu();
+    for _ in 0..n {
+        let w =
+            SlotWriter::open(&slots, &BootState::new(SlotId::A), SlotId::B, vm.clone()).unwrap();
+        flash(
+            &source,
+            w,
+            &FlashOptions {
+                parallel: 4,
+                max_attempts: 3,
+            },
+            &|_| {},
+        )
+        .unwrap();
+    }
+    let flash_cpu = (cpu() - c0) / f64::from(n);
+    println!(
+        "image_flash/cpu: sha256 {:.1} ms, flash (server + client) {:.1} ms = {:.2} SHA-256 passes",
+        sha_cpu * 1e3,
+        flash_cpu * 1e3,
+        flash_cpu / sha_cpu
+    );
     server.stop();
 }
 
