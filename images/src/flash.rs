@@ -242,9 +242,6 @@ pub fn flash(
                             Ok(()) => {
                                 let d = done.fetch_add(1, Ordering::SeqCst) + 1;
                                 progress(FlashProgress { done: d, total });
-                                if let Err(e) = w.try_read_back() {
-                                    fail(e.into());
-                                }
                                 break;
                             }
                             Err(SlotError::ChunkRejected(_)) if attempts < max_attempts => {

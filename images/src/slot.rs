@@ -462,30 +462,11 @@ impl SlotWriter {
         }
     }
 
-    /// Like [`Self::read_back_ready`], but returns at once (false) when another thread is
-    /// already reading back: lets every flash worker take a turn at the in-order read-back.
-    pub fn try_read_back(&self) -> Result<bool, SlotError> {
-        match self.read_back.try_lock() {
-            Ok(mut g) => self.read_back_locked(&mut g, |_| false),
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                self.read_back_locked(&mut p.into_inner(), |_| false)
-            }
-            Err(std::sync::TryLockError::WouldBlock) => Ok(false),
-        }
-    }
-
     fn read_back_until(&self, stop: impl Fn(u32) -> bool) -> Result<bool, SlotError> {
-        let mut rb = lock_poisoned(&self.read_back);
-        self.read_back_locked(&mut rb, stop)
-    }
-
-    fn read_back_locked(
-        &self,
-        rb: &mut ReadBack,
-        stop: impl Fn(u32) -> bool,
-    ) -> Result<bool, SlotError> {
         let m = self.manifest.manifest();
         let count = m.chunk_count();
+        let mut rb = lock_poisoned(&self.read_back);
+        let rb = &mut *rb;
         while rb.next < count && !stop(rb.next) {
             if !lock_poisoned(&self.progress).done[rb.next as usize] {
                 return Ok(false);
