@@ -158,8 +158,8 @@ fn median_per<S, R>(per: usize, mut setup: impl FnMut() -> S, mut run: impl FnMu
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     let eal = Eal::init(EAL_ARGS).unwrap_or_else(|e| panic!("EAL init (root?): {e}"));
-    let pool = Mempool::pktmbuf(&eal, "fp_pool", 1023, 0, Mempool::DEFAULT_DATA_ROOM, None)
-        .unwrap();
+    let pool =
+        Mempool::pktmbuf(&eal, "fp_pool", 1023, 0, Mempool::DEFAULT_DATA_ROOM, None).unwrap();
     let port = |name: &str| {
         let id = Port::id_by_name(&eal, name).unwrap();
         let mut port = Port::configure(id, &pool, PortConfig::default()).unwrap();
@@ -185,8 +185,15 @@ fn main() {
             dpdk_report.refused.len(),
             dpdk_report.rounds,
         );
-        assert!(ref_report.refused.is_empty(), "the reference NIC refused rules");
-        assert_eq!(dpdk_report.refused.len(), dpdk_creates, "net_null accepted a rule");
+        assert!(
+            ref_report.refused.is_empty(),
+            "the reference NIC refused rules"
+        );
+        assert_eq!(
+            dpdk_report.refused.len(),
+            dpdk_creates,
+            "net_null accepted a rule"
+        );
         assert!(dpdk_report
             .refused
             .iter()

@@ -193,12 +193,21 @@ impl Rig<'_> {
         let mut checked = 0;
         for chunk in case.templates[..CROSS_CHECK].chunks(BURST) {
             self.fill_and_receive(chunk);
-            assert_eq!(self.rx.len(), chunk.len(), "{}: ring lost packets", case.name);
+            assert_eq!(
+                self.rx.len(),
+                chunk.len(),
+                "{}: ring lost packets",
+                case.name
+            );
             self.process(p, clock);
             for (i, (m, t)) in self.rx.iter().zip(chunk).enumerate() {
                 assert!(hb.load(t, HEADROOM));
                 let v = p.process(&mut hb, case.ingress, None, now_ns(clock));
-                assert_eq!(self.verdicts[i], v, "{}: verdict of template {i}", case.name);
+                assert_eq!(
+                    self.verdicts[i], v,
+                    "{}: verdict of template {i}",
+                    case.name
+                );
                 assert_eq!(m.data(), hb.data(), "{}: bytes of template {i}", case.name);
                 checked += 1;
             }
@@ -281,7 +290,11 @@ fn main() {
         }
     }
     // The count includes the lcore cache: every mbuf is back.
-    assert_eq!(pool.available(), POOL_SIZE, "mbufs not returned to the pool");
+    assert_eq!(
+        pool.available(),
+        POOL_SIZE,
+        "mbufs not returned to the pool"
+    );
 
     let mut g = c.benchmark_group("pipeline_dpdk");
     g.throughput(Throughput::Elements(BURST as u64));
@@ -308,7 +321,10 @@ fn main() {
     assert_eq!(rig.unexpected, 0);
     let base = medians[1].1;
     eprintln!("pipeline_dpdk: median of {PASSES} passes x {BURSTS_PER_PASS} bursts of {BURST}");
-    eprintln!("{:<14} {:>10} {:>8} {:>16}", "step", "ns/packet", "Mpps", "x io_fwd_fill");
+    eprintln!(
+        "{:<14} {:>10} {:>8} {:>16}",
+        "step", "ns/packet", "Mpps", "x io_fwd_fill"
+    );
     for (name, ns) in &medians {
         eprintln!(
             "{name:<14} {ns:>10.1} {:>8.2} {:>16.2}",

@@ -84,14 +84,20 @@ impl<'eal> Mempool<'eal> {
             return false;
         }
         // SAFETY: the array has room for `n` pointers; `self.raw` is a live pktmbuf pool.
-        let ret = unsafe { sys::rte_pktmbuf_alloc_bulk(self.raw.as_ptr(), raw.as_mut_ptr(), n as u32) };
+        let ret =
+            unsafe { sys::rte_pktmbuf_alloc_bulk(self.raw.as_ptr(), raw.as_mut_ptr(), n as u32) };
         if ret != 0 {
             return false;
         }
-        out.extend(raw.iter().take(n).filter_map(|m| NonNull::new(*m)).map(|raw| Mbuf {
-            raw,
-            _pool: PhantomData,
-        }));
+        out.extend(
+            raw.iter()
+                .take(n)
+                .filter_map(|m| NonNull::new(*m))
+                .map(|raw| Mbuf {
+                    raw,
+                    _pool: PhantomData,
+                }),
+        );
         true
     }
 
