@@ -20,7 +20,8 @@
 //!   `FlowTarget::create_rule`, nothing else: the target's own cost per rule.
 //! - `flowspec`: `dpdk::FlowSpec::new(rule)` alone (IR → owned `rte_flow` arrays).
 //!
-//! After criterion, a simple timing loop prints median ns per rule and the DPDK/RefNic ratios.
+//! After criterion, a simple timing loop (the rows taking turns within each pass) prints median
+//! ns per rule and the DPDK/RefNic ratios.
 
 use core::net::{IpAddr, Ipv4Addr};
 use std::hint::black_box;
@@ -139,20 +140,33 @@ fn refnic() -> RefNicTarget {
     RefNicTarget::new(RefNic::new(Caps::profile(Profile::Full)))
 }
 
-/// Median of `PASSES` timings of `run` (after an untimed `setup` each), divided by `per`.
-fn median_per<S, R>(per: usize, mut setup: impl FnMut() -> S, mut run: impl FnMut(S) -> R) -> f64 {
-    let mut t: Vec<f64> = (0..PASSES)
-        .map(|_| {
-            let s = setup();
-            let start = Instant::now();
-            let out = run(s);
-            let ns = start.elapsed().as_nanos() as f64;
-            drop(black_box(out));
-            ns / per as f64
+/// One timed run of `run` after an untimed `setup`, in ns per `per`.
+fn timed<S, R>(per: usize, setup: impl Fn() -> S, run: impl Fn(S) -> R) -> impl FnMut() -> f64 {
+    move || {
+        let s = setup();
+        let start = Instant::now();
+        let out = run(s);
+        let ns = start.elapsed().as_nanos() as f64;
+        drop(black_box(out));
+        ns / per as f64
+    }
+}
+
+/// Medians of `PASSES` passes in which the measurements take turns, so that load changes on
+/// the machine hit them alike.
+fn interleaved(runs: &mut [&mut dyn FnMut() -> f64]) -> Vec<f64> {
+    let mut t = vec![Vec::with_capacity(PASSES); runs.len()];
+    for _ in 0..PASSES {
+        for (run, times) in runs.iter_mut().zip(&mut t) {
+            times.push(run());
+        }
+    }
+    t.into_iter()
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[PASSES / 2]
         })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[PASSES / 2]
+        .collect()
 }
 
 fn main() {
@@ -259,7 +273,8 @@ fn main() {
         g.finish();
 
         // The same, side by side from one loop.
-        let prog_ref = median_per(
+        let dpdk_target = std::cell::RefCell::new(dpdk_target);
+        let mut prog_ref = timed(
             ref_creates,
             || (fresh_compiler(&model), refnic()),
             |(mut compiler, mut target)| {
@@ -267,7 +282,7 @@ fn main() {
                 (compiler, target)
             },
         );
-        let prog_dpdk = median_per(
+        let mut prog_dpdk = timed(
             dpdk_creates,
             || (fresh_compiler(&model), DpdkTarget::new(&ports)),
             |(mut compiler, mut target)| {
@@ -275,22 +290,23 @@ fn main() {
                 compiler
             },
         );
-        let create_ref = median_per(rules.len(), refnic, |mut target| {
+        let mut create_ref = timed(rules.len(), refnic, |mut target| {
             for (id, rule) in &rules {
                 target.create_rule(id, rule).unwrap();
             }
             target
         });
-        let create_dpdk = median_per(
+        let mut create_dpdk = timed(
             rules.len(),
             || (),
             |()| {
+                let mut target = dpdk_target.borrow_mut();
                 for (id, rule) in &rules {
-                    black_box(dpdk_target.create_rule(id, rule)).unwrap_err();
+                    black_box(target.create_rule(id, rule)).unwrap_err();
                 }
             },
         );
-        let spec = median_per(
+        let mut spec = timed(
             rules.len(),
             || (),
             |()| {
@@ -299,6 +315,16 @@ fn main() {
                 }
             },
         );
+        let m = interleaved(&mut [
+            &mut prog_ref,
+            &mut prog_dpdk,
+            &mut create_ref,
+            &mut create_dpdk,
+            &mut spec,
+        ]);
+        let [prog_ref, prog_dpdk, create_ref, create_dpdk, spec] = m[..] else {
+            unreachable!()
+        };
         summary.push(format!(
             "{n:>6} routes {:>6} rules | program ns/create: refnic {prog_ref:>7.0} dpdk \
              {prog_dpdk:>7.0} ({:.2}x) | create_rule ns: refnic {create_ref:>6.0} dpdk \

@@ -17,12 +17,16 @@
 //!   `net_null1`: the same with the fill step, the baseline of the rows below;
 //! - `ipv4_forward`, `nat44_napt`, `nat64`, `metered`: as `io_fwd_fill`, plus
 //!   `Pipeline::process_burst` over the received `dpdk::Mbuf`s; the `Tx` verdicts go to
-//!   `net_null1`, the rest are freed.
+//!   `net_null1`, the rest are freed;
+//! - `soft/reload_only`, `soft/<case>`: the `pipeline` bench's steps (`HeadroomBuf`s reloaded
+//!   from the same templates, `process_burst`), in the same process, so that the cost of the
+//!   pipeline on mbufs and on plain buffers can be compared from one run.
 //!
 //! Before timing, every template goes through the pipeline once (checking its verdict and
 //! creating the NAT sessions), and 256 per case go through both `HeadroomBuf` and mbufs, which
 //! must give the same verdicts and bytes. After criterion, a simple timing loop (21 passes) of
-//! the same steps prints the medians in ns/packet, Mpps and the ratio to `io_fwd_fill`.
+//! the same steps, taking turns within each pass, prints the medians in ns/packet, Mpps, the
+//! ratio to `io_fwd_fill` and each pipeline row's own cost (minus its buffer reload).
 
 #[path = "common/models.rs"]
 // Shared with `pipeline.rs`, which uses every case; this bench uses four.
@@ -67,14 +71,20 @@ enum Step<'c> {
     /// Fill from these templates, through the ring, to the sink.
     IoFwdFill(&'c Case),
     Pipeline(&'c Case),
+    /// `HeadroomBuf`s reloaded from these templates, as in the `pipeline` bench.
+    SoftReload(&'c Case),
+    /// The `pipeline` bench's step: reload `HeadroomBuf`s, `process_burst`.
+    Soft(&'c Case),
 }
 
 impl Step<'_> {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> String {
         match self {
-            Step::IoFwdNull => "io_fwd_null",
-            Step::IoFwdFill(_) => "io_fwd_fill",
-            Step::Pipeline(c) => c.name,
+            Step::IoFwdNull => "io_fwd_null".into(),
+            Step::IoFwdFill(_) => "io_fwd_fill".into(),
+            Step::Pipeline(c) => c.name.into(),
+            Step::SoftReload(_) => "soft/reload_only".into(),
+            Step::Soft(c) => format!("soft/{}", c.name),
         }
     }
 }
@@ -92,6 +102,8 @@ struct Rig<'a> {
     ingress: Vec<PortId>,
     marks: Vec<Option<u32>>,
     verdicts: Vec<Verdict>,
+    /// The software rows' buffers.
+    soft: Vec<HeadroomBuf>,
     cursor: usize,
     /// Packets that did not come back as expected (lost in a port, or a verdict other than
     /// `Tx` outside a tolerated drop): must stay 0.
@@ -147,7 +159,7 @@ impl Rig<'_> {
 
     /// Makes the per-packet inputs those of `step`.
     fn prepare(&mut self, step: Step<'_>) {
-        if let Step::Pipeline(case) = step {
+        if let Step::Pipeline(case) | Step::Soft(case) = step {
             self.ingress.fill(case.ingress);
         }
         self.cursor = 0;
@@ -182,6 +194,42 @@ impl Rig<'_> {
                 }
                 self.send();
             }
+            Step::SoftReload(case) => {
+                self.reload_soft(&case.templates);
+                black_box(now_ns(clock));
+                black_box(&mut self.soft);
+            }
+            Step::Soft(case) => {
+                self.reload_soft(&case.templates);
+                p.process_burst(
+                    &mut self.soft,
+                    &self.ingress,
+                    &self.marks,
+                    &mut self.verdicts,
+                    now_ns(clock),
+                );
+                let tolerated = case.tolerated;
+                self.unexpected += self
+                    .verdicts
+                    .iter()
+                    .filter(|v| match v {
+                        Verdict::Tx(_) => false,
+                        Verdict::Drop(r) => Some(*r) != tolerated,
+                        _ => true,
+                    })
+                    .count();
+            }
+        }
+    }
+
+    /// Refills the `HeadroomBuf`s from the next templates (the `pipeline` bench's reload).
+    #[inline]
+    fn reload_soft(&mut self, templates: &[Vec<u8>]) {
+        let mask = templates.len() - 1;
+        for b in &mut self.soft {
+            let ok = b.load(&templates[self.cursor & mask], HEADROOM);
+            debug_assert!(ok);
+            self.cursor = (self.cursor + 1) & mask;
         }
     }
 
@@ -218,20 +266,32 @@ impl Rig<'_> {
     }
 }
 
-/// Median ns per packet of `PASSES` passes of `BURSTS_PER_PASS` iterations.
-fn simple_timing(rig: &mut Rig<'_>, step: Step<'_>, p: &mut Pipeline, clock: &Instant) -> f64 {
-    rig.prepare(step);
-    let mut per_packet: Vec<f64> = (0..PASSES)
-        .map(|_| {
+/// Median ns per packet of each step over `PASSES` passes of `BURSTS_PER_PASS` iterations;
+/// the steps take turns within each pass, so load changes on the machine hit them alike.
+fn simple_timing(
+    rig: &mut Rig<'_>,
+    steps: &[Step<'_>],
+    p: &mut Pipeline,
+    clock: &Instant,
+) -> Vec<f64> {
+    let mut per_packet = vec![Vec::with_capacity(PASSES); steps.len()];
+    for _ in 0..PASSES {
+        for (&step, times) in steps.iter().zip(&mut per_packet) {
+            rig.prepare(step);
             let t = Instant::now();
             for _ in 0..BURSTS_PER_PASS {
                 rig.run(step, p, clock);
             }
-            t.elapsed().as_nanos() as f64 / (BURSTS_PER_PASS * BURST) as f64
+            times.push(t.elapsed().as_nanos() as f64 / (BURSTS_PER_PASS * BURST) as f64);
+        }
+    }
+    per_packet
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[PASSES / 2]
         })
-        .collect();
-    per_packet.sort_by(f64::total_cmp);
-    per_packet[PASSES / 2]
+        .collect()
 }
 
 fn main() {
@@ -273,6 +333,9 @@ fn main() {
         ingress: vec![PortId(0); BURST],
         marks: vec![None; BURST],
         verdicts: vec![Verdict::ToHost; BURST],
+        soft: (0..BURST)
+            .map(|_| HeadroomBuf::new(BUF_SIZE, HEADROOM))
+            .collect(),
         cursor: 0,
         unexpected: 0,
     };
@@ -283,6 +346,11 @@ fn main() {
         Step::Pipeline(&cases.nat44),
         Step::Pipeline(&cases.nat64),
         Step::Pipeline(&cases.metered),
+        Step::SoftReload(&cases.forward),
+        Step::Soft(&cases.forward),
+        Step::Soft(&cases.nat44),
+        Step::Soft(&cases.nat64),
+        Step::Soft(&cases.metered),
     ];
     for step in steps {
         if let Step::Pipeline(case) = step {
@@ -314,22 +382,38 @@ fn main() {
     c.final_summary();
 
     // Side by side from one loop, after criterion's runs (NAT sessions warm).
-    let medians: Vec<(&str, f64)> = steps
-        .iter()
-        .map(|&s| (s.name(), simple_timing(&mut rig, s, &mut p, &clock)))
-        .collect();
+    let medians = simple_timing(&mut rig, &steps, &mut p, &clock);
     assert_eq!(rig.unexpected, 0);
-    let base = medians[1].1;
-    eprintln!("pipeline_dpdk: median of {PASSES} passes x {BURSTS_PER_PASS} bursts of {BURST}");
+    let median = |want: &str| {
+        steps
+            .iter()
+            .zip(&medians)
+            .find(|(s, _)| s.name() == want)
+            .map(|(_, m)| *m)
+            .unwrap()
+    };
+    let fill = median("io_fwd_fill");
+    let reload = median("soft/reload_only");
     eprintln!(
-        "{:<14} {:>10} {:>8} {:>16}",
-        "step", "ns/packet", "Mpps", "x io_fwd_fill"
+        "pipeline_dpdk: median of {PASSES} interleaved passes x {BURSTS_PER_PASS} bursts of \
+         {BURST}; own = the step minus its buffer reload (io_fwd_fill for mbufs, \
+         soft/reload_only for HeadroomBuf)"
     );
-    for (name, ns) in &medians {
+    eprintln!(
+        "{:<24} {:>10} {:>8} {:>13} {:>8}",
+        "step", "ns/packet", "Mpps", "x io_fwd_fill", "own ns"
+    );
+    for (step, ns) in steps.iter().zip(&medians) {
+        let own = match step {
+            Step::Pipeline(_) => format!("{:.1}", ns - fill),
+            Step::Soft(_) => format!("{:.1}", ns - reload),
+            _ => String::new(),
+        };
         eprintln!(
-            "{name:<14} {ns:>10.1} {:>8.2} {:>16.2}",
+            "{:<24} {ns:>10.1} {:>8.2} {:>13.2} {own:>8}",
+            step.name(),
             1e3 / ns,
-            ns / base
+            ns / fill
         );
     }
     let stats = rig.null_tx.stats().unwrap();
