@@ -95,6 +95,11 @@ fn ring_port_delivers_injected_frames() {
     drop(rx);
     drop(port);
     drop(again);
+    // Never configured: the drop alone removes the port and the ring.
+    let ports = eal.port_count();
+    drop(RingPort::new(&eal, "unused", 64).expect("ring port"));
+    assert_eq!(eal.port_count(), ports);
+    drop(RingPort::new(&eal, "unused", 64).expect("name free again"));
     assert!(matches!(
         RingPort::new(&eal, "bad\0name", 64),
         Err(RingPortError::BadName)
