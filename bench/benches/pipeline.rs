@@ -3,15 +3,7 @@
 //!
 //! `cargo bench -p bench --bench pipeline`
 //!
-//! The model: a node with 2 uplinks; 1M IPv4 underlay routes (`internet_v4`) and 200k IPv6
-//! ones (`internet_v6`), each with one underlay next hop out of 8 gateways (4 per uplink); and
-//! four VPCs:
-//! - `nat` (port 10): `0.0.0.0/0 → Vrf{underlay}` with a NAPT44 pool of 4 addresses, and a
-//!   NAT64 rule for `64:ff9b::/96` with its own pool;
-//! - `metered` (port 20): `0.0.0.0/0 → Vrf{underlay}`, no NAT, a VPC meter at 80 Gbit/s;
-//! - `plain` (port 30): the same without the meter (the baseline for `metered`);
-//! - `overlay` (port 40): 256 routes `10.40.x.0/24` with VXLAN next hops to 16 remote VTEPs,
-//!   which resolve through the underlay.
+//! The model and the frames are those of `common/models.rs` (shared with `pipeline_dpdk`).
 //!
 //! Each iteration reloads 32 `HeadroomBuf`s from template frames (rotating through 4096
 //! templates with distinct random destinations), reads the clock once for `now_ns`, and runs
@@ -26,282 +18,17 @@
 //! the NAT sessions, so the timed runs reuse them); during timing, verdicts other than the
 //! expected `Tx` are counted and fail the bench afterwards.
 
-use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::collections::BTreeSet;
+#[path = "common/models.rs"]
+mod models;
+
 use std::hint::black_box;
 use std::time::Instant;
 
-use bench::tables::{internet_v4, internet_v6, lookup_keys_v4};
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use flow_offload::model::{
-    Change, Ipv4Range, MacAddr, Meter, MeterProfile, MeterTarget, Model, Name, NatKind, NatRule,
-    Nexthop, Node, PortId, Prefix, Route, RouteKey, TableId, Vni, Vpc, UNDERLAY_TABLE,
-};
-use flow_offload::packet::{
-    ethertype, ip_proto, EthernetFrame, EthernetRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
-    UdpPacket, UdpRepr,
-};
-use flow_offload::soft::{DropReason, HeadroomBuf, PacketBuf, Pipeline, PipelineLimits, Verdict};
-
-const V4_ROUTES: usize = 1_000_000;
-const V6_ROUTES: usize = 200_000;
-const SEED: u64 = 0x5eed;
-const BATCH: usize = 10_000;
-/// Packets per burst.
-const BURST: usize = 32;
-/// Distinct template frames per bench (a power of two).
-const TEMPLATES: usize = 4096;
-const HEADROOM: usize = 128;
-const BUF_SIZE: usize = 2048;
-/// UDP payload bytes: 14 + 20 + 8 + 18 = 60-byte IPv4 frames.
-const PAYLOAD: usize = 18;
-
-const UPLINKS: [PortId; 2] = [PortId(0), PortId(1)];
-const NAT_PORT: PortId = PortId(10);
-const METERED_PORT: PortId = PortId(20);
-const PLAIN_PORT: PortId = PortId(30);
-const OVERLAY_PORT: PortId = PortId(40);
-const GATEWAYS: usize = 8;
-const VTEP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const ROUTER_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x01]);
-const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
-const NAPT_POOL: Ipv4Range = Ipv4Range {
-    first: Ipv4Addr::new(203, 0, 113, 0),
-    last: Ipv4Addr::new(203, 0, 113, 3),
-};
-const NAT64_POOL: Ipv4Range = Ipv4Range {
-    first: Ipv4Addr::new(203, 0, 113, 16),
-    last: Ipv4Addr::new(203, 0, 113, 19),
-};
-/// The well-known NAT64 prefix 64:ff9b::/96.
-const NAT64_PREFIX: u128 = 0x0064_ff9b << 96;
-
-fn name(s: &str) -> Name {
-    Name::new(s).unwrap()
-}
-
-fn underlay_nh(i: usize, v6: bool) -> Nexthop {
-    let g = i % GATEWAYS;
-    let gateway = if v6 {
-        IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, g as u16 + 1))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(100, 64, 0, g as u8 + 1))
-    };
-    Nexthop::Underlay {
-        gateway,
-        port: UPLINKS[g % UPLINKS.len()],
-        mac: MacAddr([0x02, 0, 0, 0, 0x01, g as u8 + 1]),
-    }
-}
-
-fn route(table: TableId, prefix: Prefix, nh: Nexthop) -> Change {
-    Change::UpsertRoute(Route {
-        key: RouteKey { table, prefix },
-        nexthops: vec![nh],
-    })
-}
-
-fn breakout(table: u32) -> Change {
-    route(
-        TableId(table),
-        "0.0.0.0/0".parse().unwrap(),
-        Nexthop::Vrf {
-            table: UNDERLAY_TABLE,
-        },
-    )
-}
-
-fn build_model(v4: &[(u32, u8)]) -> Model {
-    let mut changes = vec![Change::SetNode(Node {
-        vtep: VTEP,
-        router_mac: ROUTER_MAC,
-        uplinks: UPLINKS.into_iter().collect(),
-    })];
-    changes.extend(v4.iter().enumerate().map(|(i, &(a, l))| {
-        route(
-            UNDERLAY_TABLE,
-            Prefix::v4(Ipv4Addr::from(a), l).unwrap(),
-            underlay_nh(i, false),
-        )
-    }));
-    changes.extend(
-        internet_v6(V6_ROUTES, SEED + 1)
-            .into_iter()
-            .enumerate()
-            .map(|(i, (a, l))| {
-                route(
-                    UNDERLAY_TABLE,
-                    Prefix::v6(Ipv6Addr::from(a), l).unwrap(),
-                    underlay_nh(i, true),
-                )
-            }),
-    );
-    let vpc = |n: &str, id: u32, port: PortId| {
-        Change::UpsertVpc(Vpc {
-            name: name(n),
-            vni: Vni::new(1000 + id).unwrap(),
-            table: TableId(id),
-            ports: BTreeSet::from([port]),
-        })
-    };
-    changes.extend([
-        vpc("nat", 100, NAT_PORT),
-        vpc("metered", 200, METERED_PORT),
-        vpc("plain", 300, PLAIN_PORT),
-        vpc("overlay", 400, OVERLAY_PORT),
-        breakout(100),
-        breakout(200),
-        breakout(300),
-        Change::UpsertNat(NatRule {
-            name: name("nat-napt44"),
-            vpc: name("nat"),
-            kind: NatKind::Napt44 {
-                pool: NAPT_POOL,
-                ports: (1024, 65535),
-            },
-        }),
-        Change::UpsertNat(NatRule {
-            name: name("nat-nat64"),
-            vpc: name("nat"),
-            kind: NatKind::Nat64 {
-                prefix: Prefix::v6(Ipv6Addr::from(NAT64_PREFIX), 96).unwrap(),
-                pool: NAT64_POOL,
-                ports: (1024, 65535),
-            },
-        }),
-        Change::UpsertMeter(Meter {
-            name: name("metered-ingress"),
-            // 80 Gbit/s with 1 GiB bursts: a single core stays far below it.
-            profile: MeterProfile::TrTcm {
-                cir: 10_000_000_000,
-                cbs: 1 << 30,
-                pir: 10_000_000_000,
-                pbs: 1 << 30,
-            },
-            target: MeterTarget::Vpc(name("metered")),
-        }),
-        // The remote VTEPs' underlay route.
-        route(
-            UNDERLAY_TABLE,
-            "198.51.100.0/24".parse().unwrap(),
-            underlay_nh(1, false),
-        ),
-    ]);
-    changes.extend((0..256u32).map(|x| {
-        route(
-            TableId(400),
-            Prefix::v4(Ipv4Addr::new(10, 40, x as u8, 0), 24).unwrap(),
-            Nexthop::Vxlan {
-                vni: Vni::new(1400).unwrap(),
-                remote_vtep: Ipv4Addr::new(198, 51, 100, 1 + (x % 16) as u8),
-                router_mac: MacAddr([0x02, 0, 0, 0, 0x04, 1 + (x % 16) as u8]),
-            },
-        )
-    }));
-    let mut model = Model::new();
-    for chunk in changes.chunks(BATCH) {
-        model.apply(chunk).unwrap();
-    }
-    model
-}
-
-/// An Ethernet/IPv4/UDP frame to our router MAC with a valid UDP checksum.
-fn udp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
-    let mut f = vec![0u8; EthernetRepr::HEADER_LEN + Ipv4Repr::HEADER_LEN + 8 + PAYLOAD];
-    EthernetRepr {
-        src: HOST_MAC,
-        dst: ROUTER_MAC.0,
-        ethertype: ethertype::IPV4,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut f[..]));
-    let ip = &mut f[EthernetRepr::HEADER_LEN..];
-    Ipv4Repr {
-        src,
-        dst,
-        protocol: ip_proto::UDP,
-        ttl: 64,
-        dscp_ecn: 0,
-        ident: 0,
-        dont_frag: true,
-        payload_len: 8 + PAYLOAD,
-    }
-    .emit(&mut Ipv4Packet::new_unchecked(&mut ip[..]));
-    let mut udp = UdpPacket::new_unchecked(&mut ip[Ipv4Repr::HEADER_LEN..]);
-    UdpRepr {
-        src_port: sport,
-        dst_port: dport,
-    }
-    .emit(&mut udp);
-    for (i, b) in udp.payload_mut().iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    udp.fill_checksum(src, dst);
-    f
-}
-
-/// An Ethernet/IPv6/UDP frame to our router MAC with a valid UDP checksum.
-fn udp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
-    let mut f = vec![0u8; EthernetRepr::HEADER_LEN + Ipv6Repr::HEADER_LEN + 8 + PAYLOAD];
-    EthernetRepr {
-        src: HOST_MAC,
-        dst: ROUTER_MAC.0,
-        ethertype: ethertype::IPV6,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut f[..]));
-    let ip = &mut f[EthernetRepr::HEADER_LEN..];
-    Ipv6Repr {
-        src,
-        dst,
-        next_header: ip_proto::UDP,
-        hop_limit: 64,
-        traffic_class: 0,
-        flow_label: 0,
-        payload_len: 8 + PAYLOAD,
-    }
-    .emit(&mut Ipv6Packet::new_unchecked(&mut ip[..]));
-    let mut udp = UdpPacket::new_unchecked(&mut ip[Ipv6Repr::HEADER_LEN..]);
-    UdpRepr {
-        src_port: sport,
-        dst_port: dport,
-    }
-    .emit(&mut udp);
-    for (i, b) in udp.payload_mut().iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    udp.fill_checksum(src, dst);
-    f
-}
-
-/// `TEMPLATES` random destinations the underlay table covers, outside our own addresses.
-fn destinations(model: &Model, v4: &[(u32, u8)]) -> Vec<Ipv4Addr> {
-    let ours = |a: Ipv4Addr| a == VTEP || NAPT_POOL.contains(a) || NAT64_POOL.contains(a);
-    let dsts: Vec<Ipv4Addr> = lookup_keys_v4(v4, TEMPLATES * 2, SEED + 2)
-        .into_iter()
-        .map(Ipv4Addr::from)
-        .filter(|a| !ours(*a) && model.lookup(UNDERLAY_TABLE, IpAddr::V4(*a)).is_some())
-        .take(TEMPLATES)
-        .collect();
-    assert_eq!(dsts.len(), TEMPLATES, "not enough covered destinations");
-    dsts
-}
-
-/// A host address numbered `i` inside `10.net.0.0/16`.
-fn host(net: u8, i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, net, (i >> 8) as u8, i as u8)
-}
-
-/// One benchmark's input: frames and the port they arrive on.
-struct Case {
-    name: &'static str,
-    ingress: PortId,
-    templates: Vec<Vec<u8>>,
-    /// Bytes the pipeline adds to each frame (VXLAN encapsulation) or removes (NAT64).
-    growth: isize,
-    /// The verdict is allowed to be this drop instead of `Tx` (with a warning): for a path
-    /// whose library code is known to be unfinished.
-    tolerated: Option<DropReason>,
-}
+use flow_offload::model::PortId;
+use flow_offload::soft::{HeadroomBuf, Pipeline, Verdict};
+use models::{now_ns, precheck, Case, BUF_SIZE, BURST, HEADROOM, UPLINKS};
 
 struct Burst {
     bufs: Vec<HeadroomBuf>,
@@ -334,53 +61,6 @@ impl Burst {
             self.cursor = (self.cursor + 1) & mask;
         }
     }
-}
-
-fn now_ns(clock: &Instant) -> u64 {
-    clock.elapsed().as_nanos() as u64
-}
-
-/// Processes every template once and checks the verdicts. Returns whether the case is
-/// measuring its tolerated drop instead of forwarding.
-fn precheck(p: &mut Pipeline, case: &Case, clock: &Instant) -> bool {
-    let mut buf = HeadroomBuf::new(BUF_SIZE, HEADROOM);
-    let mut tolerated = 0usize;
-    for (i, t) in case.templates.iter().enumerate() {
-        assert!(buf.load(t, HEADROOM), "template does not fit");
-        let v = p.process(&mut buf, case.ingress, None, now_ns(clock));
-        match v {
-            Verdict::Tx(port) if UPLINKS.contains(&port) => {
-                let want = t.len() as isize + case.growth;
-                assert_eq!(
-                    buf.data().len() as isize,
-                    want,
-                    "pipeline/{}: template {i} forwarded with an unexpected length",
-                    case.name
-                );
-            }
-            Verdict::Drop(r) if Some(r) == case.tolerated => tolerated += 1,
-            other => panic!(
-                "pipeline/{}: template {i} should be sent on an uplink, got {other:?}",
-                case.name
-            ),
-        }
-    }
-    if tolerated == 0 {
-        return false;
-    }
-    assert_eq!(
-        tolerated,
-        case.templates.len(),
-        "pipeline/{}: some but not all templates dropped",
-        case.name
-    );
-    eprintln!(
-        "WARNING: pipeline/{}: every packet is dropped with {:?}; the bench measures the drop \
-         path (is packet::xlat still a stub?), not forwarding",
-        case.name,
-        case.tolerated.unwrap()
-    );
-    true
 }
 
 fn bench_case(
@@ -417,69 +97,7 @@ fn bench_case(
 }
 
 fn benches(c: &mut Criterion) {
-    let start = Instant::now();
-    let v4 = internet_v4(V4_ROUTES, SEED);
-    let model = build_model(&v4);
-    eprintln!(
-        "pipeline: model of {} routes built in {:.2} s",
-        model.routes().len(),
-        start.elapsed().as_secs_f64()
-    );
-    let start = Instant::now();
-    let mut p = Pipeline::new(&model, PipelineLimits::default(), SEED).unwrap();
-    eprintln!(
-        "pipeline: tables built in {:.2} s",
-        start.elapsed().as_secs_f64()
-    );
-    let dsts = destinations(&model, &v4);
-    drop(v4);
-
-    let case = |name, ingress, growth, f: &dyn Fn(usize, Ipv4Addr) -> Vec<u8>| Case {
-        name,
-        ingress,
-        templates: dsts.iter().enumerate().map(|(i, d)| f(i, *d)).collect(),
-        growth,
-        tolerated: None,
-    };
-    let forward = case("ipv4_forward", UPLINKS[0], 0, &|i, d| {
-        udp4(
-            Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8),
-            d,
-            40000,
-            443,
-        )
-    });
-    let nat44 = case("nat44_napt", NAT_PORT, 0, &|i, d| {
-        udp4(host(1, i), d, 40000, 443)
-    });
-    let mut nat64 = case("nat64", NAT_PORT, -20, &|i, d| {
-        let src = Ipv6Addr::from((0x2001_0db8_0100u128 << 80) | i as u128);
-        let dst = Ipv6Addr::from(NAT64_PREFIX | u128::from(u32::from(d)));
-        udp6(src, dst, 40000, 443)
-    });
-    nat64.tolerated = Some(DropReason::Untranslatable);
-    let metered = case("metered", METERED_PORT, 0, &|i, d| {
-        udp4(host(2, i), d, 40000, 443)
-    });
-    let plain = case("vpc_breakout", PLAIN_PORT, 0, &|i, d| {
-        udp4(host(3, i), d, 40000, 443)
-    });
-    let vxlan = case("vxlan_encap", OVERLAY_PORT, 50, &|i, _| {
-        // Destinations spread over the 256 overlay routes (and so over the 16 VTEPs).
-        let d = Ipv4Addr::new(10, 40, i as u8, (i >> 8) as u8 + 1);
-        udp4(host(4, i), d, 40000, 443)
-    });
-
-    // Diagnostic: the forward path with only 32 destinations, so the LPM groups and route
-    // entries they touch stay in cache. The gap to `ipv4_forward` is memory stalls.
-    let forward_hot = Case {
-        name: "ipv4_forward_hot32",
-        ingress: forward.ingress,
-        templates: forward.templates[..BURST].to_vec(),
-        growth: 0,
-        tolerated: None,
-    };
-
+    let (mut p, cases) = models::setup("pipeline");
     let clock = Instant::now();
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Elements(BURST as u64));
@@ -487,20 +105,20 @@ fn benches(c: &mut Criterion) {
         let mut burst = Burst::new(UPLINKS[0]);
         g.bench_function("reload_only", |b| {
             b.iter(|| {
-                burst.reload(&forward.templates);
+                burst.reload(&cases.forward.templates);
                 black_box(now_ns(&clock));
                 black_box(&mut burst.bufs);
             })
         });
     }
     for case in [
-        &forward,
-        &forward_hot,
-        &nat44,
-        &nat64,
-        &metered,
-        &plain,
-        &vxlan,
+        &cases.forward,
+        &cases.forward_hot,
+        &cases.nat44,
+        &cases.nat64,
+        &cases.metered,
+        &cases.plain,
+        &cases.vxlan,
     ] {
         bench_case(&mut g, &mut p, case, &clock);
     }

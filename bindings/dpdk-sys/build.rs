@@ -32,6 +32,13 @@ fn main() {
         )),
     };
     println!("cargo:version={}", lib.version);
+    // `libdpdk.pc` lists the core libraries only; the net_ring PMD (rte_eth_from_rings) and the
+    // vdev bus (rte_vdev_uninit) are driver libraries. In Debian's shared build they live in
+    // the PMD directory EAL dlopens at init, with symlinks in the library directory, so linking
+    // them loads the same file EAL would (no double registration).
+    for driver in ["rte_net_ring", "rte_bus_vdev"] {
+        println!("cargo:rustc-link-lib=dylib={driver}");
+    }
 
     // The pkg-config crate only keeps -I/-D from --cflags; DPDK also needs
     // `-include rte_config.h` and `-march=...`, so take the raw flags.

@@ -12,6 +12,10 @@
 #include <rte_mtr.h>
 #include <rte_lpm.h>
 #include <rte_fib.h>
+#include <rte_ring.h>
+/* Ring-backed ethdev ports (net_ring PMD) and the vdev bus to remove them. */
+#include <rte_eth_ring.h>
+#include <rte_bus_vdev.h>
 
 /* Shims for things bindgen cannot reach (macros / TLS variables). */
 int dpdk_sys_errno(void);

@@ -3,7 +3,8 @@
 //! [`flow_validate`] with a typed [`FlowRefusal`] naming the refused
 //! item/action; IR rules ([`flow_offload::ir::Rule`]) become owned `rte_flow`
 //! arrays ([`FlowSpec`]) for [`Port::flow_validate`] / [`Port::flow_create`]
-//! (an RAII [`Flow`]).
+//! (an RAII [`Flow`]). [`RingPort`]s are ports over an `rte_ring`, to feed chosen frames
+//! through the rx path without a NIC.
 //!
 //! Ownership follows lifetimes: mempools borrow the `Eal`, ports and mbufs
 //! borrow their mempool, so dropping happens in the only safe order
@@ -19,6 +20,7 @@ mod mempool;
 mod meter;
 mod port;
 mod probe;
+mod ring;
 mod rule;
 mod target;
 
@@ -34,5 +36,6 @@ pub use port::{Port, PortConfig, PortError, PortStats, Queue, MAX_BURST};
 pub use probe::{
     probe, Probe, ProbeAnswer, DEFAULT_MAX_GROUPS, DEFAULT_MAX_RULES, PROBED_PRIORITIES,
 };
+pub use ring::{RingPort, RingPortError};
 pub use rule::{Flow, FlowError, FlowSpec, VXLAN_UDP_PORT};
 pub use target::{refusal_of, DpdkTarget};

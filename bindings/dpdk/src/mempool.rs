@@ -74,6 +74,33 @@ impl<'eal> Mempool<'eal> {
         })
     }
 
+    /// Take `n` mbufs (at most [`crate::MAX_BURST`]) in one call, appending them to `out`
+    /// (no allocation when `out` has the capacity): all or nothing, false when the pool has
+    /// fewer than `n` free or `n` is too large.
+    pub fn alloc_bulk<'a>(&'a self, out: &mut Vec<Mbuf<'a>>, n: usize) -> bool {
+        let mut raw: [*mut sys::rte_mbuf; crate::MAX_BURST] =
+            [std::ptr::null_mut(); crate::MAX_BURST];
+        if n > raw.len() {
+            return false;
+        }
+        // SAFETY: the array has room for `n` pointers; `self.raw` is a live pktmbuf pool.
+        let ret =
+            unsafe { sys::rte_pktmbuf_alloc_bulk(self.raw.as_ptr(), raw.as_mut_ptr(), n as u32) };
+        if ret != 0 {
+            return false;
+        }
+        out.extend(
+            raw.iter()
+                .take(n)
+                .filter_map(|m| NonNull::new(*m))
+                .map(|raw| Mbuf {
+                    raw,
+                    _pool: PhantomData,
+                }),
+        );
+        true
+    }
+
     pub(crate) fn as_ptr(&self) -> *mut sys::rte_mempool {
         self.raw.as_ptr()
     }

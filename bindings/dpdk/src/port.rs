@@ -39,6 +39,12 @@ fn claim(id: u16) -> bool {
     g.get_or_insert_with(HashSet::new).insert(id)
 }
 
+/// Whether a live `Port` manages `id`.
+pub(crate) fn is_claimed(id: u16) -> bool {
+    let g = CLAIMED.lock().unwrap_or_else(PoisonError::into_inner);
+    g.as_ref().is_some_and(|set| set.contains(&id))
+}
+
 fn release(id: u16) {
     let mut g = CLAIMED.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(set) = g.as_mut() {
