@@ -1,0 +1,689 @@
+//! zebra's view as we received it (routes by table and prefix, nexthop objects, EVPN router
+//! MACs), turned into the model's routes.
+//!
+//! Each zebra route is evaluated into one of three outcomes:
+//! - **installed**: a model [`Route`] was emitted as [`Change::UpsertRoute`];
+//! - **pending**: it names a nexthop id not defined yet (FRR 8.4 does this with nexthop groups
+//!   on) or a VTEP whose router MAC has not arrived; it is re-evaluated when that arrives;
+//! - **unattributed**: it is not the DPU's (no table mapping, an interface that is no DPU port,
+//!   a directly connected route, an unknown gateway MAC). It is kept for feedback, not emitted.
+//!
+//! A route that was installed and later becomes pending keeps its last model route: a
+//! transient gap in zebra's nexthop objects must not withdraw traffic that is flowing.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::{IpAddr, Ipv4Addr};
+
+use flow_offload::model::{
+    Change, MacAddr, Nexthop, PortId, Prefix, Route, RouteKey, TableId, Vni, MAX_ECMP,
+};
+
+use super::decode::{
+    FpmEvent, NeighbourUpdate, NexthopKind, PathSpec, RouteKind, RouteNexthops, RouteUpdate,
+    AF_BRIDGE,
+};
+
+/// A small multiplicative hasher: the keys come from zebra (trusted), and SipHash would cost
+/// a third of the ingest time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u16(&mut self, i: u16) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+type FastSet<K> = HashSet<K, BuildHasherDefault<FastHasher>>;
+
+/// What the host agent knows that zebra does not say: which model table and DPU port a zebra
+/// route belongs to.
+pub trait Attribution {
+    /// The model table of a route in zebra table `zebra_table`. `hint` is the first path's VNI
+    /// or interface: with netns VRFs every VRF arrives as table 254, so the table alone cannot
+    /// tell a VPC's routes from the underlay's.
+    fn table(&self, zebra_table: u32, hint: PathHint) -> Option<TableId>;
+    /// The DPU port behind a host interface, if it is one.
+    fn port(&self, ifindex: u32) -> Option<PortId>;
+    /// The resolved link-layer address of an underlay gateway.
+    fn gateway_mac(&self, gateway: IpAddr, ifindex: u32) -> Option<MacAddr>;
+}
+
+/// What a route's first path says about where it belongs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PathHint {
+    /// Nothing (blackholes).
+    None,
+    /// The outgoing interface.
+    Ifindex(u32),
+    /// The VXLAN VNI (EVPN).
+    Vni(u32),
+}
+
+/// A fixed-map [`Attribution`]: by VNI first, then by interface, then by zebra table.
+#[derive(Debug, Clone, Default)]
+pub struct StaticAttribution {
+    /// zebra table → model table.
+    pub tables: HashMap<u32, TableId>,
+    /// VNI → model table.
+    pub vnis: HashMap<u32, TableId>,
+    /// Interface → model table (netns VRFs).
+    pub ifindex_tables: HashMap<u32, TableId>,
+    /// Interface → DPU port.
+    pub ports: HashMap<u32, PortId>,
+    /// Gateway → MAC.
+    pub macs: HashMap<IpAddr, MacAddr>,
+    /// MAC for gateways not in `macs` (tests that do not care).
+    pub default_mac: Option<MacAddr>,
+}
+
+impl Attribution for StaticAttribution {
+    fn table(&self, zebra_table: u32, hint: PathHint) -> Option<TableId> {
+        let by_hint = match hint {
+            PathHint::Vni(v) => self.vnis.get(&v),
+            PathHint::Ifindex(i) => self.ifindex_tables.get(&i),
+            PathHint::None => None,
+        };
+        by_hint.or_else(|| self.tables.get(&zebra_table)).copied()
+    }
+    fn port(&self, ifindex: u32) -> Option<PortId> {
+        self.ports.get(&ifindex).copied()
+    }
+    fn gateway_mac(&self, gateway: IpAddr, _ifindex: u32) -> Option<MacAddr> {
+        self.macs.get(&gateway).copied().or(self.default_mac)
+    }
+}
+
+/// zebra's identity of a route: what feedback must echo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ZebraRoute {
+    /// zebra's table id.
+    pub table: u32,
+    /// The prefix.
+    pub prefix: Prefix,
+    /// `rtm_protocol` as zebra sent it.
+    pub protocol: u8,
+}
+
+/// Why a route is not the DPU's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unattributed {
+    /// No model table for its zebra table / VNI / interface.
+    NoTable,
+    /// Its interface is not a DPU port.
+    NoPort(u32),
+    /// No MAC known for its gateway.
+    NoGatewayMac(IpAddr),
+    /// Directly connected (no gateway): the DPU model has no attached-subnet nexthop.
+    Connected,
+    /// No nexthop at all.
+    NoNexthop,
+    /// A VNI out of range or a VXLAN path without an IPv4 VTEP.
+    BadVxlan,
+    /// Not a forwarding route (local, broadcast, ...).
+    NotForwarding(u8),
+}
+
+/// Where one zebra route stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteState {
+    /// Emitted as this model route.
+    Installed(RouteKey),
+    /// Waiting for a nexthop id or router MAC (maybe still installed from before).
+    Pending {
+        /// What it waits for.
+        waiting: Wait,
+        /// The model route still in force, if any.
+        installed: Option<RouteKey>,
+    },
+    /// Not the DPU's.
+    Unattributed(Unattributed),
+}
+
+/// What a pending route waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Wait {
+    /// A nexthop object id.
+    NexthopId(u32),
+    /// The router MAC of a remote VTEP.
+    RouterMac(Ipv4Addr),
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RibStats {
+    /// zebra routes known.
+    pub routes: u64,
+    /// Nexthop objects known.
+    pub nexthops: u64,
+    /// Routes currently pending.
+    pub pending: u64,
+    /// Times a route referenced a nexthop id never defined (FRR 8.4 does this).
+    pub unknown_nexthop_refs: u64,
+    /// Routes currently unattributed.
+    pub unattributed: u64,
+    /// Two zebra routes mapped to the same model route (the later one wins).
+    pub conflicts: u64,
+    /// Routes with more than `MAX_ECMP` paths (the first ones are kept).
+    pub truncated_ecmp: u64,
+    /// Deletes for routes we never had.
+    pub unknown_deletes: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    update: RouteUpdate,
+    state: RouteState,
+    vteps: Vec<Ipv4Addr>,
+    generation: u64,
+}
+
+/// Changes for the model, coalesced per route: the last change to a key wins, so zebra's
+/// delete-then-add of one update never reaches the DPU as a flap.
+#[derive(Debug, Default)]
+pub struct ChangeBatch {
+    changes: Vec<Change>,
+    index: FastMap<RouteKey, usize>,
+}
+
+impl ChangeBatch {
+    /// An empty batch.
+    pub fn new() -> ChangeBatch {
+        ChangeBatch::default()
+    }
+
+    fn put(&mut self, key: RouteKey, c: Change) {
+        match self.index.get(&key) {
+            Some(&i) => {
+                if let Some(slot) = self.changes.get_mut(i) {
+                    *slot = c;
+                }
+            }
+            None => {
+                self.index.insert(key, self.changes.len());
+                self.changes.push(c);
+            }
+        }
+    }
+
+    /// Number of changes.
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    /// Whether there is nothing to apply.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// The changes, in first-touched order.
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+
+    /// Take the changes, leaving the batch empty.
+    pub fn take(&mut self) -> Vec<Change> {
+        self.index.clear();
+        std::mem::take(&mut self.changes)
+    }
+}
+
+type ZKey = (u32, Prefix);
+
+/// The routes, nexthop objects and router MACs zebra sent.
+#[derive(Debug, Default)]
+pub struct Rib {
+    routes: FastMap<ZKey, Entry>,
+    nexthops: FastMap<u32, NexthopKind>,
+    nh_users: FastMap<u32, FastSet<ZKey>>,
+    groups_of: FastMap<u32, FastSet<u32>>,
+    vtep_users: FastMap<Ipv4Addr, FastSet<ZKey>>,
+    rmacs: FastMap<Ipv4Addr, MacAddr>,
+    by_model: FastMap<RouteKey, ZKey>,
+    generation: u64,
+    stats: RibStats,
+}
+
+enum Outcome {
+    Route(Route, Vec<Ipv4Addr>),
+    Pending(Wait, Vec<Ipv4Addr>),
+    Unattributed(Unattributed),
+}
+
+impl Rib {
+    /// An empty RIB.
+    pub fn new() -> Rib {
+        Rib::default()
+    }
+
+    /// Counters (gauges computed now).
+    pub fn stats(&self) -> RibStats {
+        let mut s = self.stats;
+        s.routes = self.routes.len() as u64;
+        s.nexthops = self.nexthops.len() as u64;
+        s.pending = 0;
+        s.unattributed = 0;
+        for e in self.routes.values() {
+            match e.state {
+                RouteState::Pending { .. } => s.pending += 1,
+                RouteState::Unattributed(_) => s.unattributed += 1,
+                RouteState::Installed(_) => {}
+            }
+        }
+        s
+    }
+
+    /// zebra's identity of the zebra route behind a model route, for feedback.
+    pub fn zebra_route(&self, key: &RouteKey) -> Option<ZebraRoute> {
+        let z = self.by_model.get(key)?;
+        let e = self.routes.get(z)?;
+        Some(ZebraRoute {
+            table: z.0,
+            prefix: z.1,
+            protocol: e.update.protocol,
+        })
+    }
+
+    /// Every zebra route with its state (for re-acknowledging after a reconnect).
+    pub fn routes(&self) -> impl Iterator<Item = (ZebraRoute, RouteState)> + '_ {
+        self.routes.iter().map(|(z, e)| {
+            (
+                ZebraRoute {
+                    table: z.0,
+                    prefix: z.1,
+                    protocol: e.update.protocol,
+                },
+                e.state,
+            )
+        })
+    }
+
+    /// The state of one zebra route.
+    pub fn state(&self, table: u32, prefix: Prefix) -> Option<RouteState> {
+        self.routes.get(&(table, prefix)).map(|e| e.state)
+    }
+
+    /// The router MAC known for a remote VTEP.
+    pub fn router_mac(&self, vtep: Ipv4Addr) -> Option<MacAddr> {
+        self.rmacs.get(&vtep).copied()
+    }
+
+    /// zebra reconnected and replays everything: routes not replayed before
+    /// [`Rib::end_resync`] are removed then.
+    pub fn begin_resync(&mut self) {
+        self.generation += 1;
+    }
+
+    /// Remove the routes zebra did not replay since [`Rib::begin_resync`].
+    pub fn end_resync(&mut self, attr: &dyn Attribution, out: &mut ChangeBatch) {
+        let stale: Vec<ZKey> = self
+            .routes
+            .iter()
+            .filter(|(_, e)| e.generation < self.generation)
+            .map(|(k, _)| *k)
+            .collect();
+        for z in stale {
+            self.delete_route(z, attr, out);
+        }
+    }
+
+    /// Apply a batch of events.
+    pub fn apply_all<'a>(
+        &mut self,
+        events: impl IntoIterator<Item = &'a FpmEvent>,
+        attr: &dyn Attribution,
+        out: &mut ChangeBatch,
+    ) {
+        for ev in events {
+            self.apply(ev, attr, out);
+        }
+    }
+
+    /// Apply one event; model changes go to `out`.
+    pub fn apply(&mut self, ev: &FpmEvent, attr: &dyn Attribution, out: &mut ChangeBatch) {
+        match ev {
+            FpmEvent::Route(r) => self.upsert_route(r.clone(), attr, out),
+            FpmEvent::RouteDeleted(d) => {
+                let z = (d.table, d.prefix);
+                if self.routes.contains_key(&z) {
+                    self.delete_route(z, attr, out);
+                } else {
+                    self.stats.unknown_deletes += 1;
+                }
+            }
+            FpmEvent::Nexthop(n) => {
+                if let Some(NexthopKind::Group(old)) = self.nexthops.get(&n.id) {
+                    for (m, _) in old.clone() {
+                        if let Some(s) = self.groups_of.get_mut(&m) {
+                            s.remove(&n.id);
+                        }
+                    }
+                }
+                if let NexthopKind::Group(g) = &n.kind {
+                    for (m, _) in g {
+                        self.groups_of.entry(*m).or_default().insert(n.id);
+                    }
+                }
+                self.nexthops.insert(n.id, n.kind.clone());
+                self.reevaluate_nexthop(n.id, attr, out);
+            }
+            FpmEvent::NexthopDeleted(id) => {
+                if let Some(NexthopKind::Group(old)) = self.nexthops.remove(id) {
+                    for (m, _) in old {
+                        if let Some(s) = self.groups_of.get_mut(&m) {
+                            s.remove(id);
+                        }
+                    }
+                }
+                self.reevaluate_nexthop(*id, attr, out);
+            }
+            FpmEvent::Neighbour(n) => {
+                if let Some((vtep, mac)) = router_mac(n) {
+                    if self.rmacs.insert(vtep, mac) != Some(mac) {
+                        self.reevaluate_vtep(vtep, attr, out);
+                    }
+                }
+            }
+            FpmEvent::NeighbourDeleted(n) => {
+                // Keep forwarding with the last MAC: EVPN withdraws the routes themselves.
+                if let Some((vtep, _)) = router_mac(n) {
+                    self.rmacs.remove(&vtep);
+                }
+            }
+        }
+    }
+
+    fn reevaluate_nexthop(&mut self, id: u32, attr: &dyn Attribution, out: &mut ChangeBatch) {
+        let mut affected: Vec<ZKey> = Vec::new();
+        if let Some(u) = self.nh_users.get(&id) {
+            affected.extend(u.iter().copied());
+        }
+        if let Some(groups) = self.groups_of.get(&id) {
+            for g in groups {
+                if let Some(u) = self.nh_users.get(g) {
+                    affected.extend(u.iter().copied());
+                }
+            }
+        }
+        self.reevaluate(affected, attr, out);
+    }
+
+    fn reevaluate_vtep(&mut self, vtep: Ipv4Addr, attr: &dyn Attribution, out: &mut ChangeBatch) {
+        let affected: Vec<ZKey> = self
+            .vtep_users
+            .get(&vtep)
+            .map(|u| u.iter().copied().collect())
+            .unwrap_or_default();
+        self.reevaluate(affected, attr, out);
+    }
+
+    fn reevaluate(&mut self, keys: Vec<ZKey>, attr: &dyn Attribution, out: &mut ChangeBatch) {
+        for z in keys {
+            if let Some(e) = self.routes.get(&z) {
+                let update = e.update.clone();
+                let generation = e.generation;
+                self.install(z, update, generation, attr, out);
+            }
+        }
+    }
+
+    fn upsert_route(&mut self, r: RouteUpdate, attr: &dyn Attribution, out: &mut ChangeBatch) {
+        let z = (r.table, r.prefix);
+        let generation = self.generation;
+        self.install(z, r, generation, attr, out);
+    }
+
+    fn install(
+        &mut self,
+        z: ZKey,
+        update: RouteUpdate,
+        generation: u64,
+        attr: &dyn Attribution,
+        out: &mut ChangeBatch,
+    ) {
+        let outcome = self.evaluate(&update, attr);
+        let old = self.routes.remove(&z);
+        let old_installed = old.as_ref().and_then(|e| installed_key(&e.state));
+        if let Some(o) = &old {
+            self.unindex(z, o);
+        }
+        let (state, vteps) = match outcome {
+            Outcome::Route(route, vteps) => {
+                let key = route.key;
+                if let Some(k) = old_installed.filter(|k| *k != key) {
+                    self.withdraw(z, k, out);
+                }
+                if let Some(other) = self.by_model.insert(key, z) {
+                    if other != z {
+                        self.stats.conflicts += 1;
+                        tracing::warn!(model = ?key, zebra_table = z.0, other_table = other.0,
+                            "FPM: two zebra routes map to one model route; the later wins");
+                    }
+                }
+                out.put(key, Change::UpsertRoute(route));
+                (RouteState::Installed(key), vteps)
+            }
+            Outcome::Pending(waiting, vteps) => {
+                if let Wait::NexthopId(id) = waiting {
+                    self.stats.unknown_nexthop_refs += 1;
+                    tracing::warn!(nexthop_id = id, prefix = %z.1, table = z.0,
+                        "FPM: route names an undefined nexthop id; pending until it arrives");
+                }
+                (
+                    RouteState::Pending {
+                        waiting,
+                        installed: old_installed,
+                    },
+                    vteps,
+                )
+            }
+            Outcome::Unattributed(why) => {
+                if let Some(k) = old_installed {
+                    self.withdraw(z, k, out);
+                }
+                (RouteState::Unattributed(why), Vec::new())
+            }
+        };
+        let entry = Entry {
+            update,
+            state,
+            vteps,
+            generation,
+        };
+        self.index(z, &entry);
+        self.routes.insert(z, entry);
+    }
+
+    fn withdraw(&mut self, z: ZKey, key: RouteKey, out: &mut ChangeBatch) {
+        // Only the zebra route that owns the model route may withdraw it.
+        if self.by_model.get(&key) == Some(&z) {
+            self.by_model.remove(&key);
+            out.put(key, Change::DeleteRoute(key));
+        }
+    }
+
+    fn delete_route(&mut self, z: ZKey, _attr: &dyn Attribution, out: &mut ChangeBatch) {
+        if let Some(e) = self.routes.remove(&z) {
+            self.unindex(z, &e);
+            if let Some(k) = installed_key(&e.state) {
+                self.withdraw(z, k, out);
+            }
+        }
+    }
+
+    fn index(&mut self, z: ZKey, e: &Entry) {
+        if let RouteNexthops::Id(id) = e.update.nexthops {
+            self.nh_users.entry(id).or_default().insert(z);
+        }
+        for v in &e.vteps {
+            self.vtep_users.entry(*v).or_default().insert(z);
+        }
+    }
+
+    fn unindex(&mut self, z: ZKey, e: &Entry) {
+        if let RouteNexthops::Id(id) = e.update.nexthops {
+            if let Some(s) = self.nh_users.get_mut(&id) {
+                s.remove(&z);
+                if s.is_empty() {
+                    self.nh_users.remove(&id);
+                }
+            }
+        }
+        for v in &e.vteps {
+            if let Some(s) = self.vtep_users.get_mut(v) {
+                s.remove(&z);
+                if s.is_empty() {
+                    self.vtep_users.remove(v);
+                }
+            }
+        }
+    }
+
+    fn evaluate(&mut self, r: &RouteUpdate, attr: &dyn Attribution) -> Outcome {
+        match r.kind {
+            RouteKind::Unicast => {}
+            k if k.drops() => return self.blackhole(r, attr),
+            RouteKind::Other(t) => return Outcome::Unattributed(Unattributed::NotForwarding(t)),
+            _ => return Outcome::Unattributed(Unattributed::NotForwarding(0)),
+        }
+        let mut paths: Vec<PathSpec> = Vec::new();
+        match &r.nexthops {
+            RouteNexthops::Paths(p) => paths.extend_from_slice(p),
+            RouteNexthops::Id(id) => match self.nexthops.get(id) {
+                None => return Outcome::Pending(Wait::NexthopId(*id), Vec::new()),
+                Some(NexthopKind::Blackhole) => return self.blackhole(r, attr),
+                Some(NexthopKind::Single(s)) => paths.push(*s),
+                Some(NexthopKind::Group(g)) => {
+                    for (m, weight) in g {
+                        match self.nexthops.get(m) {
+                            Some(NexthopKind::Single(s)) => paths.push(PathSpec {
+                                weight: *weight,
+                                ..*s
+                            }),
+                            // A blackhole member drops its share: not expressible, skip it.
+                            Some(NexthopKind::Blackhole) => {}
+                            Some(NexthopKind::Group(_)) => {}
+                            None => return Outcome::Pending(Wait::NexthopId(*m), Vec::new()),
+                        }
+                    }
+                }
+            },
+        }
+        let Some(first) = paths.first() else {
+            return Outcome::Unattributed(Unattributed::NoNexthop);
+        };
+        let hint = match (first.vni, first.ifindex) {
+            (Some(v), _) => PathHint::Vni(v),
+            (None, 0) => PathHint::None,
+            (None, i) => PathHint::Ifindex(i),
+        };
+        let Some(table) = attr.table(r.table, hint) else {
+            return Outcome::Unattributed(Unattributed::NoTable);
+        };
+        let mut nexthops = Vec::with_capacity(paths.len());
+        let mut vteps = Vec::new();
+        let mut missing_rmac = None;
+        for p in &paths {
+            if let Some(v) = p.vni {
+                let (Ok(vni), Some(IpAddr::V4(vtep))) = (Vni::new(v), p.gateway) else {
+                    return Outcome::Unattributed(Unattributed::BadVxlan);
+                };
+                vteps.push(vtep);
+                match self.rmacs.get(&vtep) {
+                    Some(mac) => nexthops.push(Nexthop::Vxlan {
+                        vni,
+                        remote_vtep: vtep,
+                        router_mac: *mac,
+                    }),
+                    None => missing_rmac = Some(vtep),
+                }
+                continue;
+            }
+            let Some(gateway) = p.gateway else {
+                return Outcome::Unattributed(Unattributed::Connected);
+            };
+            let Some(port) = attr.port(p.ifindex) else {
+                return Outcome::Unattributed(Unattributed::NoPort(p.ifindex));
+            };
+            let Some(mac) = attr.gateway_mac(gateway, p.ifindex) else {
+                return Outcome::Unattributed(Unattributed::NoGatewayMac(gateway));
+            };
+            nexthops.push(Nexthop::Underlay { gateway, port, mac });
+        }
+        if let Some(vtep) = missing_rmac {
+            return Outcome::Pending(Wait::RouterMac(vtep), vteps);
+        }
+        nexthops.sort_unstable();
+        nexthops.dedup();
+        if nexthops.len() > MAX_ECMP {
+            self.stats.truncated_ecmp += 1;
+            nexthops.truncate(MAX_ECMP);
+        }
+        Outcome::Route(
+            Route {
+                key: RouteKey {
+                    table,
+                    prefix: r.prefix,
+                },
+                nexthops,
+            },
+            vteps,
+        )
+    }
+
+    fn blackhole(&self, r: &RouteUpdate, attr: &dyn Attribution) -> Outcome {
+        match attr.table(r.table, PathHint::None) {
+            Some(table) => Outcome::Route(
+                Route {
+                    key: RouteKey {
+                        table,
+                        prefix: r.prefix,
+                    },
+                    nexthops: vec![Nexthop::Blackhole],
+                },
+                Vec::new(),
+            ),
+            None => Outcome::Unattributed(Unattributed::NoTable),
+        }
+    }
+}
+
+fn installed_key(s: &RouteState) -> Option<RouteKey> {
+    match s {
+        RouteState::Installed(k) => Some(*k),
+        RouteState::Pending { installed, .. } => *installed,
+        RouteState::Unattributed(_) => None,
+    }
+}
+
+/// An EVPN router MAC: an `AF_BRIDGE` entry with a MAC and an IPv4 remote VTEP.
+fn router_mac(n: &NeighbourUpdate) -> Option<(Ipv4Addr, MacAddr)> {
+    match (n.family, n.dst, n.mac) {
+        (AF_BRIDGE, Some(IpAddr::V4(vtep)), Some(mac)) if !mac.is_multicast() => Some((vtep, mac)),
+        _ => None,
+    }
+}
