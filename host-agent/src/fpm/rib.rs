@@ -687,3 +687,316 @@ fn router_mac(n: &NeighbourUpdate) -> Option<(Ipv4Addr, MacAddr)> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::fpm::decode::{NexthopUpdate, RouteDelete};
+
+    const MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 1]);
+    const RMAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x99]);
+
+    fn p(s: &str) -> Prefix {
+        s.parse().unwrap()
+    }
+
+    fn attr() -> StaticAttribution {
+        let mut a = StaticAttribution {
+            default_mac: Some(MAC),
+            ..Default::default()
+        };
+        a.tables.insert(254, TableId(254));
+        a.vnis.insert(10100, TableId(1001));
+        a.ifindex_tables.insert(7, TableId(1002)); // a netns VRF's interface
+        a.ports.insert(2, PortId(0));
+        a.ports.insert(3, PortId(1));
+        a.ports.insert(7, PortId(2));
+        a
+    }
+
+    fn path(gw: &str, ifindex: u32) -> PathSpec {
+        PathSpec {
+            gateway: Some(gw.parse().unwrap()),
+            ifindex,
+            vni: None,
+            weight: 1,
+        }
+    }
+
+    fn route(table: u32, prefix: &str, nexthops: RouteNexthops) -> FpmEvent {
+        FpmEvent::Route(RouteUpdate {
+            table,
+            prefix: p(prefix),
+            protocol: 186,
+            kind: RouteKind::Unicast,
+            replace: true,
+            metric: None,
+            nexthops,
+        })
+    }
+
+    fn nh(id: u32, kind: NexthopKind) -> FpmEvent {
+        FpmEvent::Nexthop(NexthopUpdate {
+            id,
+            protocol: 186,
+            kind,
+        })
+    }
+
+    fn underlay(gw: &str, port: u16) -> Nexthop {
+        Nexthop::Underlay {
+            gateway: gw.parse().unwrap(),
+            port: PortId(port),
+            mac: MAC,
+        }
+    }
+
+    fn run(rib: &mut Rib, a: &StaticAttribution, evs: &[FpmEvent]) -> Vec<Change> {
+        let mut b = ChangeBatch::new();
+        rib.apply_all(evs, a, &mut b);
+        b.take()
+    }
+
+    #[test]
+    fn undefined_nexthop_id_is_pending_until_it_arrives() {
+        let a = attr();
+        let mut rib = Rib::new();
+        let out = run(
+            &mut rib,
+            &a,
+            &[route(254, "10.1.0.0/24", RouteNexthops::Id(40))],
+        );
+        assert!(out.is_empty());
+        assert_eq!(rib.stats().pending, 1);
+        assert_eq!(rib.stats().unknown_nexthop_refs, 1);
+        let out = run(
+            &mut rib,
+            &a,
+            &[
+                nh(41, NexthopKind::Single(path("10.0.0.1", 2))),
+                nh(42, NexthopKind::Single(path("10.0.1.1", 3))),
+                nh(40, NexthopKind::Group(vec![(41, 1), (42, 1)])),
+            ],
+        );
+        let key = RouteKey {
+            table: TableId(254),
+            prefix: p("10.1.0.0/24"),
+        };
+        assert_eq!(
+            out,
+            vec![Change::UpsertRoute(Route {
+                key,
+                nexthops: vec![underlay("10.0.0.1", 0), underlay("10.0.1.1", 1)],
+            })]
+        );
+        assert_eq!(rib.stats().pending, 0);
+        // A member changes: the route follows.
+        let out = run(
+            &mut rib,
+            &a,
+            &[nh(42, NexthopKind::Single(path("10.0.1.2", 3)))],
+        );
+        assert_eq!(
+            out,
+            vec![Change::UpsertRoute(Route {
+                key,
+                nexthops: vec![underlay("10.0.0.1", 0), underlay("10.0.1.2", 1)],
+            })]
+        );
+        assert_eq!(
+            rib.zebra_route(&key),
+            Some(ZebraRoute {
+                table: 254,
+                prefix: p("10.1.0.0/24"),
+                protocol: 186
+            })
+        );
+    }
+
+    /// 8.4's update is DELROUTE + NEWROUTE: the batch carries one upsert, never a delete.
+    #[test]
+    fn delete_then_add_coalesces() {
+        let a = attr();
+        let mut rib = Rib::new();
+        let r = route(
+            254,
+            "10.2.0.0/16",
+            RouteNexthops::Paths(vec![path("10.0.0.1", 2)]),
+        );
+        run(&mut rib, &a, std::slice::from_ref(&r));
+        let del = FpmEvent::RouteDeleted(RouteDelete {
+            table: 254,
+            prefix: p("10.2.0.0/16"),
+            protocol: 186,
+        });
+        let out = run(&mut rib, &a, &[del.clone(), r]);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(out[0], Change::UpsertRoute(_)));
+        let out = run(&mut rib, &a, &[del.clone()]);
+        assert_eq!(
+            out,
+            vec![Change::DeleteRoute(RouteKey {
+                table: TableId(254),
+                prefix: p("10.2.0.0/16")
+            })]
+        );
+        run(&mut rib, &a, &[del]);
+        assert_eq!(rib.stats().unknown_deletes, 1);
+    }
+
+    #[test]
+    fn evpn_route_waits_for_router_mac() {
+        let a = attr();
+        let mut rib = Rib::new();
+        let vx = PathSpec {
+            gateway: Some("192.0.2.7".parse().unwrap()),
+            ifindex: 12,
+            vni: Some(10100),
+            weight: 1,
+        };
+        let out = run(
+            &mut rib,
+            &a,
+            &[route(254, "172.16.0.0/16", RouteNexthops::Paths(vec![vx]))],
+        );
+        assert!(out.is_empty());
+        assert!(matches!(
+            rib.state(254, p("172.16.0.0/16")),
+            Some(RouteState::Pending {
+                waiting: Wait::RouterMac(_),
+                ..
+            })
+        ));
+        let out = run(
+            &mut rib,
+            &a,
+            &[FpmEvent::Neighbour(NeighbourUpdate {
+                family: AF_BRIDGE,
+                ifindex: 12,
+                state: 0x80,
+                mac: Some(RMAC),
+                dst: Some("192.0.2.7".parse().unwrap()),
+                vni: None,
+                vlan: None,
+            })],
+        );
+        assert_eq!(
+            out,
+            vec![Change::UpsertRoute(Route {
+                key: RouteKey {
+                    table: TableId(1001),
+                    prefix: p("172.16.0.0/16")
+                },
+                nexthops: vec![Nexthop::Vxlan {
+                    vni: Vni::new(10100).unwrap(),
+                    remote_vtep: "192.0.2.7".parse().unwrap(),
+                    router_mac: RMAC
+                }],
+            })]
+        );
+    }
+
+    #[test]
+    fn attribution_by_interface_blackholes_and_unattributed() {
+        let a = attr();
+        let mut rib = Rib::new();
+        let mut bh = RouteUpdate {
+            table: 254,
+            prefix: p("192.0.2.0/24"),
+            protocol: 196,
+            kind: RouteKind::Blackhole,
+            replace: false,
+            metric: None,
+            nexthops: RouteNexthops::Paths(vec![]),
+        };
+        let out = run(
+            &mut rib,
+            &a,
+            &[
+                // netns VRF: table 254 but an interface of VPC table 1002.
+                route(
+                    254,
+                    "10.50.0.0/16",
+                    RouteNexthops::Paths(vec![path("10.7.0.1", 7)]),
+                ),
+                FpmEvent::Route(bh.clone()),
+                // Interface 99 is not a DPU port; a connected route has no gateway.
+                route(
+                    254,
+                    "10.60.0.0/16",
+                    RouteNexthops::Paths(vec![path("10.9.0.1", 99)]),
+                ),
+                route(
+                    254,
+                    "10.70.0.0/24",
+                    RouteNexthops::Paths(vec![PathSpec {
+                        gateway: None,
+                        ifindex: 2,
+                        vni: None,
+                        weight: 1,
+                    }]),
+                ),
+            ],
+        );
+        assert_eq!(out.len(), 2);
+        assert!(out.contains(&Change::UpsertRoute(Route {
+            key: RouteKey {
+                table: TableId(1002),
+                prefix: p("10.50.0.0/16")
+            },
+            nexthops: vec![underlay("10.7.0.1", 2)],
+        })));
+        assert!(out.contains(&Change::UpsertRoute(Route {
+            key: RouteKey {
+                table: TableId(254),
+                prefix: p("192.0.2.0/24")
+            },
+            nexthops: vec![Nexthop::Blackhole],
+        })));
+        assert_eq!(
+            rib.state(254, p("10.60.0.0/16")),
+            Some(RouteState::Unattributed(Unattributed::NoPort(99)))
+        );
+        assert_eq!(
+            rib.state(254, p("10.70.0.0/24")),
+            Some(RouteState::Unattributed(Unattributed::Connected))
+        );
+        assert_eq!(rib.stats().unattributed, 2);
+        // The blackhole becomes unattributed (table unknown): it is withdrawn.
+        bh.table = 77;
+        bh.prefix = p("192.0.2.0/24");
+        let mut b = ChangeBatch::new();
+        rib.apply(&FpmEvent::Route(bh), &a, &mut b);
+        assert!(b.is_empty(), "a different zebra table is a different route");
+    }
+
+    #[test]
+    fn resync_removes_routes_not_replayed() {
+        let a = attr();
+        let mut rib = Rib::new();
+        let r1 = route(
+            254,
+            "10.1.0.0/24",
+            RouteNexthops::Paths(vec![path("10.0.0.1", 2)]),
+        );
+        let r2 = route(
+            254,
+            "10.2.0.0/24",
+            RouteNexthops::Paths(vec![path("10.0.0.1", 2)]),
+        );
+        run(&mut rib, &a, &[r1.clone(), r2]);
+        rib.begin_resync();
+        run(&mut rib, &a, &[r1]);
+        let mut b = ChangeBatch::new();
+        rib.end_resync(&a, &mut b);
+        assert_eq!(
+            b.take(),
+            vec![Change::DeleteRoute(RouteKey {
+                table: TableId(254),
+                prefix: p("10.2.0.0/24")
+            })]
+        );
+        assert_eq!(rib.stats().routes, 1);
+    }
+}
