@@ -42,7 +42,9 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
-        let name = format!("dpucp-{tag}-{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("dpucp-{tag}-{}-{n}", std::process::id());
         let _ = sh("ip", &["netns", "del", &name]);
         sh_ok("ip", &["netns", "add", &name]);
         let ns = Netns { name };
@@ -68,6 +70,12 @@ impl Netns {
     /// Re-run `test` of the current test binary inside the namespace, bounded by `limit`.
     /// Panics (failing the outer test) if the inner run fails or times out.
     pub fn run_inner(&self, test: &str, limit: Duration, extra_env: &[(&str, &str)]) {
+        self.run_inner_at(Path::new("/"), test, limit, extra_env)
+    }
+
+    /// As [`Netns::run_inner`]; on timeout also stops the daemons the inner run started under
+    /// `root` (their pid files name them).
+    pub fn run_inner_at(&self, root: &Path, test: &str, limit: Duration, extra_env: &[(&str, &str)]) {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name])
@@ -89,9 +97,23 @@ impl Netns {
             if Instant::now() > deadline {
                 let _ = sh("kill", &["-9", &child.id().to_string()]);
                 let _ = child.wait();
+                kill_pid_files(&root.join(format!("tmp/dpucp-fpm-{}", self.name)));
                 panic!("inner run of {test} timed out after {limit:?}");
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn kill_pid_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.path().extension().is_some_and(|x| x == "pid") {
+            if let Ok(pid) = std::fs::read_to_string(e.path()) {
+                let _ = sh("kill", &["-9", pid.trim()]);
+            }
         }
     }
 }
@@ -177,17 +199,22 @@ impl Frr {
     pub fn start(&mut self, daemon: &str, extra: &[&str]) {
         let pid_file = format!("{}/{daemon}.pid", self.dir);
         let log = format!("file:{}/{daemon}.log", self.dir);
-        let out = self
+        // Daemonised FRR 10 keeps inherited descriptors open: never give it a pipe.
+        let err_path = self.host_path(&format!("{daemon}.stderr"));
+        let err = std::fs::File::create(&err_path).unwrap();
+        let status = self
             .command(&format!("/usr/lib/frr/{daemon}"))
             .args(["-N", &self.ns, "-i", &pid_file, "--log", &log, "-d"])
             .args(extra)
-            .output()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .status()
             .unwrap();
         assert!(
-            out.status.success(),
-            "{daemon}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            status.success(),
+            "{daemon}: {status} {}",
+            std::fs::read_to_string(&err_path).unwrap_or_default()
         );
         let host_pid = self.host_path(&format!("{daemon}.pid"));
         let deadline = Instant::now() + Duration::from_secs(10);
