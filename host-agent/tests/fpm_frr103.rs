@@ -120,8 +120,7 @@ async fn ack_loop(
         let mut acks = Vec::new();
         for c in &changes {
             if let Change::UpsertRoute(r) = c {
-                if let (Some(z), Some(s)) = (rib.zebra_route(&r.key), status_for(&r.key.prefix))
-                {
+                if let (Some(z), Some(s)) = (rib.zebra_route(&r.key), status_for(&r.key.prefix)) {
                     acks.push((z, s));
                 }
             }
@@ -144,7 +143,10 @@ fn route_json(frr: &Frr) -> HashMap<String, serde_json::Value> {
 }
 
 fn flag(routes: &HashMap<String, serde_json::Value>, p: &str, f: &str) -> Option<bool> {
-    routes.get(p).and_then(|r| r.get(f)).and_then(|v| v.as_bool())
+    routes
+        .get(p)
+        .and_then(|r| r.get(f))
+        .and_then(|v| v.as_bool())
 }
 
 fn expected(routes: &HashMap<String, serde_json::Value>) -> bool {
@@ -186,14 +188,21 @@ fn frr103_feedback_offloaded_trapped_failed() {
         let mut rib = Rib::new();
         let mut last = HashMap::new();
         let mut polls = 0u32;
-        ack_loop(&mut rx, &server, &mut rib, &attr, Duration::from_secs(40), || {
-            polls += 1;
-            // vtysh costs ~50 ms: look every few iterations only.
-            if polls % 4 == 0 {
-                last = route_json(&frr);
-            }
-            expected(&last)
-        })
+        ack_loop(
+            &mut rx,
+            &server,
+            &mut rib,
+            &attr,
+            Duration::from_secs(40),
+            || {
+                polls += 1;
+                // vtysh costs ~50 ms: look every few iterations only.
+                if polls % 4 == 0 {
+                    last = route_json(&frr);
+                }
+                expected(&last)
+            },
+        )
         .await;
         let routes = route_json(&frr);
         let show = |p: &str| format!("{p}: {}", routes.get(p).cloned().unwrap_or_default());
@@ -244,11 +253,28 @@ fn frr103_without_main_table_zero_feedback_is_not_applied() {
         let attr = attribution(&[254]);
         let mut rib = Rib::new();
         // Acknowledge for 8 s; then every acknowledged route must still be queued.
-        ack_loop(&mut rx, &server, &mut rib, &attr, Duration::from_secs(8), || false).await;
-        assert!(server.counters().feedback_frames >= 5, "{:?}", server.counters());
+        ack_loop(
+            &mut rx,
+            &server,
+            &mut rib,
+            &attr,
+            Duration::from_secs(8),
+            || false,
+        )
+        .await;
+        assert!(
+            server.counters().feedback_frames >= 5,
+            "{:?}",
+            server.counters()
+        );
         let routes = route_json(&frr);
         for p in ["10.1.0.0/24", "10.2.0.0/24", "10.3.0.0/24"] {
-            assert_eq!(flag(&routes, p, "queued"), Some(true), "{p}: {:?}", routes.get(p));
+            assert_eq!(
+                flag(&routes, p, "queued"),
+                Some(true),
+                "{p}: {:?}",
+                routes.get(p)
+            );
             assert_eq!(flag(&routes, p, "offloaded"), None, "{p}");
         }
         frr.stop();

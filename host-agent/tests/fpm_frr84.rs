@@ -32,7 +32,11 @@ fn upserted<'a>(changes: &'a [Change], p: &str) -> Option<&'a [Nexthop]> {
 fn start_frr84(ns: &str) -> Frr {
     let mut frr = Frr::new(Path::new("/"), ns);
     let v = FrrVersion::parse(&frr.zebra_version()).expect("zebra --version");
-    assert_eq!((v.major, v.minor), (8, 4), "this test is for the host's FRR 8.4");
+    assert_eq!(
+        (v.major, v.minor),
+        (8, 4),
+        "this test is for the host's FRR 8.4"
+    );
     assert!(!v.reads_feedback());
     let zconf = frr.write("zebra.conf", "fpm address 127.0.0.1 port 2620\n");
     let sconf = frr.write("staticd.conf", "");

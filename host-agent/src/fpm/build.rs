@@ -6,9 +6,9 @@ use std::net::IpAddr;
 use flow_offload::model::{MacAddr, Prefix};
 
 use super::decode::{
-    NexthopKind, PathSpec, RouteKind, RouteNexthops, AF_BRIDGE, FPM_NH_ENCAP_VXLAN,
-    NLMSG_HDR_LEN, NLM_F_REPLACE, NLM_F_REQUEST, RTM_DELNEIGH, RTM_DELNEXTHOP, RTM_DELROUTE,
-    RTM_NEWNEIGH, RTM_NEWNEXTHOP, RTM_NEWROUTE,
+    NexthopKind, PathSpec, RouteKind, RouteNexthops, AF_BRIDGE, FPM_NH_ENCAP_VXLAN, NLMSG_HDR_LEN,
+    NLM_F_REPLACE, NLM_F_REQUEST, RTM_DELNEIGH, RTM_DELNEXTHOP, RTM_DELROUTE, RTM_NEWNEIGH,
+    RTM_NEWNEXTHOP, RTM_NEWROUTE,
 };
 
 const RTA_DST: u16 = 1;

@@ -11,8 +11,8 @@ use flow_offload::model::{MacAddr, Prefix};
 use netlink_packet_core::{Nla, NlaBuffer, NlasIterator, Parseable};
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteLwTunnelEncap, RouteMessage,
-    RouteNextHop, RouteType, RouteVia,
+    RouteAddress, RouteAttribute, RouteLwTunnelEncap, RouteMessage, RouteNextHop, RouteType,
+    RouteVia,
 };
 use netlink_packet_route::AddressFamily;
 
@@ -307,7 +307,10 @@ pub fn decode_netlink(payload: &[u8], out: &mut Vec<FpmEvent>, stats: &mut Decod
     }
     if !rest.is_empty() {
         stats.malformed += 1;
-        tracing::warn!(bytes = rest.len(), "FPM: trailing bytes after the last netlink message");
+        tracing::warn!(
+            bytes = rest.len(),
+            "FPM: trailing bytes after the last netlink message"
+        );
     }
 }
 
@@ -644,7 +647,12 @@ mod tests {
     fn route_with_nexthop_id() {
         let nh = RouteNexthops::Id(17);
         let mut w = NlWriter::new();
-        build::route(&mut w, true, NLM_F_REQUEST | NLM_F_REPLACE, &spec(254, "10.1.0.0/24", &nh));
+        build::route(
+            &mut w,
+            true,
+            NLM_F_REQUEST | NLM_F_REPLACE,
+            &spec(254, "10.1.0.0/24", &nh),
+        );
         let (ev, st) = decode(&w.buf);
         assert_eq!(st.new_route, 1);
         assert_eq!(
@@ -680,8 +688,18 @@ mod tests {
             },
         ]);
         let mut w = NlWriter::new();
-        build::route(&mut w, false, NLM_F_REQUEST, &spec(1000, "2001:db8:1::/48", &nh));
-        build::route(&mut w, true, NLM_F_REQUEST, &spec(1000, "2001:db8:1::/48", &nh));
+        build::route(
+            &mut w,
+            false,
+            NLM_F_REQUEST,
+            &spec(1000, "2001:db8:1::/48", &nh),
+        );
+        build::route(
+            &mut w,
+            true,
+            NLM_F_REQUEST,
+            &spec(1000, "2001:db8:1::/48", &nh),
+        );
         let (ev, st) = decode(&w.buf);
         assert_eq!((st.del_route, st.new_route, st.malformed), (1, 1, 0));
         assert_eq!(
@@ -748,7 +766,12 @@ mod tests {
             weight: 1,
         }]);
         let mut w = NlWriter::new();
-        build::route(&mut w, true, NLM_F_REQUEST, &spec(1001, "10.8.0.0/16", &one));
+        build::route(
+            &mut w,
+            true,
+            NLM_F_REQUEST,
+            &spec(1001, "10.8.0.0/16", &one),
+        );
         let (ev, _) = decode(&w.buf);
         let FpmEvent::Route(r) = &ev[0] else { panic!() };
         assert_eq!(r.nexthops, one);
@@ -795,7 +818,9 @@ mod tests {
         );
         assert!(matches!(&ev[2], FpmEvent::Nexthop(n) if n.kind == NexthopKind::Blackhole));
         assert_eq!(ev[3], FpmEvent::NexthopDeleted(3));
-        let FpmEvent::Neighbour(n) = &ev[4] else { panic!() };
+        let FpmEvent::Neighbour(n) = &ev[4] else {
+            panic!()
+        };
         assert_eq!(
             (n.family, n.ifindex, n.mac, n.dst),
             (AF_BRIDGE, 12, Some(mac), Some("192.0.2.7".parse().unwrap()))
@@ -836,12 +861,10 @@ mod tests {
 
     fn arb_prefix() -> impl Strategy<Value = Prefix> {
         prop_oneof![
-            (any::<u32>(), 0u8..=32).prop_map(|(a, l)| Prefix::v4(Ipv4Addr::from(a), 32)
-                .unwrap()
-                .truncate(l)),
-            (any::<u128>(), 0u8..=128).prop_map(|(a, l)| Prefix::v6(Ipv6Addr::from(a), 128)
-                .unwrap()
-                .truncate(l)),
+            (any::<u32>(), 0u8..=32)
+                .prop_map(|(a, l)| Prefix::v4(Ipv4Addr::from(a), 32).unwrap().truncate(l)),
+            (any::<u128>(), 0u8..=128)
+                .prop_map(|(a, l)| Prefix::v6(Ipv6Addr::from(a), 128).unwrap().truncate(l)),
         ]
     }
 

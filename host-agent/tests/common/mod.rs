@@ -75,7 +75,13 @@ impl Netns {
 
     /// As [`Netns::run_inner`]; on timeout also stops the daemons the inner run started under
     /// `root` (their pid files name them).
-    pub fn run_inner_at(&self, root: &Path, test: &str, limit: Duration, extra_env: &[(&str, &str)]) {
+    pub fn run_inner_at(
+        &self,
+        root: &Path,
+        test: &str,
+        limit: Duration,
+        extra_env: &[(&str, &str)],
+    ) {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name])
@@ -184,9 +190,7 @@ impl Frr {
 
     /// Path of a file in the working directory, as the test sees it.
     pub fn host_path(&self, name: &str) -> PathBuf {
-        self.root
-            .join(self.dir.trim_start_matches('/'))
-            .join(name)
+        self.root.join(self.dir.trim_start_matches('/')).join(name)
     }
 
     /// Write a file into the working directory (readable by FRR); returns FRR's path to it.
@@ -313,8 +317,7 @@ pub fn attribution(tables: &[u32]) -> StaticAttribution {
         ..Default::default()
     };
     for t in tables {
-        a.tables
-            .insert(*t, flow_offload::model::TableId(254));
+        a.tables.insert(*t, flow_offload::model::TableId(254));
     }
     a.ports
         .insert(ifindex("v0"), flow_offload::model::PortId(0));
