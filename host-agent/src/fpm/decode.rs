@@ -8,13 +8,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use flow_offload::model::{MacAddr, Prefix};
-use netlink_packet_core::{Nla, NlaBuffer, NlasIterator, Parseable};
+use netlink_packet_core::{NlaBuffer, NlasIterator, Parseable};
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteLwTunnelEncap, RouteMessage, RouteNextHop, RouteType,
-    RouteVia,
-};
-use netlink_packet_route::AddressFamily;
 
 /// `RTM_NEWROUTE`.
 pub const RTM_NEWROUTE: u16 = 24;
@@ -350,131 +345,163 @@ fn decode_message(
     }
 }
 
-fn route_kind(t: RouteType) -> RouteKind {
-    match t {
-        RouteType::Unicast => RouteKind::Unicast,
-        RouteType::BlackHole => RouteKind::Blackhole,
-        RouteType::Unreachable => RouteKind::Unreachable,
-        RouteType::Prohibit => RouteKind::Prohibit,
-        other => RouteKind::Other(u8::from(other)),
-    }
-}
-
-fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
-        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
-        _ => None,
-    }
-}
-
-fn via_addr(v: &RouteVia) -> Option<IpAddr> {
-    match v {
-        RouteVia::Inet(a) => Some(IpAddr::V4(*a)),
-        RouteVia::Inet6(a) => Some(IpAddr::V6(*a)),
-        _ => None,
-    }
-}
-
-/// zebra's VXLAN encap: the nested attribute of type 0 holds the VNI as a host-order u32.
-fn encap_vni(encaps: &[RouteLwTunnelEncap]) -> Option<u32> {
-    encaps.iter().find_map(|e| match e {
-        RouteLwTunnelEncap::Other(nla) if nla.kind() & 0x3fff == 0 && nla.value_len() == 4 => {
-            let mut v = [0u8; 4];
-            nla.emit_value(&mut v);
-            Some(u32::from_ne_bytes(v))
+/// Walk netlink attributes: `(kind without flag bits, value)`; an attribute whose length does
+/// not fit is an error.
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), MessageError>> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
         }
-        _ => None,
+        let len = usize::from(read_u16(buf, 0));
+        let kind = read_u16(buf, 2) & 0x3fff;
+        let Some(value) = buf.get(4..len).filter(|_| len >= 4) else {
+            buf = &[];
+            return Some(Err(parse_err("attribute", "length does not fit")));
+        };
+        buf = buf.get((len + 3) & !3..).unwrap_or(&[]);
+        Some(Ok((kind, value)))
     })
 }
 
-/// Gateway, VNI and whether the encap was zebra's VXLAN, from one attribute list.
-fn path_attrs(attrs: &[RouteAttribute], spec: &mut PathSpec) {
-    let mut encap_type = None;
-    let mut vni = None;
-    for a in attrs {
-        match a {
-            RouteAttribute::Gateway(g) => spec.gateway = route_addr(g),
-            RouteAttribute::Via(v) => spec.gateway = via_addr(v),
-            RouteAttribute::Oif(i) => spec.ifindex = *i,
-            RouteAttribute::EncapType(t) => encap_type = Some(u16::from(*t)),
-            RouteAttribute::Encap(e) => vni = encap_vni(e),
-            _ => {}
+fn u32_attr(what: &'static str, v: &[u8]) -> Result<u32, MessageError> {
+    nla_u32(v).ok_or_else(|| parse_err(what, "not 4 bytes"))
+}
+
+fn ip_of_family(family: u8, v: &[u8]) -> Result<IpAddr, MessageError> {
+    match (family, v.len()) {
+        (AF_INET, 4) | (AF_INET6, 16) => ip_from(v).ok_or_else(|| parse_err("address", "bad")),
+        _ => Err(parse_err("address", "length does not match the family")),
+    }
+}
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RTA_PRIORITY: u16 = 6;
+const RTA_MULTIPATH: u16 = 9;
+const RTA_TABLE: u16 = 15;
+const RTA_VIA: u16 = 18;
+const RTA_ENCAP_TYPE: u16 = 21;
+const RTA_ENCAP: u16 = 22;
+const RTA_NH_ID: u16 = 30;
+
+/// Gateway, interface and VXLAN VNI from one path's attributes (top level or `rtnexthop`).
+fn path_attr(family: u8, kind: u16, v: &[u8], spec: &mut PathSpec, encap: &mut (u16, Option<u32>)) -> Result<(), MessageError> {
+    match kind {
+        RTA_GATEWAY => spec.gateway = Some(ip_of_family(family, v)?),
+        RTA_VIA => {
+            // struct rtvia { u16 family; u8 addr[]; }: IPv4 routes over IPv6 nexthops.
+            let fam = read_u16(v, 0);
+            let addr = v.get(2..).unwrap_or(&[]);
+            spec.gateway = Some(ip_of_family(fam as u8, addr)?);
         }
+        RTA_OIF => spec.ifindex = u32_attr("RTA_OIF", v)?,
+        RTA_ENCAP_TYPE => {
+            if v.len() != 2 {
+                return Err(parse_err("RTA_ENCAP_TYPE", "not 2 bytes"));
+            }
+            encap.0 = read_u16(v, 0);
+        }
+        RTA_ENCAP => {
+            for a in attrs(v) {
+                let (k, val) = a?;
+                if k == 0 && val.len() == 4 {
+                    encap.1 = nla_u32(val);
+                }
+            }
+        }
+        _ => {}
     }
-    if encap_type == Some(FPM_NH_ENCAP_VXLAN) {
-        spec.vni = vni;
-    }
+    Ok(())
 }
 
-fn multipath(hops: &[RouteNextHop]) -> Vec<PathSpec> {
-    hops.iter()
-        .map(|h| {
-            let mut spec = PathSpec {
-                ifindex: h.interface_index,
-                weight: u16::from(h.hops) + 1,
-                ..PathSpec::default()
-            };
-            path_attrs(&h.attributes, &mut spec);
-            spec
-        })
-        .collect()
+fn multipath_fast(family: u8, mut v: &[u8]) -> Result<Vec<PathSpec>, MessageError> {
+    let mut out = Vec::with_capacity(4);
+    while !v.is_empty() {
+        // struct rtnexthop { u16 len; u8 flags; u8 hops; i32 ifindex; } then attributes.
+        let len = usize::from(read_u16(v, 0));
+        let Some(body) = v.get(8..len).filter(|_| len >= 8) else {
+            return Err(parse_err("RTA_MULTIPATH", "rtnexthop length does not fit"));
+        };
+        let mut spec = PathSpec {
+            gateway: None,
+            ifindex: read_u32(v, 4),
+            vni: None,
+            weight: u16::from(v[3]) + 1,
+        };
+        let mut encap = (0u16, None);
+        for a in attrs(body) {
+            let (k, val) = a?;
+            path_attr(family, k, val, &mut spec, &mut encap)?;
+        }
+        if encap.0 == FPM_NH_ENCAP_VXLAN {
+            spec.vni = encap.1;
+        }
+        out.push(spec);
+        v = v.get((len + 3) & !3..).unwrap_or(&[]);
+    }
+    Ok(out)
 }
 
+/// `RTM_NEWROUTE`/`RTM_DELROUTE` without allocating for the common case (a nexthop id): this
+/// is the replay hot path. `reference::decode_route` (netlink-packet-route) is its test oracle.
 fn decode_route(body: &[u8], flags: u16, new: bool) -> Result<Option<FpmEvent>, MessageError> {
-    let msg = RouteMessage::parse(body).map_err(|e| parse_err("route", e))?;
-    let h = &msg.header;
-    let family = h.address_family;
-    if family != AddressFamily::Inet && family != AddressFamily::Inet6 {
-        // MPLS and other families carry no IP prefix for the model.
+    let Some(&[family, dst_len, _src_len, _tos, rtm_table, protocol, _scope, rtype]) = body.get(..8) else {
+        return Err(parse_err("route", "shorter than rtmsg"));
+    };
+    if body.len() < 12 {
+        return Err(parse_err("route", "shorter than rtmsg"));
+    }
+    if family != AF_INET && family != AF_INET6 {
         return Ok(None);
     }
-    let mut table = u32::from(h.table);
+    let mut table = u32::from(rtm_table);
     let mut dst = None;
     let mut metric = None;
     let mut nh_id = None;
     let mut paths = None;
-    for a in &msg.attributes {
-        match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(d) => dst = route_addr(d),
-            RouteAttribute::Priority(p) => metric = Some(*p),
-            RouteAttribute::NhId(id) => nh_id = Some(*id),
-            RouteAttribute::MultiPath(hops) => paths = Some(multipath(hops)),
-            _ => {}
+    let mut single = PathSpec { weight: 1, ..PathSpec::default() };
+    let mut encap = (0u16, None);
+    for a in attrs(&body[12..]) {
+        let (kind, v) = a?;
+        match kind {
+            RTA_DST => dst = Some(ip_of_family(family, v)?),
+            RTA_TABLE => table = u32_attr("RTA_TABLE", v)?,
+            RTA_PRIORITY => metric = Some(u32_attr("RTA_PRIORITY", v)?),
+            RTA_NH_ID => nh_id = Some(u32_attr("RTA_NH_ID", v)?),
+            RTA_MULTIPATH => paths = Some(multipath_fast(family, v)?),
+            k => path_attr(family, k, v, &mut single, &mut encap)?,
         }
     }
-    let addr = dst.unwrap_or(if family == AddressFamily::Inet {
+    let addr = dst.unwrap_or(if family == AF_INET {
         IpAddr::V4(Ipv4Addr::UNSPECIFIED)
     } else {
         IpAddr::V6(Ipv6Addr::UNSPECIFIED)
     });
-    let len = h.destination_prefix_length;
-    let prefix = Prefix::new(addr, len).map_err(|_| MessageError::BadPrefix { addr, len })?;
-    let protocol = u8::from(h.protocol);
+    let prefix =
+        Prefix::new(addr, dst_len).map_err(|_| MessageError::BadPrefix { addr, len: dst_len })?;
     if !new {
-        return Ok(Some(FpmEvent::RouteDeleted(RouteDelete {
-            table,
-            prefix,
-            protocol,
-        })));
+        return Ok(Some(FpmEvent::RouteDeleted(RouteDelete { table, prefix, protocol })));
     }
-    let kind = route_kind(h.kind);
+    let kind = match rtype {
+        1 => RouteKind::Unicast,
+        6 => RouteKind::Blackhole,
+        7 => RouteKind::Unreachable,
+        8 => RouteKind::Prohibit,
+        t => RouteKind::Other(t),
+    };
+    if encap.0 == FPM_NH_ENCAP_VXLAN {
+        single.vni = encap.1;
+    }
     let nexthops = match (nh_id, paths) {
         (Some(id), _) => RouteNexthops::Id(id),
         (None, Some(p)) => RouteNexthops::Paths(p),
-        (None, None) => {
-            let mut spec = PathSpec {
-                weight: 1,
-                ..PathSpec::default()
-            };
-            path_attrs(&msg.attributes, &mut spec);
-            if spec.gateway.is_none() && spec.ifindex == 0 && spec.vni.is_none() {
-                RouteNexthops::Paths(Vec::new())
-            } else {
-                RouteNexthops::Paths(vec![spec])
-            }
+        (None, None) if single.gateway.is_none() && single.ifindex == 0 && single.vni.is_none() => {
+            RouteNexthops::Paths(Vec::new())
         }
+        (None, None) => RouteNexthops::Paths(vec![single]),
     };
     Ok(Some(FpmEvent::Route(RouteUpdate {
         table,
@@ -611,6 +638,158 @@ fn decode_neigh(body: &[u8]) -> Result<NeighbourUpdate, MessageError> {
         }
     }
     Ok(n)
+}
+
+
+/// The same route decoding through `netlink-packet-route`: the oracle the fast path is
+/// checked against.
+#[cfg(test)]
+pub(crate) mod reference {
+    use super::*;
+    use netlink_packet_core::Nla;
+    use netlink_packet_route::route::{
+        RouteAddress, RouteAttribute, RouteLwTunnelEncap, RouteMessage, RouteNextHop, RouteType,
+        RouteVia,
+    };
+    use netlink_packet_route::AddressFamily;
+
+fn route_kind(t: RouteType) -> RouteKind {
+    match t {
+        RouteType::Unicast => RouteKind::Unicast,
+        RouteType::BlackHole => RouteKind::Blackhole,
+        RouteType::Unreachable => RouteKind::Unreachable,
+        RouteType::Prohibit => RouteKind::Prohibit,
+        other => RouteKind::Other(u8::from(other)),
+    }
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        _ => None,
+    }
+}
+
+fn via_addr(v: &RouteVia) -> Option<IpAddr> {
+    match v {
+        RouteVia::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteVia::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
+/// zebra's VXLAN encap: the nested attribute of type 0 holds the VNI as a host-order u32.
+fn encap_vni(encaps: &[RouteLwTunnelEncap]) -> Option<u32> {
+    encaps.iter().find_map(|e| match e {
+        RouteLwTunnelEncap::Other(nla) if nla.kind() & 0x3fff == 0 && nla.value_len() == 4 => {
+            let mut v = [0u8; 4];
+            nla.emit_value(&mut v);
+            Some(u32::from_ne_bytes(v))
+        }
+        _ => None,
+    })
+}
+
+/// Gateway, VNI and whether the encap was zebra's VXLAN, from one attribute list.
+fn path_attrs(attrs: &[RouteAttribute], spec: &mut PathSpec) {
+    let mut encap_type = None;
+    let mut vni = None;
+    for a in attrs {
+        match a {
+            RouteAttribute::Gateway(g) => spec.gateway = route_addr(g),
+            RouteAttribute::Via(v) => spec.gateway = via_addr(v),
+            RouteAttribute::Oif(i) => spec.ifindex = *i,
+            RouteAttribute::EncapType(t) => encap_type = Some(u16::from(*t)),
+            RouteAttribute::Encap(e) => vni = encap_vni(e),
+            _ => {}
+        }
+    }
+    if encap_type == Some(FPM_NH_ENCAP_VXLAN) {
+        spec.vni = vni;
+    }
+}
+
+fn multipath(hops: &[RouteNextHop]) -> Vec<PathSpec> {
+    hops.iter()
+        .map(|h| {
+            let mut spec = PathSpec {
+                ifindex: h.interface_index,
+                weight: u16::from(h.hops) + 1,
+                ..PathSpec::default()
+            };
+            path_attrs(&h.attributes, &mut spec);
+            spec
+        })
+        .collect()
+}
+
+pub(crate) fn decode_route(body: &[u8], flags: u16, new: bool) -> Result<Option<FpmEvent>, MessageError> {
+    let msg = RouteMessage::parse(body).map_err(|e| parse_err("route", e))?;
+    let h = &msg.header;
+    let family = h.address_family;
+    if family != AddressFamily::Inet && family != AddressFamily::Inet6 {
+        // MPLS and other families carry no IP prefix for the model.
+        return Ok(None);
+    }
+    let mut table = u32::from(h.table);
+    let mut dst = None;
+    let mut metric = None;
+    let mut nh_id = None;
+    let mut paths = None;
+    for a in &msg.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(d) => dst = route_addr(d),
+            RouteAttribute::Priority(p) => metric = Some(*p),
+            RouteAttribute::NhId(id) => nh_id = Some(*id),
+            RouteAttribute::MultiPath(hops) => paths = Some(multipath(hops)),
+            _ => {}
+        }
+    }
+    let addr = dst.unwrap_or(if family == AddressFamily::Inet {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    });
+    let len = h.destination_prefix_length;
+    let prefix = Prefix::new(addr, len).map_err(|_| MessageError::BadPrefix { addr, len })?;
+    let protocol = u8::from(h.protocol);
+    if !new {
+        return Ok(Some(FpmEvent::RouteDeleted(RouteDelete {
+            table,
+            prefix,
+            protocol,
+        })));
+    }
+    let kind = route_kind(h.kind);
+    let nexthops = match (nh_id, paths) {
+        (Some(id), _) => RouteNexthops::Id(id),
+        (None, Some(p)) => RouteNexthops::Paths(p),
+        (None, None) => {
+            let mut spec = PathSpec {
+                weight: 1,
+                ..PathSpec::default()
+            };
+            path_attrs(&msg.attributes, &mut spec);
+            if spec.gateway.is_none() && spec.ifindex == 0 && spec.vni.is_none() {
+                RouteNexthops::Paths(Vec::new())
+            } else {
+                RouteNexthops::Paths(vec![spec])
+            }
+        }
+    };
+    Ok(Some(FpmEvent::Route(RouteUpdate {
+        table,
+        prefix,
+        protocol,
+        kind,
+        replace: flags & NLM_F_REPLACE != 0,
+        metric,
+        nexthops,
+    })))
+}
+
 }
 
 #[cfg(test)]
@@ -946,6 +1125,36 @@ mod tests {
             let (ev, st) = decode(&w.buf);
             prop_assert_eq!(st.malformed, 0);
             prop_assert_eq!(ev, vec![FpmEvent::Route(r)]);
+        }
+
+        /// The fast route decoder agrees with netlink-packet-route on every well-formed route.
+        #[test]
+        fn fast_path_matches_reference(r in arb_route(), new in any::<bool>()) {
+            let mut w = NlWriter::new();
+            build::route(&mut w, new, if r.replace { NLM_F_REPLACE } else { 0 },
+                &RouteSpec { table: r.table, prefix: r.prefix, protocol: r.protocol, kind: r.kind,
+                    rtm_flags: 0, metric: r.metric, nexthops: Some(&r.nexthops) });
+            let flags = read_u16(&w.buf, 6);
+            let body = &w.buf[NLMSG_HDR_LEN..];
+            let fast = decode_route(body, flags, new);
+            let oracle = reference::decode_route(body, flags, new);
+            prop_assert!(fast.is_ok());
+            prop_assert_eq!(fast.ok(), oracle.ok());
+        }
+
+        /// On corrupted routes, whenever both decoders accept, they agree.
+        #[test]
+        fn fast_path_matches_reference_on_corruption(r in arb_route(), at in any::<usize>(), b in any::<u8>()) {
+            let mut w = NlWriter::new();
+            build::route(&mut w, true, 0, &RouteSpec { table: r.table, prefix: r.prefix,
+                protocol: r.protocol, kind: r.kind, rtm_flags: 0, metric: r.metric,
+                nexthops: Some(&r.nexthops) });
+            let n = w.buf.len() - NLMSG_HDR_LEN;
+            w.buf[NLMSG_HDR_LEN + at % n] = b;
+            let body = &w.buf[NLMSG_HDR_LEN..];
+            if let (Ok(f), Ok(o)) = (decode_route(body, 0, true), reference::decode_route(body, 0, true)) {
+                prop_assert_eq!(f, o);
+            }
         }
 
         /// Arbitrary bytes never panic; every message is counted once.

@@ -57,8 +57,43 @@ impl Hasher for FastHasher {
     }
 }
 
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+/// A `HashMap` with [`FastHasher`].
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 type FastSet<K> = HashSet<K, BuildHasherDefault<FastHasher>>;
+
+/// Hash a table and prefix as two or three words (the derived `Hash` of `IpAddr` goes through
+/// byte slices and costs several times more).
+fn hash_route<H: Hasher>(table: u32, prefix: &Prefix, h: &mut H) {
+    match prefix.addr() {
+        IpAddr::V4(a) => h.write_u64(u64::from(u32::from(a)) << 8 | u64::from(prefix.len())),
+        IpAddr::V6(a) => {
+            let v = u128::from(a);
+            h.write_u64((v >> 64) as u64);
+            h.write_u64(v as u64 ^ (1 << 63) ^ u64::from(prefix.len()));
+        }
+    }
+    h.write_u32(table);
+}
+
+/// zebra's key of a route: its table and prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ZKey(u32, Prefix);
+
+impl std::hash::Hash for ZKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        hash_route(self.0, &self.1, h);
+    }
+}
+
+/// A model route key with the cheap hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MKey(RouteKey);
+
+impl std::hash::Hash for MKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        hash_route(self.0.table.0, &self.0.prefix, h);
+    }
+}
 
 /// What the host agent knows that zebra does not say: which model table and DPU port a zebra
 /// route belongs to.
@@ -88,15 +123,15 @@ pub enum PathHint {
 #[derive(Debug, Clone, Default)]
 pub struct StaticAttribution {
     /// zebra table → model table.
-    pub tables: HashMap<u32, TableId>,
+    pub tables: FastMap<u32, TableId>,
     /// VNI → model table.
-    pub vnis: HashMap<u32, TableId>,
+    pub vnis: FastMap<u32, TableId>,
     /// Interface → model table (netns VRFs).
-    pub ifindex_tables: HashMap<u32, TableId>,
+    pub ifindex_tables: FastMap<u32, TableId>,
     /// Interface → DPU port.
-    pub ports: HashMap<u32, PortId>,
+    pub ports: FastMap<u32, PortId>,
     /// Gateway → MAC.
-    pub macs: HashMap<IpAddr, MacAddr>,
+    pub macs: FastMap<IpAddr, MacAddr>,
     /// MAC for gateways not in `macs` (tests that do not care).
     pub default_mac: Option<MacAddr>,
 }
@@ -207,7 +242,7 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct ChangeBatch {
     changes: Vec<Change>,
-    index: FastMap<RouteKey, usize>,
+    index: FastMap<MKey, usize>,
 }
 
 impl ChangeBatch {
@@ -217,14 +252,14 @@ impl ChangeBatch {
     }
 
     fn put(&mut self, key: RouteKey, c: Change) {
-        match self.index.get(&key) {
+        match self.index.get(&MKey(key)) {
             Some(&i) => {
                 if let Some(slot) = self.changes.get_mut(i) {
                     *slot = c;
                 }
             }
             None => {
-                self.index.insert(key, self.changes.len());
+                self.index.insert(MKey(key), self.changes.len());
                 self.changes.push(c);
             }
         }
@@ -252,7 +287,6 @@ impl ChangeBatch {
     }
 }
 
-type ZKey = (u32, Prefix);
 
 /// The routes, nexthop objects and router MACs zebra sent.
 #[derive(Debug, Default)]
@@ -263,7 +297,7 @@ pub struct Rib {
     groups_of: FastMap<u32, FastSet<u32>>,
     vtep_users: FastMap<Ipv4Addr, FastSet<ZKey>>,
     rmacs: FastMap<Ipv4Addr, MacAddr>,
-    by_model: FastMap<RouteKey, ZKey>,
+    by_model: FastMap<MKey, ZKey>,
     generation: u64,
     stats: RibStats,
 }
@@ -299,7 +333,7 @@ impl Rib {
 
     /// zebra's identity of the zebra route behind a model route, for feedback.
     pub fn zebra_route(&self, key: &RouteKey) -> Option<ZebraRoute> {
-        let z = self.by_model.get(key)?;
+        let z = self.by_model.get(&MKey(*key))?;
         let e = self.routes.get(z)?;
         Some(ZebraRoute {
             table: z.0,
@@ -324,7 +358,7 @@ impl Rib {
 
     /// The state of one zebra route.
     pub fn state(&self, table: u32, prefix: Prefix) -> Option<RouteState> {
-        self.routes.get(&(table, prefix)).map(|e| e.state)
+        self.routes.get(&ZKey(table, prefix)).map(|e| e.state)
     }
 
     /// The router MAC known for a remote VTEP.
@@ -368,7 +402,7 @@ impl Rib {
         match ev {
             FpmEvent::Route(r) => self.upsert_route(r.clone(), attr, out),
             FpmEvent::RouteDeleted(d) => {
-                let z = (d.table, d.prefix);
+                let z = ZKey(d.table, d.prefix);
                 if self.routes.contains_key(&z) {
                     self.delete_route(z, attr, out);
                 } else {
@@ -452,7 +486,7 @@ impl Rib {
     }
 
     fn upsert_route(&mut self, r: RouteUpdate, attr: &dyn Attribution, out: &mut ChangeBatch) {
-        let z = (r.table, r.prefix);
+        let z = ZKey(r.table, r.prefix);
         let generation = self.generation;
         self.install(z, r, generation, attr, out);
     }
@@ -466,18 +500,26 @@ impl Rib {
         out: &mut ChangeBatch,
     ) {
         let outcome = self.evaluate(&update, attr);
-        let old = self.routes.remove(&z);
-        let old_installed = old.as_ref().and_then(|e| installed_key(&e.state));
-        if let Some(o) = &old {
-            self.unindex(z, o);
-        }
+        // Update in place: the replay path must not move entries in and out of the map.
+        let (old_installed, old_nh, old_vteps) = match self.routes.get_mut(&z) {
+            Some(e) => (
+                installed_key(&e.state),
+                nexthop_id(&e.update),
+                std::mem::take(&mut e.vteps),
+            ),
+            None => (None, None, Vec::new()),
+        };
         let (state, vteps) = match outcome {
-            Outcome::Route(route, vteps) => {
+            Outcome::Route(mut route, vteps) => {
+                if route.nexthops.len() > MAX_ECMP {
+                    self.stats.truncated_ecmp += 1;
+                    route.nexthops.truncate(MAX_ECMP);
+                }
                 let key = route.key;
                 if let Some(k) = old_installed.filter(|k| *k != key) {
                     self.withdraw(z, k, out);
                 }
-                if let Some(other) = self.by_model.insert(key, z) {
+                if let Some(other) = self.by_model.insert(MKey(key), z) {
                     if other != z {
                         self.stats.conflicts += 1;
                         tracing::warn!(model = ?key, zebra_table = z.0, other_table = other.0,
@@ -508,44 +550,60 @@ impl Rib {
                 (RouteState::Unattributed(why), Vec::new())
             }
         };
-        let entry = Entry {
-            update,
-            state,
-            vteps,
-            generation,
-        };
-        self.index(z, &entry);
-        self.routes.insert(z, entry);
+        let new_nh = nexthop_id(&update);
+        if old_nh != new_nh {
+            self.unindex_nexthop(old_nh, z);
+            self.index_nexthop(new_nh, z);
+        }
+        if old_vteps != vteps {
+            self.unindex_vteps(&old_vteps, z);
+            self.index_vteps(&vteps, z);
+        }
+        match self.routes.entry(z) {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                let e = o.get_mut();
+                e.update = update;
+                e.state = state;
+                e.vteps = vteps;
+                e.generation = generation;
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Entry {
+                    update,
+                    state,
+                    vteps,
+                    generation,
+                });
+            }
+        }
     }
 
     fn withdraw(&mut self, z: ZKey, key: RouteKey, out: &mut ChangeBatch) {
         // Only the zebra route that owns the model route may withdraw it.
-        if self.by_model.get(&key) == Some(&z) {
-            self.by_model.remove(&key);
+        if self.by_model.get(&MKey(key)) == Some(&z) {
+            self.by_model.remove(&MKey(key));
             out.put(key, Change::DeleteRoute(key));
         }
     }
 
     fn delete_route(&mut self, z: ZKey, _attr: &dyn Attribution, out: &mut ChangeBatch) {
         if let Some(e) = self.routes.remove(&z) {
-            self.unindex(z, &e);
+            self.unindex_nexthop(nexthop_id(&e.update), z);
+            self.unindex_vteps(&e.vteps, z);
             if let Some(k) = installed_key(&e.state) {
                 self.withdraw(z, k, out);
             }
         }
     }
 
-    fn index(&mut self, z: ZKey, e: &Entry) {
-        if let RouteNexthops::Id(id) = e.update.nexthops {
+    fn index_nexthop(&mut self, id: Option<u32>, z: ZKey) {
+        if let Some(id) = id {
             self.nh_users.entry(id).or_default().insert(z);
-        }
-        for v in &e.vteps {
-            self.vtep_users.entry(*v).or_default().insert(z);
         }
     }
 
-    fn unindex(&mut self, z: ZKey, e: &Entry) {
-        if let RouteNexthops::Id(id) = e.update.nexthops {
+    fn unindex_nexthop(&mut self, id: Option<u32>, z: ZKey) {
+        if let Some(id) = id {
             if let Some(s) = self.nh_users.get_mut(&id) {
                 s.remove(&z);
                 if s.is_empty() {
@@ -553,7 +611,16 @@ impl Rib {
                 }
             }
         }
-        for v in &e.vteps {
+    }
+
+    fn index_vteps(&mut self, vteps: &[Ipv4Addr], z: ZKey) {
+        for v in vteps {
+            self.vtep_users.entry(*v).or_default().insert(z);
+        }
+    }
+
+    fn unindex_vteps(&mut self, vteps: &[Ipv4Addr], z: ZKey) {
+        for v in vteps {
             if let Some(s) = self.vtep_users.get_mut(v) {
                 s.remove(&z);
                 if s.is_empty() {
@@ -563,24 +630,25 @@ impl Rib {
         }
     }
 
-    fn evaluate(&mut self, r: &RouteUpdate, attr: &dyn Attribution) -> Outcome {
+    fn evaluate(&self, r: &RouteUpdate, attr: &dyn Attribution) -> Outcome {
         match r.kind {
             RouteKind::Unicast => {}
             k if k.drops() => return self.blackhole(r, attr),
             RouteKind::Other(t) => return Outcome::Unattributed(Unattributed::NotForwarding(t)),
             _ => return Outcome::Unattributed(Unattributed::NotForwarding(0)),
         }
-        let mut paths: Vec<PathSpec> = Vec::new();
-        match &r.nexthops {
-            RouteNexthops::Paths(p) => paths.extend_from_slice(p),
+        // Borrowed for inline paths and single nexthop objects (the common case): no allocation.
+        let paths: std::borrow::Cow<'_, [PathSpec]> = match &r.nexthops {
+            RouteNexthops::Paths(p) => std::borrow::Cow::Borrowed(p.as_slice()),
             RouteNexthops::Id(id) => match self.nexthops.get(id) {
                 None => return Outcome::Pending(Wait::NexthopId(*id), Vec::new()),
                 Some(NexthopKind::Blackhole) => return self.blackhole(r, attr),
-                Some(NexthopKind::Single(s)) => paths.push(*s),
+                Some(NexthopKind::Single(s)) => std::borrow::Cow::Borrowed(std::slice::from_ref(s)),
                 Some(NexthopKind::Group(g)) => {
+                    let mut v = Vec::with_capacity(g.len());
                     for (m, weight) in g {
                         match self.nexthops.get(m) {
-                            Some(NexthopKind::Single(s)) => paths.push(PathSpec {
+                            Some(NexthopKind::Single(s)) => v.push(PathSpec {
                                 weight: *weight,
                                 ..*s
                             }),
@@ -590,9 +658,10 @@ impl Rib {
                             None => return Outcome::Pending(Wait::NexthopId(*m), Vec::new()),
                         }
                     }
+                    std::borrow::Cow::Owned(v)
                 }
             },
-        }
+        };
         let Some(first) = paths.first() else {
             return Outcome::Unattributed(Unattributed::NoNexthop);
         };
@@ -607,7 +676,7 @@ impl Rib {
         let mut nexthops = Vec::with_capacity(paths.len());
         let mut vteps = Vec::new();
         let mut missing_rmac = None;
-        for p in &paths {
+        for p in paths.iter() {
             if let Some(v) = p.vni {
                 let (Ok(vni), Some(IpAddr::V4(vtep))) = (Vni::new(v), p.gateway) else {
                     return Outcome::Unattributed(Unattributed::BadVxlan);
@@ -639,10 +708,6 @@ impl Rib {
         }
         nexthops.sort_unstable();
         nexthops.dedup();
-        if nexthops.len() > MAX_ECMP {
-            self.stats.truncated_ecmp += 1;
-            nexthops.truncate(MAX_ECMP);
-        }
         Outcome::Route(
             Route {
                 key: RouteKey {
@@ -669,6 +734,13 @@ impl Rib {
             ),
             None => Outcome::Unattributed(Unattributed::NoTable),
         }
+    }
+}
+
+fn nexthop_id(u: &RouteUpdate) -> Option<u32> {
+    match u.nexthops {
+        RouteNexthops::Id(id) => Some(id),
+        RouteNexthops::Paths(_) => None,
     }
 }
 
