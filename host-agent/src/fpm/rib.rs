@@ -11,6 +11,7 @@
 //! A route that was installed and later becomes pending keeps its last model route: a
 //! transient gap in zebra's nexthop objects must not withdraw traffic that is flowing.
 
+use std::collections::hash_map::Entry as HEntry;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
@@ -31,7 +32,13 @@ pub struct FastHasher(u64);
 
 impl Hasher for FastHasher {
     fn finish(&self) -> u64 {
-        self.0
+        // The multiply only carries low bits upward: fold the high bits back down, since
+        // hashbrown takes the bucket from the low bits (murmur3's finaliser).
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x
     }
     fn write(&mut self, bytes: &[u8]) {
         for chunk in bytes.chunks(8) {
@@ -293,9 +300,9 @@ impl ChangeBatch {
 pub struct Rib {
     routes: FastMap<ZKey, Entry>,
     nexthops: FastMap<u32, NexthopKind>,
-    nh_users: FastMap<u32, FastSet<ZKey>>,
+    nh_users: Users<u32>,
     groups_of: FastMap<u32, FastSet<u32>>,
-    vtep_users: FastMap<Ipv4Addr, FastSet<ZKey>>,
+    vtep_users: Users<Ipv4Addr>,
     rmacs: FastMap<Ipv4Addr, MacAddr>,
     by_model: FastMap<MKey, ZKey>,
     generation: u64,
@@ -500,28 +507,40 @@ impl Rib {
         out: &mut ChangeBatch,
     ) {
         let outcome = self.evaluate(&update, attr);
-        // Update in place: the replay path must not move entries in and out of the map.
-        let (old_installed, old_nh, old_vteps) = match self.routes.get_mut(&z) {
-            Some(e) => (
-                installed_key(&e.state),
-                nexthop_id(&e.update),
-                std::mem::take(&mut e.vteps),
-            ),
-            None => (None, None, Vec::new()),
+        // One lookup in the route map, updated in place: this is the replay hot path.
+        let Rib {
+            routes,
+            by_model,
+            nh_users,
+            vtep_users,
+            stats,
+            ..
+        } = self;
+        let mut slot = routes.entry(z);
+        let (old_installed, old_nh, old_vteps) = match &mut slot {
+            HEntry::Occupied(o) => {
+                let e = o.get_mut();
+                (
+                    installed_key(&e.state),
+                    nexthop_id(&e.update),
+                    std::mem::take(&mut e.vteps),
+                )
+            }
+            HEntry::Vacant(_) => (None, None, Vec::new()),
         };
         let (state, vteps) = match outcome {
             Outcome::Route(mut route, vteps) => {
                 if route.nexthops.len() > MAX_ECMP {
-                    self.stats.truncated_ecmp += 1;
+                    stats.truncated_ecmp += 1;
                     route.nexthops.truncate(MAX_ECMP);
                 }
                 let key = route.key;
                 if let Some(k) = old_installed.filter(|k| *k != key) {
-                    self.withdraw(z, k, out);
+                    withdraw(by_model, z, k, out);
                 }
-                if let Some(other) = self.by_model.insert(MKey(key), z) {
+                if let Some(other) = by_model.insert(MKey(key), z) {
                     if other != z {
-                        self.stats.conflicts += 1;
+                        stats.conflicts += 1;
                         tracing::warn!(model = ?key, zebra_table = z.0, other_table = other.0,
                             "FPM: two zebra routes map to one model route; the later wins");
                     }
@@ -531,7 +550,7 @@ impl Rib {
             }
             Outcome::Pending(waiting, vteps) => {
                 if let Wait::NexthopId(id) = waiting {
-                    self.stats.unknown_nexthop_refs += 1;
+                    stats.unknown_nexthop_refs += 1;
                     tracing::warn!(nexthop_id = id, prefix = %z.1, table = z.0,
                         "FPM: route names an undefined nexthop id; pending until it arrives");
                 }
@@ -545,29 +564,29 @@ impl Rib {
             }
             Outcome::Unattributed(why) => {
                 if let Some(k) = old_installed {
-                    self.withdraw(z, k, out);
+                    withdraw(by_model, z, k, out);
                 }
                 (RouteState::Unattributed(why), Vec::new())
             }
         };
         let new_nh = nexthop_id(&update);
         if old_nh != new_nh {
-            self.unindex_nexthop(old_nh, z);
-            self.index_nexthop(new_nh, z);
+            unindex(nh_users, old_nh.as_slice(), z);
+            index(nh_users, new_nh.as_slice(), z);
         }
         if old_vteps != vteps {
-            self.unindex_vteps(&old_vteps, z);
-            self.index_vteps(&vteps, z);
+            unindex(vtep_users, &old_vteps, z);
+            index(vtep_users, &vteps, z);
         }
-        match self.routes.entry(z) {
-            std::collections::hash_map::Entry::Occupied(mut o) => {
+        match slot {
+            HEntry::Occupied(mut o) => {
                 let e = o.get_mut();
                 e.update = update;
                 e.state = state;
                 e.vteps = vteps;
                 e.generation = generation;
             }
-            std::collections::hash_map::Entry::Vacant(v) => {
+            HEntry::Vacant(v) => {
                 v.insert(Entry {
                     update,
                     state,
@@ -578,54 +597,12 @@ impl Rib {
         }
     }
 
-    fn withdraw(&mut self, z: ZKey, key: RouteKey, out: &mut ChangeBatch) {
-        // Only the zebra route that owns the model route may withdraw it.
-        if self.by_model.get(&MKey(key)) == Some(&z) {
-            self.by_model.remove(&MKey(key));
-            out.put(key, Change::DeleteRoute(key));
-        }
-    }
-
     fn delete_route(&mut self, z: ZKey, _attr: &dyn Attribution, out: &mut ChangeBatch) {
         if let Some(e) = self.routes.remove(&z) {
-            self.unindex_nexthop(nexthop_id(&e.update), z);
-            self.unindex_vteps(&e.vteps, z);
+            unindex(&mut self.nh_users, nexthop_id(&e.update).as_slice(), z);
+            unindex(&mut self.vtep_users, &e.vteps, z);
             if let Some(k) = installed_key(&e.state) {
-                self.withdraw(z, k, out);
-            }
-        }
-    }
-
-    fn index_nexthop(&mut self, id: Option<u32>, z: ZKey) {
-        if let Some(id) = id {
-            self.nh_users.entry(id).or_default().insert(z);
-        }
-    }
-
-    fn unindex_nexthop(&mut self, id: Option<u32>, z: ZKey) {
-        if let Some(id) = id {
-            if let Some(s) = self.nh_users.get_mut(&id) {
-                s.remove(&z);
-                if s.is_empty() {
-                    self.nh_users.remove(&id);
-                }
-            }
-        }
-    }
-
-    fn index_vteps(&mut self, vteps: &[Ipv4Addr], z: ZKey) {
-        for v in vteps {
-            self.vtep_users.entry(*v).or_default().insert(z);
-        }
-    }
-
-    fn unindex_vteps(&mut self, vteps: &[Ipv4Addr], z: ZKey) {
-        for v in vteps {
-            if let Some(s) = self.vtep_users.get_mut(v) {
-                s.remove(&z);
-                if s.is_empty() {
-                    self.vtep_users.remove(v);
-                }
+                withdraw(&mut self.by_model, z, k, out);
             }
         }
     }
@@ -733,6 +710,33 @@ impl Rib {
                 Vec::new(),
             ),
             None => Outcome::Unattributed(Unattributed::NoTable),
+        }
+    }
+}
+
+type Users<K> = FastMap<K, FastSet<ZKey>>;
+
+/// Withdraw a model route: only the zebra route that owns it may.
+fn withdraw(by_model: &mut FastMap<MKey, ZKey>, z: ZKey, key: RouteKey, out: &mut ChangeBatch) {
+    if by_model.get(&MKey(key)) == Some(&z) {
+        by_model.remove(&MKey(key));
+        out.put(key, Change::DeleteRoute(key));
+    }
+}
+
+fn index<K: std::hash::Hash + Eq + Copy>(users: &mut Users<K>, keys: &[K], z: ZKey) {
+    for k in keys {
+        users.entry(*k).or_default().insert(z);
+    }
+}
+
+fn unindex<K: std::hash::Hash + Eq + Copy>(users: &mut Users<K>, keys: &[K], z: ZKey) {
+    for k in keys {
+        if let Some(s) = users.get_mut(k) {
+            s.remove(&z);
+            if s.is_empty() {
+                users.remove(k);
+            }
         }
     }
 }
