@@ -36,7 +36,12 @@ fn stream() -> (Vec<u8>, usize) {
     for i in 0..16u32 {
         let mut w = NlWriter::new();
         let kind = NexthopKind::Single(PathSpec {
-            gateway: Some(IpAddr::V4(Ipv4Addr::new(100, 64, (i / 8) as u8, (i % 8) as u8 + 1))),
+            gateway: Some(IpAddr::V4(Ipv4Addr::new(
+                100,
+                64,
+                (i / 8) as u8,
+                (i % 8) as u8 + 1,
+            ))),
             ifindex: 2 + i / 8,
             vni: None,
             weight: 1,

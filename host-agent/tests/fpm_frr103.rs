@@ -197,7 +197,7 @@ fn frr103_feedback_offloaded_trapped_failed() {
             || {
                 polls += 1;
                 // vtysh costs ~50 ms: look every few iterations only.
-                if polls % 4 == 0 {
+                if polls.is_multiple_of(4) {
                     last = route_json(&frr);
                 }
                 expected(&last)

@@ -388,7 +388,13 @@ const RTA_ENCAP: u16 = 22;
 const RTA_NH_ID: u16 = 30;
 
 /// Gateway, interface and VXLAN VNI from one path's attributes (top level or `rtnexthop`).
-fn path_attr(family: u8, kind: u16, v: &[u8], spec: &mut PathSpec, encap: &mut (u16, Option<u32>)) -> Result<(), MessageError> {
+fn path_attr(
+    family: u8,
+    kind: u16,
+    v: &[u8],
+    spec: &mut PathSpec,
+    encap: &mut (u16, Option<u32>),
+) -> Result<(), MessageError> {
     match kind {
         RTA_GATEWAY => spec.gateway = Some(ip_of_family(family, v)?),
         RTA_VIA => {
@@ -448,7 +454,9 @@ fn multipath_fast(family: u8, mut v: &[u8]) -> Result<Vec<PathSpec>, MessageErro
 /// `RTM_NEWROUTE`/`RTM_DELROUTE` without allocating for the common case (a nexthop id): this
 /// is the replay hot path. `reference::decode_route` (netlink-packet-route) is its test oracle.
 fn decode_route(body: &[u8], flags: u16, new: bool) -> Result<Option<FpmEvent>, MessageError> {
-    let Some(&[family, dst_len, _src_len, _tos, rtm_table, protocol, _scope, rtype]) = body.get(..8) else {
+    let Some(&[family, dst_len, _src_len, _tos, rtm_table, protocol, _scope, rtype]) =
+        body.get(..8)
+    else {
         return Err(parse_err("route", "shorter than rtmsg"));
     };
     if body.len() < 12 {
@@ -462,7 +470,10 @@ fn decode_route(body: &[u8], flags: u16, new: bool) -> Result<Option<FpmEvent>, 
     let mut metric = None;
     let mut nh_id = None;
     let mut paths = None;
-    let mut single = PathSpec { weight: 1, ..PathSpec::default() };
+    let mut single = PathSpec {
+        weight: 1,
+        ..PathSpec::default()
+    };
     let mut encap = (0u16, None);
     for a in attrs(&body[12..]) {
         let (kind, v) = a?;
@@ -483,7 +494,11 @@ fn decode_route(body: &[u8], flags: u16, new: bool) -> Result<Option<FpmEvent>, 
     let prefix =
         Prefix::new(addr, dst_len).map_err(|_| MessageError::BadPrefix { addr, len: dst_len })?;
     if !new {
-        return Ok(Some(FpmEvent::RouteDeleted(RouteDelete { table, prefix, protocol })));
+        return Ok(Some(FpmEvent::RouteDeleted(RouteDelete {
+            table,
+            prefix,
+            protocol,
+        })));
     }
     let kind = match rtype {
         1 => RouteKind::Unicast,
@@ -523,8 +538,8 @@ fn nla_u32(v: &[u8]) -> Option<u32> {
 
 fn ip_from(v: &[u8]) -> Option<IpAddr> {
     match v.len() {
-        4 => <[u8; 4]>::try_from(v).ok().map(|a| IpAddr::from(a)),
-        16 => <[u8; 16]>::try_from(v).ok().map(|a| IpAddr::from(a)),
+        4 => <[u8; 4]>::try_from(v).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(v).ok().map(IpAddr::from),
         _ => None,
     }
 }
@@ -640,7 +655,6 @@ fn decode_neigh(body: &[u8]) -> Result<NeighbourUpdate, MessageError> {
     Ok(n)
 }
 
-
 /// The same route decoding through `netlink-packet-route`: the oracle the fast path is
 /// checked against.
 #[cfg(test)]
@@ -653,143 +667,146 @@ pub(crate) mod reference {
     };
     use netlink_packet_route::AddressFamily;
 
-fn route_kind(t: RouteType) -> RouteKind {
-    match t {
-        RouteType::Unicast => RouteKind::Unicast,
-        RouteType::BlackHole => RouteKind::Blackhole,
-        RouteType::Unreachable => RouteKind::Unreachable,
-        RouteType::Prohibit => RouteKind::Prohibit,
-        other => RouteKind::Other(u8::from(other)),
-    }
-}
-
-fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
-        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
-        _ => None,
-    }
-}
-
-fn via_addr(v: &RouteVia) -> Option<IpAddr> {
-    match v {
-        RouteVia::Inet(a) => Some(IpAddr::V4(*a)),
-        RouteVia::Inet6(a) => Some(IpAddr::V6(*a)),
-        _ => None,
-    }
-}
-
-/// zebra's VXLAN encap: the nested attribute of type 0 holds the VNI as a host-order u32.
-fn encap_vni(encaps: &[RouteLwTunnelEncap]) -> Option<u32> {
-    encaps.iter().find_map(|e| match e {
-        RouteLwTunnelEncap::Other(nla) if nla.kind() & 0x3fff == 0 && nla.value_len() == 4 => {
-            let mut v = [0u8; 4];
-            nla.emit_value(&mut v);
-            Some(u32::from_ne_bytes(v))
+    fn route_kind(t: RouteType) -> RouteKind {
+        match t {
+            RouteType::Unicast => RouteKind::Unicast,
+            RouteType::BlackHole => RouteKind::Blackhole,
+            RouteType::Unreachable => RouteKind::Unreachable,
+            RouteType::Prohibit => RouteKind::Prohibit,
+            other => RouteKind::Other(u8::from(other)),
         }
-        _ => None,
-    })
-}
+    }
 
-/// Gateway, VNI and whether the encap was zebra's VXLAN, from one attribute list.
-fn path_attrs(attrs: &[RouteAttribute], spec: &mut PathSpec) {
-    let mut encap_type = None;
-    let mut vni = None;
-    for a in attrs {
+    fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
         match a {
-            RouteAttribute::Gateway(g) => spec.gateway = route_addr(g),
-            RouteAttribute::Via(v) => spec.gateway = via_addr(v),
-            RouteAttribute::Oif(i) => spec.ifindex = *i,
-            RouteAttribute::EncapType(t) => encap_type = Some(u16::from(*t)),
-            RouteAttribute::Encap(e) => vni = encap_vni(e),
-            _ => {}
+            RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+            RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+            _ => None,
         }
     }
-    if encap_type == Some(FPM_NH_ENCAP_VXLAN) {
-        spec.vni = vni;
-    }
-}
 
-fn multipath(hops: &[RouteNextHop]) -> Vec<PathSpec> {
-    hops.iter()
-        .map(|h| {
-            let mut spec = PathSpec {
-                ifindex: h.interface_index,
-                weight: u16::from(h.hops) + 1,
-                ..PathSpec::default()
-            };
-            path_attrs(&h.attributes, &mut spec);
-            spec
+    fn via_addr(v: &RouteVia) -> Option<IpAddr> {
+        match v {
+            RouteVia::Inet(a) => Some(IpAddr::V4(*a)),
+            RouteVia::Inet6(a) => Some(IpAddr::V6(*a)),
+            _ => None,
+        }
+    }
+
+    /// zebra's VXLAN encap: the nested attribute of type 0 holds the VNI as a host-order u32.
+    fn encap_vni(encaps: &[RouteLwTunnelEncap]) -> Option<u32> {
+        encaps.iter().find_map(|e| match e {
+            RouteLwTunnelEncap::Other(nla) if nla.kind() & 0x3fff == 0 && nla.value_len() == 4 => {
+                let mut v = [0u8; 4];
+                nla.emit_value(&mut v);
+                Some(u32::from_ne_bytes(v))
+            }
+            _ => None,
         })
-        .collect()
-}
-
-pub(crate) fn decode_route(body: &[u8], flags: u16, new: bool) -> Result<Option<FpmEvent>, MessageError> {
-    let msg = RouteMessage::parse(body).map_err(|e| parse_err("route", e))?;
-    let h = &msg.header;
-    let family = h.address_family;
-    if family != AddressFamily::Inet && family != AddressFamily::Inet6 {
-        // MPLS and other families carry no IP prefix for the model.
-        return Ok(None);
     }
-    let mut table = u32::from(h.table);
-    let mut dst = None;
-    let mut metric = None;
-    let mut nh_id = None;
-    let mut paths = None;
-    for a in &msg.attributes {
-        match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(d) => dst = route_addr(d),
-            RouteAttribute::Priority(p) => metric = Some(*p),
-            RouteAttribute::NhId(id) => nh_id = Some(*id),
-            RouteAttribute::MultiPath(hops) => paths = Some(multipath(hops)),
-            _ => {}
+
+    /// Gateway, VNI and whether the encap was zebra's VXLAN, from one attribute list.
+    fn path_attrs(attrs: &[RouteAttribute], spec: &mut PathSpec) {
+        let mut encap_type = None;
+        let mut vni = None;
+        for a in attrs {
+            match a {
+                RouteAttribute::Gateway(g) => spec.gateway = route_addr(g),
+                RouteAttribute::Via(v) => spec.gateway = via_addr(v),
+                RouteAttribute::Oif(i) => spec.ifindex = *i,
+                RouteAttribute::EncapType(t) => encap_type = Some(u16::from(*t)),
+                RouteAttribute::Encap(e) => vni = encap_vni(e),
+                _ => {}
+            }
+        }
+        if encap_type == Some(FPM_NH_ENCAP_VXLAN) {
+            spec.vni = vni;
         }
     }
-    let addr = dst.unwrap_or(if family == AddressFamily::Inet {
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-    } else {
-        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-    });
-    let len = h.destination_prefix_length;
-    let prefix = Prefix::new(addr, len).map_err(|_| MessageError::BadPrefix { addr, len })?;
-    let protocol = u8::from(h.protocol);
-    if !new {
-        return Ok(Some(FpmEvent::RouteDeleted(RouteDelete {
+
+    fn multipath(hops: &[RouteNextHop]) -> Vec<PathSpec> {
+        hops.iter()
+            .map(|h| {
+                let mut spec = PathSpec {
+                    ifindex: h.interface_index,
+                    weight: u16::from(h.hops) + 1,
+                    ..PathSpec::default()
+                };
+                path_attrs(&h.attributes, &mut spec);
+                spec
+            })
+            .collect()
+    }
+
+    pub(crate) fn decode_route(
+        body: &[u8],
+        flags: u16,
+        new: bool,
+    ) -> Result<Option<FpmEvent>, MessageError> {
+        let msg = RouteMessage::parse(body).map_err(|e| parse_err("route", e))?;
+        let h = &msg.header;
+        let family = h.address_family;
+        if family != AddressFamily::Inet && family != AddressFamily::Inet6 {
+            // MPLS and other families carry no IP prefix for the model.
+            return Ok(None);
+        }
+        let mut table = u32::from(h.table);
+        let mut dst = None;
+        let mut metric = None;
+        let mut nh_id = None;
+        let mut paths = None;
+        for a in &msg.attributes {
+            match a {
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Destination(d) => dst = route_addr(d),
+                RouteAttribute::Priority(p) => metric = Some(*p),
+                RouteAttribute::NhId(id) => nh_id = Some(*id),
+                RouteAttribute::MultiPath(hops) => paths = Some(multipath(hops)),
+                _ => {}
+            }
+        }
+        let addr = dst.unwrap_or(if family == AddressFamily::Inet {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        });
+        let len = h.destination_prefix_length;
+        let prefix = Prefix::new(addr, len).map_err(|_| MessageError::BadPrefix { addr, len })?;
+        let protocol = u8::from(h.protocol);
+        if !new {
+            return Ok(Some(FpmEvent::RouteDeleted(RouteDelete {
+                table,
+                prefix,
+                protocol,
+            })));
+        }
+        let kind = route_kind(h.kind);
+        let nexthops = match (nh_id, paths) {
+            (Some(id), _) => RouteNexthops::Id(id),
+            (None, Some(p)) => RouteNexthops::Paths(p),
+            (None, None) => {
+                let mut spec = PathSpec {
+                    weight: 1,
+                    ..PathSpec::default()
+                };
+                path_attrs(&msg.attributes, &mut spec);
+                if spec.gateway.is_none() && spec.ifindex == 0 && spec.vni.is_none() {
+                    RouteNexthops::Paths(Vec::new())
+                } else {
+                    RouteNexthops::Paths(vec![spec])
+                }
+            }
+        };
+        Ok(Some(FpmEvent::Route(RouteUpdate {
             table,
             prefix,
             protocol,
-        })));
+            kind,
+            replace: flags & NLM_F_REPLACE != 0,
+            metric,
+            nexthops,
+        })))
     }
-    let kind = route_kind(h.kind);
-    let nexthops = match (nh_id, paths) {
-        (Some(id), _) => RouteNexthops::Id(id),
-        (None, Some(p)) => RouteNexthops::Paths(p),
-        (None, None) => {
-            let mut spec = PathSpec {
-                weight: 1,
-                ..PathSpec::default()
-            };
-            path_attrs(&msg.attributes, &mut spec);
-            if spec.gateway.is_none() && spec.ifindex == 0 && spec.vni.is_none() {
-                RouteNexthops::Paths(Vec::new())
-            } else {
-                RouteNexthops::Paths(vec![spec])
-            }
-        }
-    };
-    Ok(Some(FpmEvent::Route(RouteUpdate {
-        table,
-        prefix,
-        protocol,
-        kind,
-        replace: flags & NLM_F_REPLACE != 0,
-        metric,
-        nexthops,
-    })))
-}
-
 }
 
 #[cfg(test)]

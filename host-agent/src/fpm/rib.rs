@@ -294,7 +294,6 @@ impl ChangeBatch {
     }
 }
 
-
 /// The routes, nexthop objects and router MACs zebra sent.
 #[derive(Debug, Default)]
 pub struct Rib {
@@ -909,7 +908,7 @@ mod tests {
         let out = run(&mut rib, &a, &[del.clone(), r]);
         assert_eq!(out.len(), 1);
         assert!(matches!(out[0], Change::UpsertRoute(_)));
-        let out = run(&mut rib, &a, &[del.clone()]);
+        let out = run(&mut rib, &a, std::slice::from_ref(&del));
         assert_eq!(
             out,
             vec![Change::DeleteRoute(RouteKey {

@@ -388,3 +388,148 @@ fn open(stream: TcpStream, id: u64, counters: Arc<Mutex<FpmCounters>>) -> Conn {
         rbuf: vec![0u8; READ].into_boxed_slice(),
     }
 }
+
+/// In-process fakes of zebra (a plain TCP client): unit tests of the server's connection
+/// handling, not of FRR (see `tests/fpm_frr*.rs` for the real daemons).
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::fpm::build::{self, NlWriter, RouteSpec};
+    use crate::fpm::decode::{RouteKind, RouteNexthops, NLM_F_REQUEST};
+    use crate::fpm::frame::encode_frame;
+    use std::time::Duration;
+
+    async fn start() -> (FpmServer, mpsc::Receiver<ServerEvent>) {
+        FpmServer::start(FpmConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..FpmConfig::default()
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<ServerEvent>) -> ServerEvent {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no event within 5 s")
+            .expect("server stopped")
+    }
+
+    fn route_frame(prefix: &str) -> Vec<u8> {
+        let nh = RouteNexthops::Id(1);
+        let mut w = NlWriter::new();
+        build::route(
+            &mut w,
+            true,
+            NLM_F_REQUEST,
+            &RouteSpec {
+                table: 254,
+                prefix: prefix.parse().unwrap(),
+                protocol: 186,
+                kind: RouteKind::Unicast,
+                rtm_flags: 0,
+                metric: None,
+                nexthops: Some(&nh),
+            },
+        );
+        let mut f = Vec::new();
+        encode_frame(&w.buf, &mut f).unwrap();
+        f
+    }
+
+    #[tokio::test]
+    async fn unit_fake_zebra_events_feedback_and_replacement() {
+        let (server, mut rx) = start().await;
+        let mut a = TcpStream::connect(server.local_addr()).await.unwrap();
+        assert!(matches!(
+            next(&mut rx).await,
+            ServerEvent::Connected { connection: 1, .. }
+        ));
+        let mut bytes = route_frame("10.1.0.0/24");
+        bytes.extend(route_frame("10.2.0.0/24"));
+        a.write_all(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match next(&mut rx).await {
+                ServerEvent::Events(e) => got.extend(e),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Feedback reaches the connected client as one frame per route.
+        let route = ZebraRoute {
+            table: 254,
+            prefix: "10.1.0.0/24".parse().unwrap(),
+            protocol: 186,
+        };
+        server
+            .feedback()
+            .ack([(&route, &OffloadStatus::Offloaded)])
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), a.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(buf, [1, 1, 0, 48]);
+        // A second client replaces the first, which is closed.
+        let _b = TcpStream::connect(server.local_addr()).await.unwrap();
+        assert_eq!(
+            next(&mut rx).await,
+            ServerEvent::Disconnected {
+                connection: 1,
+                reason: DisconnectReason::Replaced
+            }
+        );
+        assert!(matches!(
+            next(&mut rx).await,
+            ServerEvent::Connected { connection: 2, .. }
+        ));
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), a.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 44, "the rest of the ack, then EOF");
+        let c = server.counters();
+        assert_eq!((c.connections, c.frames, c.messages.new_route), (2, 2, 2));
+        assert_eq!(c.feedback_frames, 1);
+    }
+
+    #[tokio::test]
+    async fn unit_fake_zebra_bad_framing_resets_and_feedback_without_zebra_is_dropped() {
+        let (server, mut rx) = start().await;
+        server.feedback().send_frames(vec![1, 1, 0, 4]).await.unwrap();
+        // Let the server see it before anyone connects.
+        for _ in 0..500 {
+            if server.counters().feedback_dropped == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut a = TcpStream::connect(server.local_addr()).await.unwrap();
+        assert!(matches!(next(&mut rx).await, ServerEvent::Connected { .. }));
+        a.write_all(&[1, 1, 0, 2]).await.unwrap();
+        assert_eq!(
+            next(&mut rx).await,
+            ServerEvent::Disconnected {
+                connection: 1,
+                reason: DisconnectReason::Framing(FrameError::BadLength(2))
+            }
+        );
+        let c = server.counters();
+        assert_eq!((c.frame_errors, c.feedback_dropped), (1, 1));
+        // zebra closing is reported too.
+        let b = TcpStream::connect(server.local_addr()).await.unwrap();
+        assert!(matches!(next(&mut rx).await, ServerEvent::Connected { .. }));
+        drop(b);
+        assert_eq!(
+            next(&mut rx).await,
+            ServerEvent::Disconnected {
+                connection: 2,
+                reason: DisconnectReason::Closed
+            }
+        );
+    }
+}
