@@ -59,7 +59,7 @@ ipv6 route 2001:db8:1::/48 fd00::1
 /// What the test's "DPU" reports per prefix (10.4 is never acknowledged).
 fn status_for(p: &Prefix) -> Option<OffloadStatus> {
     match p.to_string().as_str() {
-        "10.1.0.0/24" | "2001:db8:1::/48" => Some(OffloadStatus::Offloaded),
+        "10.1.0.0/24" | "2001:db8:1::/48" | "10.6.0.0/24" => Some(OffloadStatus::Offloaded),
         "10.2.0.0/24" | "10.5.0.0/24" => Some(OffloadStatus::Software {
             reason: SwReason::Ecmp,
         }),
@@ -229,6 +229,55 @@ fn frr103_feedback_offloaded_trapped_failed() {
         assert_eq!(statics["fibOffLoaded"].as_u64(), Some(3), "{summary}");
         assert_eq!(statics["fibTrapped"].as_u64(), Some(2), "{summary}");
         assert_eq!(server.counters().messages.malformed, 0);
+
+        // The agent restarts: zebra reconnects (3 s retry) and replays everything, keeping
+        // the flags it had; the consumer re-acknowledges all and new routes still land.
+        server.shutdown().await;
+        drop(rx);
+        let (server, mut rx) = common::server(FeedbackEncoder::new(enc)).await;
+        let mut resynced = false;
+        let mut polls = 0u32;
+        let mut last = HashMap::new();
+        ack_loop(
+            &mut rx,
+            &server,
+            &mut rib,
+            &attr,
+            Duration::from_secs(40),
+            || {
+                polls += 1;
+                let replayed = server.counters().messages.new_route >= 7;
+                if replayed && !resynced {
+                    resynced = true;
+                    frr.vtysh(&[
+                        "-c",
+                        "configure terminal",
+                        "-c",
+                        "ip route 10.6.0.0/24 10.0.0.1",
+                    ]);
+                }
+                if resynced && polls.is_multiple_of(4) {
+                    last = route_json(&frr);
+                }
+                expected(&last) && flag(&last, "10.6.0.0/24", "offloaded") == Some(true)
+            },
+        )
+        .await;
+        let routes = route_json(&frr);
+        assert!(
+            expected(&routes) && flag(&routes, "10.6.0.0/24", "offloaded") == Some(true),
+            "after reconnect: {:?}\ncounters {:?}",
+            routes.get("10.6.0.0/24"),
+            server.counters()
+        );
+        assert_eq!(server.counters().connections, 1);
+        let mut gone = host_agent::fpm::ChangeBatch::new();
+        rib.end_resync(&attr, &mut gone);
+        assert!(
+            gone.is_empty(),
+            "every route was replayed: {:?}",
+            gone.changes()
+        );
         frr.stop();
     });
 }

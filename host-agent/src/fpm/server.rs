@@ -223,6 +223,12 @@ impl FpmServer {
         self.feedback.clone()
     }
 
+    /// Stop serving and wait until the socket is closed (dropping the server only requests it).
+    pub async fn shutdown(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
     /// A snapshot of the counters.
     pub fn counters(&self) -> FpmCounters {
         *self.counters.lock().unwrap_or_else(PoisonError::into_inner)
@@ -500,7 +506,11 @@ mod tests {
     #[tokio::test]
     async fn unit_fake_zebra_bad_framing_resets_and_feedback_without_zebra_is_dropped() {
         let (server, mut rx) = start().await;
-        server.feedback().send_frames(vec![1, 1, 0, 4]).await.unwrap();
+        server
+            .feedback()
+            .send_frames(vec![1, 1, 0, 4])
+            .await
+            .unwrap();
         // Let the server see it before anyone connects.
         for _ in 0..500 {
             if server.counters().feedback_dropped == 1 {
