@@ -111,7 +111,7 @@ impl Netns {
     }
 }
 
-fn kill_pid_files(dir: &Path) {
+pub fn kill_pid_files(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -155,6 +155,8 @@ pub struct Frr {
     pub ns: String,
     /// Working directory as FRR sees it (pid files, logs, configs).
     pub dir: String,
+    /// Another namespace to run in (`ip netns exec`), if not this process's.
+    pub netns: Option<String>,
     pids: Vec<(String, u32)>,
 }
 
@@ -174,18 +176,31 @@ impl Frr {
             root: root.to_path_buf(),
             ns: ns.to_string(),
             dir,
+            netns: None,
             pids: Vec::new(),
         }
     }
 
+    /// As [`Frr::new`], running the daemons in namespace `netns`.
+    pub fn in_netns(root: &Path, ns: &str, netns: &str) -> Frr {
+        let mut f = Frr::new(root, ns);
+        f.netns = Some(netns.to_string());
+        f
+    }
+
     fn command(&self, program: &str) -> Command {
-        if self.root == Path::new("/") {
-            Command::new(program)
-        } else {
-            let mut c = Command::new("chroot");
-            c.arg(&self.root).arg(program);
-            c
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(n) = &self.netns {
+            argv.extend(["ip", "netns", "exec", n.as_str()].map(Into::into));
         }
+        if self.root != Path::new("/") {
+            argv.push("chroot".into());
+            argv.push(self.root.clone().into_os_string());
+        }
+        argv.push(program.into());
+        let mut c = Command::new(&argv[0]);
+        c.args(&argv[1..]);
+        c
     }
 
     /// Path of a file in the working directory, as the test sees it.
