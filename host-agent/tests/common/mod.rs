@@ -87,9 +87,14 @@ impl Netns {
         cmd.args(["netns", "exec", &self.name])
             .arg(&exe)
             .args([test, "--exact", "--nocapture", "--test-threads", "1"])
-            .env(NETNS_ENV, &self.name)
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit());
+            .env(NETNS_ENV, &self.name);
+        // The inner run's output (its own "test result" line included) is shown only on
+        // failure, so test summaries count each test once.
+        let log_path = std::env::temp_dir().join(format!("{}.log", self.name));
+        let log = std::fs::File::create(&log_path).unwrap();
+        cmd.stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
+        let show = || std::fs::read_to_string(&log_path).unwrap_or_default();
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
@@ -97,14 +102,19 @@ impl Netns {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "inner run of {test} failed: {status}");
+                assert!(
+                    status.success(),
+                    "inner run of {test} failed: {status}\n{}",
+                    show()
+                );
+                let _ = std::fs::remove_file(&log_path);
                 return;
             }
             if Instant::now() > deadline {
                 let _ = sh("kill", &["-9", &child.id().to_string()]);
                 let _ = child.wait();
                 kill_pid_files(&root.join(format!("tmp/dpucp-fpm-{}", self.name)));
-                panic!("inner run of {test} timed out after {limit:?}");
+                panic!("inner run of {test} timed out after {limit:?}\n{}", show());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -312,6 +322,10 @@ impl Drop for Frr {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(self.root.join("run/frr").join(&self.ns));
+        // Logs stay for a failing test to be read.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(self.root.join(self.dir.trim_start_matches('/')));
+        }
     }
 }
 
