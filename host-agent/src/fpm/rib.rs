@@ -238,7 +238,11 @@ pub struct RibStats {
 
 #[derive(Debug, Clone)]
 struct Entry {
-    update: RouteUpdate,
+    // What evaluation needs of zebra's message (table and prefix are the key): kept small,
+    // a full table is millions of these.
+    protocol: u8,
+    kind: RouteKind,
+    nexthops: RouteNexthops,
     state: RouteState,
     vteps: Vec<Ipv4Addr>,
     generation: u64,
@@ -344,7 +348,7 @@ impl Rib {
         Some(ZebraRoute {
             table: z.0,
             prefix: z.1,
-            protocol: e.update.protocol,
+            protocol: e.protocol,
         })
     }
 
@@ -355,7 +359,7 @@ impl Rib {
                 ZebraRoute {
                     table: z.0,
                     prefix: z.1,
-                    protocol: e.update.protocol,
+                    protocol: e.protocol,
                 },
                 e.state,
             )
@@ -484,7 +488,15 @@ impl Rib {
     fn reevaluate(&mut self, keys: Vec<ZKey>, attr: &dyn Attribution, out: &mut ChangeBatch) {
         for z in keys {
             if let Some(e) = self.routes.get(&z) {
-                let update = e.update.clone();
+                let update = RouteUpdate {
+                    table: z.0,
+                    prefix: z.1,
+                    protocol: e.protocol,
+                    kind: e.kind,
+                    replace: false,
+                    metric: None,
+                    nexthops: e.nexthops.clone(),
+                };
                 let generation = e.generation;
                 self.install(z, update, generation, attr, out);
             }
@@ -521,7 +533,7 @@ impl Rib {
                 let e = o.get_mut();
                 (
                     installed_key(&e.state),
-                    nexthop_id(&e.update),
+                    nexthop_id(&e.nexthops),
                     std::mem::take(&mut e.vteps),
                 )
             }
@@ -568,7 +580,7 @@ impl Rib {
                 (RouteState::Unattributed(why), Vec::new())
             }
         };
-        let new_nh = nexthop_id(&update);
+        let new_nh = nexthop_id(&update.nexthops);
         if old_nh != new_nh {
             unindex(nh_users, old_nh.as_slice(), z);
             index(nh_users, new_nh.as_slice(), z);
@@ -580,14 +592,18 @@ impl Rib {
         match slot {
             HEntry::Occupied(mut o) => {
                 let e = o.get_mut();
-                e.update = update;
+                e.protocol = update.protocol;
+                e.kind = update.kind;
+                e.nexthops = update.nexthops;
                 e.state = state;
                 e.vteps = vteps;
                 e.generation = generation;
             }
             HEntry::Vacant(v) => {
                 v.insert(Entry {
-                    update,
+                    protocol: update.protocol,
+                    kind: update.kind,
+                    nexthops: update.nexthops,
                     state,
                     vteps,
                     generation,
@@ -598,7 +614,7 @@ impl Rib {
 
     fn delete_route(&mut self, z: ZKey, _attr: &dyn Attribution, out: &mut ChangeBatch) {
         if let Some(e) = self.routes.remove(&z) {
-            unindex(&mut self.nh_users, nexthop_id(&e.update).as_slice(), z);
+            unindex(&mut self.nh_users, nexthop_id(&e.nexthops).as_slice(), z);
             unindex(&mut self.vtep_users, &e.vteps, z);
             if let Some(k) = installed_key(&e.state) {
                 withdraw(&mut self.by_model, z, k, out);
@@ -740,8 +756,8 @@ fn unindex<K: std::hash::Hash + Eq + Copy>(users: &mut Users<K>, keys: &[K], z: 
     }
 }
 
-fn nexthop_id(u: &RouteUpdate) -> Option<u32> {
-    match u.nexthops {
+fn nexthop_id(n: &RouteNexthops) -> Option<u32> {
+    match *n {
         RouteNexthops::Id(id) => Some(id),
         RouteNexthops::Paths(_) => None,
     }
