@@ -420,6 +420,10 @@ impl Rib {
                 }
             }
             FpmEvent::Nexthop(n) => {
+                // zebra replays every nexthop on reconnect: an unchanged one changes no route.
+                if self.nexthops.get(&n.id) == Some(&n.kind) {
+                    return;
+                }
                 if let Some(NexthopKind::Group(old)) = self.nexthops.get(&n.id) {
                     for (m, _) in old.clone() {
                         if let Some(s) = self.groups_of.get_mut(&m) {
@@ -903,6 +907,25 @@ mod tests {
                 protocol: 186
             })
         );
+    }
+
+    /// A reconnect replays every nexthop unchanged: no route is re-evaluated or re-sent.
+    #[test]
+    fn unchanged_nexthop_replay_changes_nothing() {
+        let a = attr();
+        let mut rib = Rib::new();
+        let def = nh(41, NexthopKind::Single(path("10.0.0.1", 2)));
+        run(
+            &mut rib,
+            &a,
+            &[
+                def.clone(),
+                route(254, "10.1.0.0/24", RouteNexthops::Id(41)),
+            ],
+        );
+        assert!(run(&mut rib, &a, std::slice::from_ref(&def)).is_empty());
+        let changed = nh(41, NexthopKind::Single(path("10.0.0.9", 2)));
+        assert_eq!(run(&mut rib, &a, &[changed]).len(), 1);
     }
 
     /// 8.4's update is DELROUTE + NEWROUTE: the batch carries one upsert, never a delete.
