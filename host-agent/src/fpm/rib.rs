@@ -395,6 +395,12 @@ impl Rib {
         }
     }
 
+    /// Evaluate every route again: after the [`Attribution`] changed (ports, tables, MACs).
+    pub fn reevaluate_all(&mut self, attr: &dyn Attribution, out: &mut ChangeBatch) {
+        let keys: Vec<ZKey> = self.routes.keys().copied().collect();
+        self.reevaluate(keys, attr, out);
+    }
+
     /// Apply a batch of events.
     pub fn apply_all<'a>(
         &mut self,
@@ -510,6 +516,18 @@ impl Rib {
     fn upsert_route(&mut self, r: RouteUpdate, attr: &dyn Attribution, out: &mut ChangeBatch) {
         let z = ZKey(r.table, r.prefix);
         let generation = self.generation;
+        // zebra's reconnect replay resends every route unchanged: nothing to evaluate or send
+        // (nexthop and router-MAC changes re-evaluate their routes themselves).
+        if let Some(e) = self.routes.get_mut(&z) {
+            if matches!(e.state, RouteState::Installed(_))
+                && e.protocol == r.protocol
+                && e.kind == r.kind
+                && e.nexthops == r.nexthops
+            {
+                e.generation = generation;
+                return;
+            }
+        }
         self.install(z, r, generation, attr, out);
     }
 
@@ -924,8 +942,24 @@ mod tests {
             ],
         );
         assert!(run(&mut rib, &a, std::slice::from_ref(&def)).is_empty());
+        // The route replayed unchanged is not re-sent either.
+        assert!(run(
+            &mut rib,
+            &a,
+            &[route(254, "10.1.0.0/24", RouteNexthops::Id(41))]
+        )
+        .is_empty());
+        // An attribution change is applied on request.
+        let mut moved = a.clone();
+        moved.ports.insert(2, PortId(5));
+        let mut b = ChangeBatch::new();
+        rib.reevaluate_all(&moved, &mut b);
+        assert!(
+            matches!(b.changes(), [Change::UpsertRoute(r)] if r.nexthops == [Nexthop::Underlay {
+            gateway: "10.0.0.1".parse().unwrap(), port: PortId(5), mac: MAC }])
+        );
         let changed = nh(41, NexthopKind::Single(path("10.0.0.9", 2)));
-        assert_eq!(run(&mut rib, &a, &[changed]).len(), 1);
+        assert_eq!(run(&mut rib, &moved, &[changed]).len(), 1);
     }
 
     /// 8.4's update is DELROUTE + NEWROUTE: the batch carries one upsert, never a delete.
