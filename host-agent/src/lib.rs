@@ -5,5 +5,6 @@
 pub mod api;
 pub mod daemon;
 pub mod dpu_link;
+pub mod fpm;
 pub mod metrics;
 pub mod store;

@@ -1,0 +1,54 @@
+//! FPM: zebra's routes in, offload status out.
+//!
+//! - [`frame`]: the FPM framing (streaming decoder, encoder);
+//! - [`decode`]: netlink messages into [`FpmEvent`]s;
+//! - [`rib`]: zebra's state and its conversion into model [`Change`](flow_offload::model::Change)s
+//!   through an [`Attribution`];
+//! - [`feedback`]: `RTM_F_OFFLOAD`/`TRAP`/`OFFLOAD_FAILED` frames from an
+//!   [`OffloadStatus`](flow_offload::status::OffloadStatus);
+//! - [`server`]: the tokio TCP server zebra connects to;
+//! - [`build`]: zebra-shaped netlink messages (feedback, tests, benchmarks).
+//!
+//! # How the host agent uses it
+//! Start an [`FpmServer`]; on [`ServerEvent::Connected`] call [`Rib::begin_resync`] and
+//! re-acknowledge every route ([`Rib::routes`]); feed [`ServerEvent::Events`] to
+//! [`Rib::apply_all`] and send the [`ChangeBatch`] to the DPUs; when a status comes back for a
+//! model route, [`Rib::zebra_route`] gives what zebra must see and
+//! [`FeedbackSender::ack`] sends it. Call [`Rib::end_resync`] once the replay is over (e.g. after
+//! a quiet second) to drop routes zebra no longer has.
+//!
+//! # What FRR does, measured here (tests `fpm_frr84`, `fpm_frr103`, `fpm_golden`)
+//! - 8.4 (Debian 12) and 10.3 (Debian 13) both send nexthop objects first and routes with
+//!   `RTA_NH_ID`; 8.4 sends an update as DELROUTE + NEWROUTE in one frame and IPv6 routes
+//!   without `NLM_F_REPLACE`; 10.3 sends one NEWROUTE with REPLACE and every connected route
+//!   twice. [`ChangeBatch`] coalesces per route, so the DPU never sees the delete of an update.
+//! - 8.4 reads and discards feedback: routes still flow in (the degraded path).
+//! - 10.3.0–10.3.4 (Debian 13 ships 10.3.0) look an acknowledged route up as
+//!   (VRF id = the table field, table id 0): upstream bug, fixed in 10.4. Feedback lands only
+//!   with [`TableEncoding::VrfIdMainAsZero`] **and** zebra started with `-R 0`
+//!   (`--routing-table 0`: zebra's main table id becomes 0; the kernel still installs into
+//!   main). zebra then sends the main table as 0, which the [`Attribution`] must map to the
+//!   underlay. Without `-R 0` nothing lands and routes stay `queued` (tested).
+//! - Acknowledged routes show in `show ip route json` as `"offloaded":true` (Offloaded),
+//!   `"trapped":true` plus `"offloaded":true` (Software), `"offloaded":false` (Failed, `o` in
+//!   the text view); unacknowledged ones stay `"queued":true`.
+//!
+//! # What can be attributed
+//! A route becomes a model route when the [`Attribution`] gives its table (by the first path's
+//! VNI, then its interface, then zebra's table) and, for underlay paths, a DPU port and the
+//! gateway's MAC; EVPN paths need the remote VTEP's router MAC (`AF_BRIDGE` neighbour).
+//! Directly connected routes (no gateway), routes through host-only interfaces and
+//! non-forwarding types stay unattributed: they are kept (for feedback) but not sent to DPUs.
+
+pub mod build;
+pub mod decode;
+pub mod feedback;
+pub mod frame;
+pub mod rib;
+pub mod server;
+
+pub use decode::{decode_netlink, DecodeStats, FpmEvent};
+pub use feedback::{FeedbackEncoder, FrrVersion, TableEncoding};
+pub use frame::{FrameDecoder, FrameError};
+pub use rib::{Attribution, ChangeBatch, PathHint, Rib, StaticAttribution, ZebraRoute};
+pub use server::{FeedbackSender, FpmConfig, FpmCounters, FpmServer, ServerEvent};
