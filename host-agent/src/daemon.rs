@@ -14,12 +14,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flow_offload::model::{Change, Model, Name, ObjectKey, Route, RouteKey};
+use flow_offload::model::{
+    Change, Model, Name, ObjectKey, PortId, Route, RouteKey, UNDERLAY_TABLE,
+};
 use flow_offload::status::OffloadStatus;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::dpu_link::{self, DpuEvent, LinkConfig};
+use crate::fpm::{
+    ChangeBatch, FeedbackEncoder, FpmConfig, FpmServer, Rib, ServerEvent, StaticAttribution,
+    TableEncoding, ZebraRoute,
+};
 use crate::metrics::{Kind, Metrics};
 use crate::store::{DpuLease, DpuRecord, PortCaps, Store, StoreConfig};
 
@@ -66,12 +72,21 @@ pub struct Config {
     pub dpus: Vec<DpuConfig>,
 }
 
-/// FPM settings.
+/// FPM settings: where zebra connects, and what the host knows that zebra does not say.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FpmSection {
     /// Where zebra connects (`fpm address ... port ...`).
     pub listen: String,
+    /// How feedback addresses tables: `"table-id"`, or `"main-as-zero"` for FRR 10.3.0–10.3.4
+    /// (which also needs zebra `-R 0`). Absent: detected from `zebra --version`.
+    pub table_encoding: Option<String>,
+    /// Host interface name → DPU port, for routes out of those interfaces.
+    #[serde(default)]
+    pub interfaces: BTreeMap<String, u16>,
+    /// Underlay gateway → MAC (static neighbours).
+    #[serde(default)]
+    pub neighbours: BTreeMap<String, String>,
 }
 
 /// A configuration error naming the field.
@@ -128,6 +143,26 @@ impl Config {
         addr("metrics.listen", &c.metrics.listen)?;
         if let Some(f) = &c.fpm {
             addr("fpm.listen", &f.listen)?;
+            match f.table_encoding.as_deref() {
+                None | Some("table-id") | Some("main-as-zero") => {}
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        field: "fpm.table_encoding".into(),
+                        problem: format!("{other:?}: expected \"table-id\" or \"main-as-zero\""),
+                    })
+                }
+            }
+            for (ip, mac) in &f.neighbours {
+                ip.parse::<std::net::IpAddr>()
+                    .map_err(|e| ConfigError::Invalid {
+                        field: format!("fpm.neighbours.{ip}"),
+                        problem: format!("not an IP address: {e}"),
+                    })?;
+                parse_mac(mac).ok_or_else(|| ConfigError::Invalid {
+                    field: format!("fpm.neighbours.{ip}"),
+                    problem: format!("{mac:?} is not a MAC address"),
+                })?;
+            }
         }
         for (i, d) in c.dpus.iter().enumerate() {
             Name::new(&d.id).map_err(|p| ConfigError::Invalid {
@@ -138,6 +173,159 @@ impl Config {
         }
         Ok(c)
     }
+}
+
+fn parse_mac(s: &str) -> Option<flow_offload::model::MacAddr> {
+    let b: Vec<u8> = s
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    let a: [u8; 6] = b.try_into().ok()?;
+    Some(flow_offload::model::MacAddr(a))
+}
+
+/// The attribution of zebra's routes: the configured interfaces and neighbours, zebra's main
+/// table as the underlay, and each VPC's table and VNI from the configuration in force.
+fn attribution(f: &FpmSection, config: &Model) -> StaticAttribution {
+    let mut a = StaticAttribution::default();
+    a.tables.insert(UNDERLAY_TABLE.0, UNDERLAY_TABLE);
+    for vpc in config.vpcs().values() {
+        a.tables.insert(vpc.table.0, vpc.table);
+        a.vnis.insert(vpc.vni.get(), vpc.table);
+    }
+    for (name, port) in &f.interfaces {
+        let path = format!("/sys/class/net/{name}/ifindex");
+        match std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+        {
+            Some(ifindex) => {
+                a.ports.insert(ifindex, PortId(*port));
+            }
+            None => {
+                tracing::warn!(interface = %name, "no such interface; its routes are not the DPU's")
+            }
+        }
+    }
+    for (ip, mac) in &f.neighbours {
+        if let (Ok(ip), Some(mac)) = (ip.parse(), parse_mac(mac)) {
+            a.macs.insert(ip, mac);
+        }
+    }
+    a
+}
+
+/// The feedback table encoding: configured, or detected from the local zebra's version.
+fn table_encoding(f: &FpmSection) -> TableEncoding {
+    let configured = match f.table_encoding.as_deref() {
+        Some("main-as-zero") => Some(TableEncoding::VrfIdMainAsZero),
+        Some("table-id") => Some(TableEncoding::TableId),
+        _ => None,
+    };
+    let version = std::process::Command::new("/usr/lib/frr/zebra")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    TableEncoding::detect(&version, configured)
+}
+
+/// The most telling of several DPUs' statuses for one route (failed, then software).
+fn worst(a: &OffloadStatus, b: &OffloadStatus) -> OffloadStatus {
+    let rank = |s: &OffloadStatus| match s {
+        OffloadStatus::Offloaded => 0,
+        OffloadStatus::Software { .. } => 1,
+        OffloadStatus::Failed { .. } => 2,
+    };
+    if rank(b) > rank(a) {
+        b.clone()
+    } else {
+        a.clone()
+    }
+}
+
+/// zebra's side: the FPM server, its RIB and the feedback path.
+struct Frr {
+    server: FpmServer,
+    events: mpsc::Receiver<ServerEvent>,
+    rib: Rib,
+    section: FpmSection,
+    attr: StaticAttribution,
+    /// While zebra replays after a (re)connect: when the replay is considered over.
+    resync_until: Option<tokio::time::Instant>,
+}
+
+impl Frr {
+    /// Feeds zebra's route changes into the desired state; answers refused ones as failed.
+    async fn flush(&mut self, batch: &mut ChangeBatch, desired: &mut Desired) -> bool {
+        if batch.is_empty() {
+            return false;
+        }
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        for c in batch.take() {
+            match c {
+                Change::UpsertRoute(r) => upserts.push(r),
+                Change::DeleteRoute(k) => deletes.push(k),
+                _ => {}
+            }
+        }
+        let refused = desired.frr_routes(upserts, deletes);
+        if !refused.is_empty() {
+            let failed = OffloadStatus::Failed {
+                reason: flow_offload::status::FailReason::Invalid(
+                    flow_offload::model::ModelError::NotFound {
+                        object: ObjectKey::Node,
+                    },
+                ),
+            };
+            let zr: Vec<ZebraRoute> = refused
+                .iter()
+                .filter_map(|k| self.rib.zebra_route(k))
+                .collect();
+            let _ = self
+                .server
+                .feedback()
+                .ack(zr.iter().map(|z| (z, &failed)))
+                .await;
+        }
+        true
+    }
+
+    /// Acknowledges routes to zebra.
+    async fn ack(&self, statuses: &[(RouteKey, OffloadStatus)]) {
+        let pairs: Vec<(ZebraRoute, OffloadStatus)> = statuses
+            .iter()
+            .filter_map(|(k, s)| self.rib.zebra_route(k).map(|z| (z, s.clone())))
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .server
+            .feedback()
+            .ack(pairs.iter().map(|(z, s)| (z, s)))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot send offload status to zebra");
+        }
+    }
+}
+
+/// Every route's status over all DPUs (the worst of them).
+fn route_statuses(
+    statuses: &BTreeMap<String, BTreeMap<ObjectKey, OffloadStatus>>,
+) -> Vec<(RouteKey, OffloadStatus)> {
+    let mut out: BTreeMap<RouteKey, OffloadStatus> = BTreeMap::new();
+    for m in statuses.values() {
+        for (k, s) in m {
+            if let ObjectKey::Route(r) = k {
+                let e = out.entry(*r).or_insert_with(|| s.clone());
+                *e = worst(e, s);
+            }
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// Why the daemon stopped.
@@ -160,6 +348,9 @@ pub enum DaemonError {
     /// etcd.
     #[error("etcd: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The FPM server.
+    #[error("FPM: {0}")]
+    Fpm(#[from] crate::fpm::server::FpmServerError),
 }
 
 /// The merged desired state: configuration plus FRR's routes.
@@ -237,6 +428,11 @@ impl Desired {
     pub fn model(&self) -> &Model {
         &self.model
     }
+
+    /// The configuration part.
+    pub fn config(&self) -> &Model {
+        &self.config
+    }
 }
 
 /// Runs the daemon until `shutdown` turns true.
@@ -308,10 +504,36 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     }
     drop(ev_tx);
 
+    // zebra, over FPM.
+    let mut frr = match &config.fpm {
+        Some(f) => {
+            let listen = addr("fpm.listen", &f.listen)?;
+            let encoding = table_encoding(f);
+            let (server, events) = FpmServer::start(FpmConfig {
+                listen,
+                feedback: FeedbackEncoder::new(encoding),
+                ..FpmConfig::default()
+            })
+            .await?;
+            tracing::info!(%listen, ?encoding, "FPM server waiting for zebra");
+            Some(Frr {
+                server,
+                events,
+                rib: Rib::new(),
+                attr: attribution(f, &config_model),
+                section: f.clone(),
+                resync_until: None,
+            })
+        }
+        None => None,
+    };
+    let mut batch = ChangeBatch::new();
+
     let mut watch = store.watch(&config_model, revision);
     let mut leases: BTreeMap<String, DpuLease> = BTreeMap::new();
     let mut statuses: BTreeMap<String, BTreeMap<ObjectKey, OffloadStatus>> = BTreeMap::new();
     loop {
+        let resync_at = frr.as_ref().and_then(|f| f.resync_until);
         tokio::select! {
             u = watch.next() => match u {
                 Some(Ok(update)) => {
@@ -319,6 +541,12 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     metrics.set("dpucp_etcd_revision", &[], update.revision as f64);
                     tracing::info!(revision = update.revision, changes = update.changes.len(), resync = update.resync, "configuration changed");
                     desired.config_changes(&update.changes);
+                    if let Some(f) = frr.as_mut() {
+                        // VPC tables and VNIs may have changed: attribute zebra's routes again.
+                        f.attr = attribution(&f.section, desired.config());
+                        f.rib.reevaluate_all(&f.attr, &mut batch);
+                        f.flush(&mut batch, &mut desired).await;
+                    }
                     let _ = desired_tx.send(Arc::new(desired.model().clone()));
                 }
                 Some(Err(e)) => {
@@ -333,13 +561,88 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             },
             ev = ev_rx.recv() => {
                 let Some(ev) = ev else { break };
+                let is_ack = matches!(ev, DpuEvent::Acked { .. });
+                let touched: Vec<RouteKey> = match &ev {
+                    DpuEvent::Acked { status, .. } => status
+                        .iter()
+                        .filter_map(|(k, _)| match k {
+                            ObjectKey::Route(r) => Some(*r),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
                 on_dpu_event(ev, &store, &metrics, &mut leases, &mut statuses).await;
+                if let (Some(f), true) = (frr.as_ref(), is_ack) {
+                    // Acknowledge to zebra the worst status over all DPUs of the routes
+                    // this batch touched.
+                    let all = route_statuses(&statuses);
+                    let touched: std::collections::BTreeSet<RouteKey> = touched.into_iter().collect();
+                    let these: Vec<(RouteKey, OffloadStatus)> =
+                        all.into_iter().filter(|(k, _)| touched.contains(k)).collect();
+                    f.ack(&these).await;
+                }
+            }
+            ev = async {
+                match frr.as_mut() {
+                    Some(f) => f.events.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some(f) = frr.as_mut() else { continue };
+                match ev {
+                    Some(ServerEvent::Connected { peer, connection }) => {
+                        tracing::info!(%peer, connection, "zebra connected; it replays its RIB");
+                        metrics.add("dpucp_fpm_connections_total", &[], 1.0);
+                        f.rib.begin_resync();
+                        f.resync_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
+                    Some(ServerEvent::Events(evs)) => {
+                        metrics.add("dpucp_fpm_messages_total", &[], evs.len() as f64);
+                        f.rib.apply_all(&evs, &f.attr, &mut batch);
+                        if f.resync_until.is_some() {
+                            // The replay is over after a quiet second.
+                            f.resync_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                        }
+                        if f.flush(&mut batch, &mut desired).await {
+                            let _ = desired_tx.send(Arc::new(desired.model().clone()));
+                        }
+                    }
+                    Some(ServerEvent::Disconnected { connection, reason }) => {
+                        tracing::warn!(connection, ?reason, "zebra disconnected");
+                    }
+                    None => {
+                        tracing::error!("FPM server stopped");
+                        frr = None;
+                    }
+                }
+            }
+            _ = async {
+                match resync_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(f) = frr.as_mut() {
+                    f.resync_until = None;
+                    f.rib.end_resync(&f.attr, &mut batch);
+                    if f.flush(&mut batch, &mut desired).await {
+                        let _ = desired_tx.send(Arc::new(desired.model().clone()));
+                    }
+                    // zebra keeps old flags across reconnects: acknowledge everything again.
+                    let all = route_statuses(&statuses);
+                    tracing::info!(routes = all.len(), "zebra replay over; re-acknowledging every route");
+                    f.ack(&all).await;
+                }
             }
             _ = shutdown.wait_for(|s| *s) => break,
         }
     }
     for l in links {
         let _ = l.await;
+    }
+    if let Some(f) = frr {
+        f.server.shutdown().await;
     }
     for (_, lease) in leases {
         let _ = lease.revoke(&store).await;

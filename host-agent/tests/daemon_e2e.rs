@@ -192,3 +192,148 @@ async fn desired_state_reaches_the_dpu_and_status_comes_back() {
     dpu.join().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// zebra's side through the daemon, with real zebra bytes: the FRR 8.4 capture in
+/// `tests/data/` is replayed to the daemon's FPM port (as zebra would on connect). Its blackhole
+/// routes need no interface or neighbour, so they reach the DPU; once it acknowledges them,
+/// the daemon answers on the same connection with RTM_NEWROUTE carrying RTM_F_OFFLOAD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zebra_routes_reach_the_dpu_and_offload_flags_come_back() {
+    use host_agent::fpm::{decode_netlink, FpmEvent, FrameDecoder};
+    let capture = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/frr84-static.fpm"
+    ))
+    .unwrap();
+    // The blackholes in the capture.
+    let mut dec = FrameDecoder::new();
+    dec.extend(&capture);
+    let mut events = Vec::new();
+    let mut stats = Default::default();
+    while let Some(f) = dec.next_frame().unwrap() {
+        decode_netlink(f, &mut events, &mut stats);
+    }
+    let blackholes: Vec<Prefix> = events
+        .iter()
+        .filter_map(|e| match e {
+            FpmEvent::Route(r) if r.kind.drops() && r.table == 254 => Some(r.prefix),
+            _ => None,
+        })
+        .collect();
+    assert!(!blackholes.is_empty(), "the capture has blackhole routes");
+
+    let etcd = common::Etcd::start().await;
+    let store = etcd.store().await;
+    store
+        .apply(&[Change::SetNode(Node {
+            vtep: Ipv4Addr::new(192, 0, 2, 1),
+            router_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            uplinks: [PortId(0)].into_iter().collect(),
+        })])
+        .await
+        .unwrap();
+    let link = free_addr();
+    let listener = TcpListener::bind(link).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let dpu = std::thread::spawn(move || {
+        let caps = Caps::profile(Profile::Full);
+        let roles: BTreeMap<PortId, Role> = [(PortId(0), Role::Uplink)].into_iter().collect();
+        let mut agent = Agent::new(caps.clone(), roles, PipelineLimits::default(), 1).unwrap();
+        let mut target = RefNicTarget::new(RefNic::new(caps.clone()));
+        let id = Identity {
+            dpu_id: "dpu-fpm".into(),
+            agent_version: "test".into(),
+            boot_id: 7,
+            ports: vec![(PortId(0), caps)],
+        };
+        serve(&listener, &mut agent, &mut target, &id, &s).unwrap();
+    });
+    let (api, metrics, fpm) = (free_addr(), free_addr(), free_addr());
+    let dir = std::env::temp_dir().join(format!("host-agent-fpm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("host-agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[etcd]\nendpoints = [\"{}\"]\n[api]\nlisten = \"{api}\"\n[metrics]\nlisten = \"{metrics}\"\n[fpm]\nlisten = \"{fpm}\"\ntable_encoding = \"table-id\"\n[[dpus]]\nid = \"dpu-fpm\"\nlink = \"{link}\"\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("host-agent.log")).unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_host-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(dir.join("host-agent.log")).unwrap_or_default();
+
+    // "zebra" connects and replays.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut z = loop {
+        match TcpStream::connect(fpm) {
+            Ok(z) => break z,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("FPM port: {e}\n{}", read_log()),
+        }
+    };
+    z.write_all(&capture).unwrap();
+    z.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // Feedback: RTM_NEWROUTE (24) with RTM_F_OFFLOAD for every blackhole prefix length.
+    let mut dec = FrameDecoder::new();
+    let mut offloaded: Vec<(u8, u8)> = Vec::new();
+    let want: std::collections::BTreeSet<(u8, u8)> = blackholes
+        .iter()
+        .map(|p| (if p.is_v4() { 2 } else { 10 }, p.len()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = vec![0u8; 65536];
+    while !want.iter().all(|w| offloaded.contains(w)) {
+        assert!(
+            Instant::now() < deadline,
+            "no offload feedback for {want:?} (got {offloaded:?})\n{}",
+            read_log()
+        );
+        match z.read(&mut buf) {
+            Ok(0) => panic!("daemon closed the FPM connection\n{}", read_log()),
+            Ok(n) => dec.extend(&buf[..n]),
+            Err(_) => continue,
+        }
+        while let Some(f) = dec.next_frame().unwrap() {
+            // nlmsghdr (16) then rtmsg: family, dst_len, src_len, tos, table, protocol,
+            // scope, type, flags (u32).
+            let kind = u16::from_ne_bytes([f[4], f[5]]);
+            let flags = u32::from_ne_bytes([f[24], f[25], f[26], f[27]]);
+            if kind == 24 && flags & 0x4000 != 0 {
+                offloaded.push((f[16], f[17]));
+            }
+        }
+    }
+    let m = http_get(metrics, "/metrics");
+    assert!(m.contains("dpucp_fpm_connections_total 1"), "{m}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = daemon.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = daemon.kill();
+            panic!("host-agent ignored SIGTERM\n{}", read_log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit {status}\n{}", read_log());
+    stop.store(true, Ordering::Relaxed);
+    dpu.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -17,10 +17,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use frr::*;
 use flow_offload::compile::SwReason;
 use flow_offload::model::{Change, Prefix};
 use flow_offload::status::{FailReason, OffloadStatus};
+use frr::*;
 use host_agent::fpm::{FeedbackEncoder, FrrVersion, Rib, ServerEvent, TableEncoding};
 
 fn chroot() -> PathBuf {

@@ -10,9 +10,9 @@ mod frr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use frr::*;
 use flow_offload::model::Change;
 use flow_offload::status::{FailReason, OffloadStatus};
+use frr::*;
 use host_agent::fpm::{FeedbackEncoder, Rib, ServerEvent, TableEncoding};
 
 const PEERS_ENV: &str = "DPUCP_BGP_PEERS";

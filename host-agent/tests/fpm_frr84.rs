@@ -9,9 +9,9 @@ mod frr;
 use std::path::Path;
 use std::time::Duration;
 
-use frr::*;
 use flow_offload::model::{Change, Nexthop, PortId, Prefix, RouteKey, TableId};
 use flow_offload::status::OffloadStatus;
+use frr::*;
 use host_agent::fpm::{FeedbackEncoder, FpmEvent, FrrVersion, Rib};
 
 fn key(p: &str) -> RouteKey {
