@@ -32,6 +32,7 @@
 //! path or holds a meter the plan destroys.
 
 use std::collections::BTreeMap;
+use std::ops::Bound::{Excluded, Unbounded};
 
 use crate::caps::Caps;
 use crate::compile::{session_rules, session_shape_refusal, Plan, RuleId, SwReason};
@@ -324,8 +325,7 @@ impl SessionOffload {
         let keys: Vec<(Name, SessionId)> = match &start {
             Some(k) => self
                 .sessions
-                .range(k.clone()..)
-                .skip(1)
+                .range((Excluded(k.clone()), Unbounded))
                 .chain(self.sessions.range(..=k.clone()))
                 .take(n)
                 .map(|(k, _)| k.clone())

@@ -424,6 +424,50 @@ fn established_tcp_session_is_offloaded_and_hardware_matches_software() {
     }
 }
 
+/// The VPC meter sees an offloaded flow's packets exactly once and in the same place as
+/// without offload, TTL-expired ones included (hardware polices before `DEC_TTL` hands them
+/// back, marked, so software does not police them again): with a tight meter, the policing
+/// decisions of the offloaded system equal software alone's.
+#[test]
+fn tight_vpc_meter_polices_offloaded_flows_like_software() {
+    let mut model = world(false);
+    model
+        .apply(&[Change::UpsertMeter(Meter {
+            name: nm("blue-in"),
+            target: MeterTarget::Vpc(nm("blue")),
+            profile: MeterProfile::SrTcm {
+                cir: 100,
+                cbs: 1518,
+                ebs: 0,
+            },
+        })])
+        .unwrap();
+    let (mut a, mut twin) = pair(&model, Caps::profile(Profile::Full));
+    handshake(&mut a, &mut twin, 1007, SEC);
+    assert_eq!(a.tick(3 * SEC).installed, 1);
+    let inside = (INSIDE, 1007);
+    let remote = (REMOTE, 80);
+    let big = [7u8; 600];
+    let mut outcomes = Vec::new();
+    for (i, ttl) in [1u8, 64, 64, 1, 64].into_iter().enumerate() {
+        let t = 5 * SEC + i as u64;
+        let (o, _) = both(
+            &mut a,
+            &mut twin,
+            VPC_PORT,
+            &frame(inside, remote, tcp(0x18, &big), ttl),
+            t,
+        );
+        outcomes.push(o);
+    }
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| matches!(o, Out::Drop(d) if d.contains("Meter") || d.contains("Policed"))),
+        "the meter never coloured red: {outcomes:?}"
+    );
+}
+
 fn ir_meter() -> flow_offload::ir::MeterRef {
     flow_offload::ir::MeterRef(BLUE.0)
 }
@@ -843,6 +887,52 @@ fn create_refusal_leaves_the_session_in_software() {
         4 * SEC,
     );
     assert_eq!((r.installed, r.refused), (0, 0));
+}
+
+/// Work per tick is bounded: at most `install_budget` sessions installed and `poll_budget`
+/// polled per tick, polling round robin so every offloaded session is refreshed in turn.
+#[test]
+fn ticks_do_bounded_work_round_robin() {
+    let model = world(false);
+    let mut a = Sys::new(
+        &model,
+        Caps::profile(Profile::Full),
+        SessionOffloadConfig {
+            min_age_ns: 0,
+            install_budget: 2,
+            poll_budget: 1,
+            ..cfg()
+        },
+    );
+    let remote = (REMOTE, 53);
+    let mut flows = Vec::new();
+    for sport in [6000u16, 6001, 6002] {
+        let inside = (INSIDE, sport);
+        let (o, _) = a.send(VPC_PORT, &frame(inside, remote, udp(b"q"), 64), SEC);
+        let outside = translated(&o);
+        a.send(UPLINK, &frame(remote, outside, udp(b"r"), 60), SEC + 1);
+        flows.push((inside, outside));
+    }
+    assert_eq!(a.tick(2 * SEC).installed, 2);
+    assert_eq!(a.tick(2 * SEC + 1).installed, 1);
+    assert_eq!(a.offload.offloaded_count(), 3);
+    for (inside, outside) in &flows {
+        let (_, hw) = a.send(VPC_PORT, &frame(*inside, remote, udp(b"x"), 64), 3 * SEC);
+        let (_, hw2) = a.send(UPLINK, &frame(remote, *outside, udp(b"y"), 60), 3 * SEC);
+        assert!(hw && hw2);
+    }
+    for i in 0..3 {
+        let r = a.tick(4 * SEC + i);
+        assert_eq!(
+            r.refreshed, 1,
+            "tick {i} refreshed {} sessions",
+            r.refreshed
+        );
+    }
+    let ids: Vec<SessionId> = a.offload.offloaded().map(|(_, id)| id).collect();
+    for id in ids {
+        assert_eq!(a.pipe.session(&nm("out"), id).unwrap().packets, 2);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
