@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ir::{ActionKind, ItemKind, Rule};
+use crate::ir::{ActionKind, Item, ItemKind, Rule};
 
 /// Where a capability set came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -22,7 +22,8 @@ pub enum CapsSource {
 /// runs in software, and session offload (see [`crate::soft::nat`]) uses address rewrites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Profile {
-    /// ConnectX-7 / BlueField-3 class: every item and action, deep tables, many priorities.
+    /// ConnectX-7 / BlueField-3 class: every item (TCP flags included) and action, deep
+    /// tables, many priorities.
     Full,
     /// E810 class: no encap together with header rewrites, 8 priorities, fewer entries.
     Partial,
@@ -164,7 +165,10 @@ impl Caps {
         match profile {
             Profile::Full => Caps {
                 source,
-                items: all_items.into_iter().collect(),
+                items: all_items
+                    .into_iter()
+                    .chain(core::iter::once(I::TcpFlags))
+                    .collect(),
                 actions: [
                     A::Queue,
                     A::Rss,
@@ -241,13 +245,25 @@ impl Caps {
         self.max_groups > 0 && self.actions.contains(&ActionKind::Jump)
     }
 
-    /// Checks one rule's shape (not table space) the way a NIC's validate does.
+    /// Checks one rule's shape (not table space) the way a NIC's validate does. A TCP item
+    /// that matches flags also needs [`ItemKind::TcpFlags`].
     pub fn check(&self, rule: &Rule) -> Result<(), Refusal> {
         self.check_parts(
             rule.pattern.iter().map(|i| i.kind()),
             &rule.actions,
             &rule.attr,
-        )
+        )?;
+        let flags = rule
+            .pattern
+            .iter()
+            .position(|i| matches!(i, Item::Tcp(m) if m.mask.flags != 0));
+        match flags {
+            Some(index) if !self.items.contains(&ItemKind::TcpFlags) => Err(Refusal::Item {
+                index,
+                item: ItemKind::TcpFlags,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// [`Caps::check`] on the parts of a rule, so a caller need not build one to ask.

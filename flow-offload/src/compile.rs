@@ -36,22 +36,37 @@
 //! **Reserved priorities.** Group 0 keeps priority [`PRIO_TEARDOWN_TRAP`] (0) and
 //! [`PRIO_SESSION`] (1) free for offloaded NAT sessions; port classification starts at 2.
 //!
-//! # Offloading established NAT sessions (designed, not built yet)
-//! NAPT44 and NAT64 start in software. An established session (see "Offloading established
-//! sessions" in [`crate::soft::nat`]) can later be offloaded as two exact-match rules in group 0:
-//! outbound on the VPC's ports and inbound on the uplinks, both at [`PRIO_SESSION`], matching the
-//! full 5-tuple and carrying the translation (`SetIpv4Src`+`SetTpSrc`, resp. `SetIpv4Dst`+`SetTpDst`),
-//! the VPC meter when there is one, `DecTtl`, `Count` and the forwarding actions of the route the
-//! software path resolved (MACs and port) — the rule replaces the whole software path for that
-//! flow. Two shared rules at [`PRIO_TEARDOWN_TRAP`] send TCP with FIN or RST to software, so the
-//! session's state machine still sees teardown. The agent polls `Count` (or uses `AGE` where the
-//! NIC has it) to refresh the session, and destroys both rules when the session ends, leaves
-//! `Established`, or when the route it resolved through changes (rules are keyed by session id).
+//! # Offloading established NAT sessions
+//! NAPT44 starts in software. An established session (see "Offloading established sessions"
+//! in [`crate::soft::nat`]) whose software path [`crate::soft::pipeline::Pipeline`] can resolve
+//! to a plain port is offloaded by [`crate::sessions::SessionOffload`] as exact-match rules in
+//! group 0 at [`PRIO_SESSION`] ([`session_rules`]): outbound on every port of the VPC and inbound
+//! on every uplink, matching the full 5-tuple and carrying the translation
+//! (`SetIpv4Src`+`SetTpSrc`, resp. `SetIpv4Dst`+`SetTpDst`), the VPC's hardware meter (outbound,
+//! with the resume mark, ahead of everything, as software polices at ingress), `DecTtl`, `Count`
+//! and the forwarding actions the software path resolved (MACs and port, ECMP already picked):
+//! the rule replaces the whole software path for that flow. The rules are not part of the plan;
+//! their identities are [`RuleId::Session`].
+//!
+//! The plan holds the shared [`RuleId::TeardownTrap`]s at [`PRIO_TEARDOWN_TRAP`] whenever a
+//! NAPT44 rule exists and the target can hold session rules (items `Eth`, `Ipv4`, `Tcp` with
+//! [`ItemKind::TcpFlags`], `Udp`; actions `Set*`, `DecTtl`, `Count`, MAC rewrites, `Port`,
+//! `Queue`): TCP with FIN (RST clear) and TCP with RST go to software, on every port of a VPC
+//! with a NAPT44 rule (doing the VPC's hardware meter and resume mark first, like the port's
+//! classification) and on every uplink for each pool block. So the session's state machine
+//! still sees teardown; the driver then removes the session's rules.
+//!
+//! Not offloaded (the session stays in software): NAT64 and ICMP sessions; sessions whose path
+//! has a VXLAN next hop, a blackhole, a route meter, a VRF loop, or static NAT taking precedence;
+//! sessions of a VPC whose meter runs in software; TCP sessions whose traps are not all
+//! installed; anything the target refuses (`Partial` lacks L4 port rewrites, `TapLike` and
+//! `None` all rewrites). Known gap: the IR cannot match "not a fragment", so a first IPv4
+//! fragment of an offloaded flow is translated by hardware, while software drops NAPT fragments.
 //!
 //! # What stays in software, by design
 //! ECMP (the IR has no hash-select action), VPC breakout to the underlay (with its NAT), NAPT44
-//! and NAT64 (stateful; established sessions may be offloaded later, see
-//! [`crate::soft::nat`]), VXLAN routes whose VTEP does not resolve.
+//! and NAT64 (stateful; established NAPT44 sessions are offloaded one by one, see above),
+//! VXLAN routes whose VTEP does not resolve.
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::collections::{BTreeMap, BTreeSet};
@@ -68,6 +83,8 @@ use crate::model::{
     MacAddr, MeterProfile, MeterTarget, Model, Name, NatKind, Nexthop, ObjectKey, PortId, Prefix,
     Route, RouteKey, TableId, UNDERLAY_TABLE,
 };
+use crate::soft::nat::{Proto, SessionId, TCP_FIN, TCP_RST};
+use crate::soft::pipeline::{Forward, SessionOffer};
 
 /// Group-0 priority reserved for TCP FIN/RST traps of offloaded NAT sessions.
 pub const PRIO_TEARDOWN_TRAP: u32 = 0;
@@ -181,6 +198,63 @@ pub enum RuleId {
         /// The rule.
         nat: Name,
     },
+    /// Group 0 at [`PRIO_TEARDOWN_TRAP`]: TCP with FIN (resp. RST) goes to software, so the
+    /// state machine of an offloaded NAPT44 session sees its teardown. On every port of a VPC
+    /// with a NAPT44 rule (`block: None`) and on every uplink per NAPT44 pool block.
+    TeardownTrap {
+        /// The port.
+        port: PortId,
+        /// The pool block on an uplink; `None` on a VPC port.
+        block: Option<Prefix>,
+        /// Which flag.
+        flag: TeardownFlag,
+    },
+    /// Group 0 at [`PRIO_SESSION`]: one direction of an offloaded NAPT44 session on one port.
+    /// Never part of a [`Plan`]: [`crate::sessions::SessionOffload`] installs and removes these
+    /// next to the plan's rules (see [`session_rules`]).
+    Session {
+        /// The pipeline (lcore) that owns the session: session ids are per pipeline.
+        shard: u16,
+        /// The NAPT44 rule.
+        nat: Name,
+        /// The session.
+        id: SessionId,
+        /// Which direction.
+        dir: SessionDir,
+        /// The ingress port the rule is created on.
+        port: PortId,
+    },
+}
+
+/// The TCP flag a teardown trap catches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum TeardownFlag {
+    /// FIN with RST clear (a FIN+RST segment is the RST trap's, so the two never overlap).
+    Fin,
+    /// RST.
+    Rst,
+}
+
+impl TeardownFlag {
+    /// Both.
+    pub const BOTH: [TeardownFlag; 2] = [TeardownFlag::Fin, TeardownFlag::Rst];
+
+    /// The flags byte (spec, mask) matched.
+    pub fn spec_mask(self) -> (u8, u8) {
+        match self {
+            TeardownFlag::Fin => (TCP_FIN, TCP_FIN | TCP_RST),
+            TeardownFlag::Rst => (TCP_RST, TCP_RST),
+        }
+    }
+}
+
+/// The direction of an offloaded session's rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum SessionDir {
+    /// Inside → remote, on the VPC's ports: source NAT.
+    Outbound,
+    /// Remote → outside endpoint, on the uplinks: back to the inside endpoint.
+    Inbound,
 }
 
 impl RuleId {
@@ -188,7 +262,9 @@ impl RuleId {
     pub fn object(&self) -> Option<ObjectKey> {
         match self {
             RuleId::Route { key, .. } => Some(ObjectKey::Route(*key)),
-            RuleId::Nat64Prefix { nat, .. } => Some(ObjectKey::Nat(nat.clone())),
+            RuleId::Nat64Prefix { nat, .. } | RuleId::Session { nat, .. } => {
+                Some(ObjectKey::Nat(nat.clone()))
+            }
             _ => None,
         }
     }
@@ -235,6 +311,18 @@ pub enum SwReason {
     /// Every object of a VPC whose ingress runs in software.
     #[error("the VPC's ingress runs in software")]
     VpcInSoftware,
+    /// A TCP session cannot be offloaded: the TCP FIN/RST traps of its ports are not
+    /// installed, so teardown would bypass the session's state machine.
+    #[error("TCP teardown traps are not installed")]
+    TeardownNotTrapped,
+    /// The session's software path is not one a session rule reproduces (ECMP is fine; a
+    /// blackhole, VXLAN encapsulation, a route meter, NAT64, static NAT taking precedence, ...),
+    /// or it vanished.
+    #[error("the session's path cannot be offloaded")]
+    SessionPath,
+    /// The session offload budget (rules the driver may hold) is used up.
+    #[error("session offload budget exhausted")]
+    SessionBudget,
 }
 
 /// A route's hardware rule: the same match and actions on every port its VRF's chain is
@@ -956,6 +1044,7 @@ impl Compiler {
                 }
             }
         }
+        self.place_teardown_traps(model);
         // Chains nobody can enter are useless: drop their ports so no route rule lands there.
         let entered: Vec<(TableId, Family)> = self.chains.keys().copied().collect();
         for (table, family) in entered {
@@ -1114,6 +1203,76 @@ impl Compiler {
                 }
                 for (id, rule) in rules {
                     self.set_rule(id, Some(rule));
+                }
+            }
+        }
+    }
+
+    /// The TCP FIN/RST traps that offloaded NAPT44 sessions need (see
+    /// [`RuleId::TeardownTrap`]), when the target can hold session rules at all. On a VPC port
+    /// the trap does what the port's classification would before handing over (the VPC's
+    /// hardware meter and the resume mark), so the meter's state stays in one place.
+    fn place_teardown_traps(&mut self, model: &Model) {
+        let Some(node) = model.node() else {
+            return;
+        };
+        if session_shape_refusal(&self.caps).is_some() {
+            return;
+        }
+        let mut vpcs: BTreeSet<Name> = BTreeSet::new();
+        let mut blocks: BTreeSet<Prefix> = BTreeSet::new();
+        for nat in model.nat_rules().values() {
+            if let NatKind::Napt44 { pool, .. } = &nat.kind {
+                vpcs.insert(nat.vpc.clone());
+                blocks.extend(pool.to_prefixes());
+            }
+        }
+        for name in &vpcs {
+            let Some(vpc) = model.vpcs().get(name) else {
+                continue;
+            };
+            let meter = Self::vpc_meter_ref(vpc.table);
+            let actions = if self.plan.hw.meters.contains_key(&meter) {
+                vec![
+                    Action::Meter(meter),
+                    Action::Mark(mark::resume_in_vrf(vpc.table.0)),
+                    Action::Queue(ir::SOFTWARE_QUEUE),
+                ]
+            } else {
+                trap()
+            };
+            for port in &vpc.ports {
+                for flag in TeardownFlag::BOTH {
+                    let rule = Rule {
+                        port: *port,
+                        attr: ingress(0, PRIO_TEARDOWN_TRAP),
+                        pattern: teardown_pattern(None, flag),
+                        actions: actions.clone(),
+                    };
+                    let id = RuleId::TeardownTrap {
+                        port: *port,
+                        block: None,
+                        flag,
+                    };
+                    self.try_rule(id, rule);
+                }
+            }
+        }
+        for port in &node.uplinks {
+            for block in &blocks {
+                for flag in TeardownFlag::BOTH {
+                    let rule = Rule {
+                        port: *port,
+                        attr: ingress(0, PRIO_TEARDOWN_TRAP),
+                        pattern: teardown_pattern(Some(block), flag),
+                        actions: trap(),
+                    };
+                    let id = RuleId::TeardownTrap {
+                        port: *port,
+                        block: Some(*block),
+                        flag,
+                    };
+                    self.try_rule(id, rule);
                 }
             }
         }
@@ -1590,4 +1749,264 @@ pub fn resolve_vtep(model: &Model, vtep: Ipv4Addr) -> Option<(PortId, MacAddr)> 
         Nexthop::Underlay { port, mac, .. } => Some((*port, *mac)),
         _ => None,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Offloaded NAPT44 sessions
+
+/// `eth type=IPv4 / ipv4 [dst in block] proto=TCP / tcp flags` for a teardown trap.
+fn teardown_pattern(block: Option<&Prefix>, flag: TeardownFlag) -> Vec<Item> {
+    let mut ip = Masked {
+        spec: Ipv4Fields {
+            proto: ip_proto_of(Proto::Tcp),
+            ..Default::default()
+        },
+        mask: Ipv4Fields {
+            proto: 0xff,
+            ..Default::default()
+        },
+    };
+    if let Some(IpAddr::V4(a)) = block.map(Prefix::addr) {
+        ip.spec.dst = a;
+        ip.mask.dst = Ipv4Addr::from(crate::model::mask32(block.map_or(0, Prefix::len)));
+    }
+    let (spec, mask) = flag.spec_mask();
+    vec![
+        eth_type(Family::V4),
+        Item::Ipv4(ip),
+        Item::Tcp(Masked {
+            spec: ir::TcpFields {
+                flags: spec,
+                ..Default::default()
+            },
+            mask: ir::TcpFields {
+                flags: mask,
+                ..Default::default()
+            },
+        }),
+    ]
+}
+
+fn ip_proto_of(proto: Proto) -> u8 {
+    match proto {
+        Proto::Tcp => crate::packet::ip_proto::TCP,
+        Proto::Udp => crate::packet::ip_proto::UDP,
+        Proto::Icmp => crate::packet::ip_proto::ICMP,
+    }
+}
+
+/// The exact 5-tuple match of one direction of a session (TCP flags not matched).
+fn five_tuple(proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<Item> {
+    let ip = Item::Ipv4(Masked {
+        spec: Ipv4Fields {
+            src: src.0,
+            dst: dst.0,
+            proto: ip_proto_of(proto),
+        },
+        mask: Ipv4Fields {
+            src: Ipv4Addr::BROADCAST,
+            dst: Ipv4Addr::BROADCAST,
+            proto: 0xff,
+        },
+    });
+    let l4 = match proto {
+        Proto::Tcp => Item::Tcp(Masked {
+            spec: ir::TcpFields {
+                src_port: src.1,
+                dst_port: dst.1,
+                flags: 0,
+            },
+            mask: ir::TcpFields {
+                src_port: 0xffff,
+                dst_port: 0xffff,
+                flags: 0,
+            },
+        }),
+        Proto::Udp | Proto::Icmp => Item::Udp(Masked {
+            spec: L4Fields {
+                src_port: src.1,
+                dst_port: dst.1,
+            },
+            mask: L4Fields {
+                src_port: 0xffff,
+                dst_port: 0xffff,
+            },
+        }),
+    };
+    vec![eth_type(Family::V4), ip, l4]
+}
+
+/// The forwarding tail of a session rule: what the software path does after the TTL.
+fn push_forward(actions: &mut Vec<Action>, f: &Forward) {
+    actions.push(Action::SetMacSrc(f.src_mac));
+    actions.push(Action::SetMacDst(f.dst_mac));
+    if let Some(e) = f.encap {
+        actions.push(Action::VxlanEncap(e));
+    }
+    actions.push(Action::Port(f.port));
+}
+
+/// Why a target cannot hold session rules and teardown traps at all (a representative TCP
+/// session rule of each direction and a teardown trap, checked against the capabilities), or
+/// `None` when it can.
+pub fn session_shape_refusal(caps: &Caps) -> Option<Refusal> {
+    let a = (Ipv4Addr::new(10, 0, 0, 1), 1000);
+    let b = (Ipv4Addr::new(192, 0, 2, 1), 80);
+    let fwd = Forward {
+        port: PortId(0),
+        src_mac: MacAddr::default(),
+        dst_mac: MacAddr::default(),
+        encap: None,
+    };
+    let mut out = vec![Action::SetIpv4Src(a.0), Action::SetTpSrc(a.1)];
+    let mut inb = vec![Action::SetIpv4Dst(a.0), Action::SetTpDst(a.1)];
+    for actions in [&mut out, &mut inb] {
+        actions.push(Action::DecTtl);
+        actions.push(Action::Count);
+        push_forward(actions, &fwd);
+    }
+    let rules = [
+        Rule {
+            port: PortId(0),
+            attr: ingress(0, PRIO_SESSION),
+            pattern: five_tuple(Proto::Tcp, a, b),
+            actions: out,
+        },
+        Rule {
+            port: PortId(0),
+            attr: ingress(0, PRIO_SESSION),
+            pattern: five_tuple(Proto::Tcp, b, a),
+            actions: inb,
+        },
+        Rule {
+            port: PortId(0),
+            attr: ingress(0, PRIO_TEARDOWN_TRAP),
+            pattern: teardown_pattern(None, TeardownFlag::Fin),
+            actions: trap(),
+        },
+    ];
+    rules.iter().find_map(|r| caps.check(r).err())
+}
+
+/// The hardware rules of one offloaded NAPT44 session (see "Offloading established NAT
+/// sessions" in the module documentation): the outbound rule on every port of the NAT's VPC,
+/// the inbound rule on every uplink, all in group 0 at [`PRIO_SESSION`], each doing to its
+/// packets exactly what the software path does:
+///
+/// - outbound: `eth/ipv4 src=inside dst=remote/tcp|udp sport=inside dport=remote` →
+///   `[METER(VPC), MARK(resume in the VPC), ] SET_IPV4_SRC outside, SET_TP_SRC outside port,
+///   DEC_TTL, COUNT, SET_MAC_SRC, SET_MAC_DST, PORT`. The VPC meter comes first because the
+///   software path polices at ingress, before the TTL check; its mark makes a packet that
+///   `DEC_TTL` hands back to software (TTL ≤ 1) resume in the VPC without being policed twice.
+/// - inbound: `eth/ipv4 src=remote dst=outside/tcp|udp sport=remote dport=outside port` →
+///   `SET_IPV4_DST inside, SET_TP_DST inside port, DEC_TTL, COUNT, SET_MAC_SRC, SET_MAC_DST,
+///   PORT` (no meter: the software path polices nothing on an uplink).
+///
+/// Refused (the session stays in software) when the VPC's meter runs in software, when a TCP
+/// session's teardown traps are not all in `plan`, or when `caps` refuse the shape. `shard`
+/// names the pipeline (lcore) the session belongs to.
+pub fn session_rules(
+    offer: &SessionOffer,
+    shard: u16,
+    plan: &Plan,
+    caps: &Caps,
+    model: &Model,
+) -> Result<Vec<(RuleId, Rule)>, SwReason> {
+    let nat = model
+        .nat_rules()
+        .get(&offer.nat)
+        .ok_or(SwReason::SessionPath)?;
+    let NatKind::Napt44 { pool, .. } = &nat.kind else {
+        return Err(SwReason::SessionPath);
+    };
+    if offer.proto == Proto::Icmp {
+        return Err(SwReason::SessionPath);
+    }
+    let vpc = model.vpcs().get(&nat.vpc).ok_or(SwReason::NoHardwarePath)?;
+    let node = model.node().ok_or(SwReason::NoHardwarePath)?;
+    if vpc.ports.is_empty() || node.uplinks.is_empty() {
+        return Err(SwReason::NoHardwarePath);
+    }
+    let meter = match model.meter_for(&MeterTarget::Vpc(vpc.name.clone())) {
+        None => None,
+        Some(_) => {
+            let r = Compiler::vpc_meter_ref(vpc.table);
+            if !plan.hw.meters.contains_key(&r) {
+                return Err(SwReason::MeterInSoftware);
+            }
+            Some(r)
+        }
+    };
+    if offer.proto == Proto::Tcp {
+        let block = pool
+            .to_prefixes()
+            .into_iter()
+            .find(|b| b.contains(IpAddr::V4(offer.outside.0)))
+            .ok_or(SwReason::SessionPath)?;
+        let trapped = |port: PortId, block: Option<Prefix>| {
+            TeardownFlag::BOTH.iter().all(|flag| {
+                plan.hw.structure.contains_key(&RuleId::TeardownTrap {
+                    port,
+                    block,
+                    flag: *flag,
+                })
+            })
+        };
+        let all = vpc.ports.iter().all(|p| trapped(*p, None))
+            && node.uplinks.iter().all(|p| trapped(*p, Some(block)));
+        if !all {
+            return Err(SwReason::TeardownNotTrapped);
+        }
+    }
+    let mut out_actions = Vec::with_capacity(10);
+    if let Some(m) = meter {
+        out_actions.push(Action::Meter(m));
+        out_actions.push(Action::Mark(mark::resume_in_vrf(vpc.table.0)));
+    }
+    out_actions.push(Action::SetIpv4Src(offer.outside.0));
+    out_actions.push(Action::SetTpSrc(offer.outside.1));
+    out_actions.push(Action::DecTtl);
+    out_actions.push(Action::Count);
+    push_forward(&mut out_actions, &offer.outbound);
+    let mut in_actions = Vec::with_capacity(8);
+    in_actions.push(Action::SetIpv4Dst(offer.inside.0));
+    in_actions.push(Action::SetTpDst(offer.inside.1));
+    in_actions.push(Action::DecTtl);
+    in_actions.push(Action::Count);
+    push_forward(&mut in_actions, &offer.inbound);
+    let out_rule = |port: PortId| Rule {
+        port,
+        attr: ingress(0, PRIO_SESSION),
+        pattern: five_tuple(offer.proto, offer.inside, offer.remote),
+        actions: out_actions.clone(),
+    };
+    let in_rule = |port: PortId| Rule {
+        port,
+        attr: ingress(0, PRIO_SESSION),
+        pattern: five_tuple(offer.proto, offer.remote, offer.outside),
+        actions: in_actions.clone(),
+    };
+    let id = |dir: SessionDir, port: PortId| RuleId::Session {
+        shard,
+        nat: offer.nat.clone(),
+        id: offer.id,
+        dir,
+        port,
+    };
+    let mut rules = Vec::with_capacity(vpc.ports.len() + node.uplinks.len());
+    for port in &vpc.ports {
+        rules.push((id(SessionDir::Outbound, *port), out_rule(*port)));
+    }
+    for port in &node.uplinks {
+        rules.push((id(SessionDir::Inbound, *port), in_rule(*port)));
+    }
+    // Every rule of a direction has the same shape: check one of each.
+    for (_, r) in rules
+        .iter()
+        .take(1)
+        .chain(rules.iter().skip(vpc.ports.len()).take(1))
+    {
+        caps.check(r).map_err(SwReason::Unsupported)?;
+    }
+    Ok(rules)
 }

@@ -171,6 +171,10 @@ pub enum ItemKind {
     Tcp,
     /// VXLAN.
     Vxlan,
+    /// Not an item of its own: a TCP item whose mask covers the flags byte
+    /// (`hdr.tcp_flags` of `rte_flow_item_tcp`) needs this besides [`ItemKind::Tcp`], because
+    /// many NICs match TCP ports but not flags. [`Item::kind`] never returns it.
+    TcpFlags,
 }
 
 impl Item {

@@ -20,6 +20,7 @@ pub mod packet;
 pub mod program;
 pub mod reconcile;
 pub mod refnic;
+pub mod sessions;
 pub mod soft;
 pub mod status;
 pub mod wire;

@@ -46,6 +46,15 @@ pub trait FlowTarget {
     fn destroy_meter(&mut self, meter: MeterRef);
 }
 
+/// Reading a rule's `Count` action (`rte_flow_query` with `RTE_FLOW_ACTION_TYPE_COUNT`): what
+/// [`crate::sessions::SessionOffload`] polls to keep offloaded NAT sessions alive. A separate
+/// trait so that targets without counters need not pretend.
+pub trait CountQuery {
+    /// Total (packets, bytes) counted by the `Count` action of the rule installed under `id`
+    /// since it was created; `None` if no such rule is installed or it has no `Count` action.
+    fn query_count(&mut self, id: &RuleId) -> Option<(u64, u64)>;
+}
+
 /// What a [`program`] call did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
@@ -179,6 +188,13 @@ impl RefNicTarget {
     /// The NIC's handle of an installed rule (for counters).
     pub fn handle(&self, id: &RuleId) -> Option<RuleHandle> {
         self.handles.get(id).map(|(h, _)| *h)
+    }
+}
+
+impl CountQuery for RefNicTarget {
+    fn query_count(&mut self, id: &RuleId) -> Option<(u64, u64)> {
+        let (h, _) = self.handles.get(id)?;
+        self.nic.query_count(*h)
     }
 }
 

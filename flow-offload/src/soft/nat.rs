@@ -64,41 +64,44 @@
 //!
 //! Long-lived flows should not cost an lcore per packet. A session that is established (TCP in
 //! [`TcpState::Established`], or UDP that has seen traffic both ways) and older than some
-//! minimum age is reported by [`NatTable::offload_candidates`]; the agent then installs two
-//! exact-match `rte_flow` rules in the NAT group, one per direction:
+//! minimum age is reported by [`NatTable::offload_candidates`] (one by one:
+//! [`NatTable::session_at`], [`SessionView::is_offload_candidate`]). What is built on this, for
+//! NAPT44 only (NAT64 sessions stay in software: no target has the RFC 7915 translation):
 //!
-//! - outbound: match `IPV4 src=inside dst=remote / TCP|UDP sport=inside dport=remote`, actions
-//!   `SET_IPV4_SRC outside, SET_TP_SRC outside port, COUNT`, then the usual forwarding action;
-//! - inbound: match `IPV4 src=remote dst=outside / TCP|UDP sport=remote dport=outside`, actions
-//!   `SET_IPV4_DST inside, SET_TP_DST inside port, COUNT`, then forwarding.
+//! - [`crate::soft::pipeline::Pipeline::session_candidates`] /
+//!   [`crate::soft::pipeline::Pipeline::scan_candidates`] resolve a candidate's path both ways
+//!   through the pipeline's own tables and offer it when a rule can reproduce it;
+//! - [`crate::compile::session_rules`] turns an offer into exact-match rules in group 0, one per
+//!   direction and ingress port: outbound `IPV4 src=inside dst=remote / TCP|UDP sport=inside
+//!   dport=remote` → `[METER, MARK,] SET_IPV4_SRC outside, SET_TP_SRC outside port, DEC_TTL,
+//!   COUNT`, MAC rewrite, `PORT`; inbound `IPV4 src=remote dst=outside / TCP|UDP sport=remote
+//!   dport=outside port` → `SET_IPV4_DST inside, SET_TP_DST inside port, DEC_TTL, COUNT`, MAC
+//!   rewrite, `PORT`;
+//! - [`crate::sessions::SessionOffload`] installs them, then calls [`NatTable::mark_offloaded`]
+//!   (offloaded sessions are no longer candidates).
 //!
-//! (For NAT64 the inside side is IPv6 and the rules also need the RFC 7915 header translation;
-//! only targets whose capabilities allow that get NAT64 sessions offloaded — the compile layer
-//! decides.) On success the agent calls [`NatTable::mark_offloaded`]; offloaded sessions are no
-//! longer candidates.
-//!
-//! Teardown must still reach the state machine: two shared rules at a higher priority than the
-//! per-session rules match TCP with `FIN` (resp. `RST`) set in `tcp_flags` (spec = mask = the
-//! flag) and send the packet to software without rewriting. Software translates it as usual and
-//! the session leaves `Established`; the agent then removes the session's rules (a marked
-//! session whose [`SessionView::tcp_state`] is no longer `Established` is the signal), so the
-//! remaining teardown packets also take the software path.
+//! Teardown still reaches the state machine: shared rules at a higher priority than the
+//! per-session rules match TCP with `FIN` (resp. `RST`) in `tcp_flags` and send the packet to
+//! software without rewriting (see [`crate::compile::RuleId::TeardownTrap`]). Software translates
+//! it as usual and the session leaves `Established`; the driver then removes the session's rules
+//! (a marked session whose [`SessionView::tcp_state`] is no longer `Established` is the signal),
+//! so the remaining teardown packets also take the software path. Only FIN and RST move an
+//! established session (a SYN does not), so the packets hardware handles would not have changed
+//! its state.
 //!
 //! Aging: packets handled by hardware do not reach [`NatTable::outbound`]/[`NatTable::inbound`],
-//! so the agent polls the rules' `COUNT` actions and, when a counter moved since the last poll,
-//! calls [`NatTable::refresh`] (and [`NatTable::record_many`] with the deltas). The poll period
-//! must be well below the shortest offloaded lifetime (UDP, 5 minutes by default), because a
-//! session past its deadline is dead and cannot be refreshed. Where the NIC has
-//! `RTE_FLOW_ACTION_TYPE_AGE`, the rules carry an AGE action with a timeout no longer than the
-//! session's lifetime instead: while a rule is not reported by `rte_flow_get_aged_flows`, the
-//! agent keeps refreshing the session; once it is reported, the agent destroys the rules, marks
-//! the session not offloaded and stops refreshing, and the session expires in software like any
-//! other (or, if traffic resumes, is refreshed by the software path).
+//! so the driver polls the rules' `COUNT` actions and, when a counter moved since the last poll,
+//! calls [`NatTable::refresh`] and [`NatTable::record_many`] with the deltas. The poll period must
+//! be well below the shortest offloaded lifetime (UDP, 5 minutes by default), because a session
+//! past its deadline is dead and cannot be refreshed; the driver hands a session whose counters
+//! stand still back to software some time before its deadline, where it expires like any other
+//! (or is refreshed by the software path if traffic resumes). (Where a NIC has
+//! `RTE_FLOW_ACTION_TYPE_AGE`, a rule's AGE timeout could replace polling; not used yet.)
 //!
-//! Removal: [`NatTable::expire_with`] reports every session it removes, so the agent destroys
+//! Removal: [`NatTable::expire_with`] reports every session it removes, so the driver destroys
 //! the rules of those that were offloaded. Sessions can also disappear without a report — found
-//! dead by a packet, or reclaimed when a table is full — so the agent also checks its installed
-//! rules against [`NatTable::session`] now and then: a [`SessionId`] carries a generation, so
+//! dead by a packet, or reclaimed when a table is full — so the driver also checks its installed
+//! rules against [`NatTable::session`] when it polls: a [`SessionId`] carries a generation, so
 //! the id of a removed session never resolves again, even when its slot has been reused.
 //!
 //! A packet that reaches software while its session's rules are being installed or removed is
@@ -425,6 +428,25 @@ pub struct SessionView<I> {
     pub bytes: u64,
     /// Whether the agent marked it as offloaded to hardware.
     pub offloaded: bool,
+}
+
+impl<I> SessionView<I> {
+    /// What [`NatTable::offload_candidates`] reports: an established TCP session or a UDP
+    /// session that has seen traffic both ways, alive at `now_ns`, established for at least
+    /// `min_age_ns` and not marked offloaded.
+    pub fn is_offload_candidate(&self, now_ns: u64, min_age_ns: u64) -> bool {
+        let kind_ok = match self.proto {
+            Proto::Tcp => self.tcp_state == Some(TcpState::Established),
+            Proto::Udp => true,
+            Proto::Icmp => false,
+        };
+        kind_ok
+            && !self.offloaded
+            && now_ns < self.expires_at_ns
+            && self
+                .established_since_ns
+                .is_some_and(|t| now_ns.saturating_sub(t) >= min_age_ns)
+    }
 }
 
 /// Counters of a [`NatTable`].
@@ -1437,18 +1459,18 @@ where
         now_ns: u64,
         min_age_ns: u64,
     ) -> impl Iterator<Item = SessionView<I>> + '_ {
-        self.sessions().filter(move |v| {
-            let kind_ok = match v.proto {
-                Proto::Tcp => v.tcp_state == Some(TcpState::Established),
-                Proto::Udp => true,
-                Proto::Icmp => false,
-            };
-            kind_ok
-                && !v.offloaded
-                && now_ns < v.expires_at_ns
-                && v.established_since_ns
-                    .is_some_and(|t| now_ns.saturating_sub(t) >= min_age_ns)
-        })
+        self.sessions()
+            .filter(move |v| v.is_offload_candidate(now_ns, min_age_ns))
+    }
+
+    /// The session at position `pos` of the dense list of sessions (`0..session_count()`), for
+    /// scans that visit a bounded number of sessions per call. Removals move the last session
+    /// into the removed one's position, so a scan may miss or repeat a session now and then.
+    pub fn session_at(&self, pos: usize) -> Option<SessionView<I>> {
+        let idx = *self.live.get(pos)?;
+        let slot = self.sessions.get(idx as usize)?;
+        let s = slot.s.as_ref()?;
+        Some(self.view(idx, slot.gen, s))
     }
 
     // --- inspection --------------------------------------------------------------------------

@@ -29,7 +29,7 @@
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::collections::BTreeMap;
 
-use crate::ir::{mark, vxlan_source_port};
+use crate::ir::{mark, vxlan_source_port, VxlanEncap};
 use crate::lpm::{Lpm4, Lpm6, LpmError, LpmLimits};
 use crate::model::{
     MacAddr, MeterTarget, Model, Name, NatKind, Nexthop, PortId, Prefix, RouteKey, TableId,
@@ -37,7 +37,9 @@ use crate::model::{
 };
 use crate::packet::{self, checksum, ip_proto, parse_layout, Layout, L3, L4, VXLAN_PORT};
 use crate::soft::meter::{Color, Meter};
-use crate::soft::nat::{NatConfig, NatError, NatTable, Proto, Random, Timeouts};
+use crate::soft::nat::{
+    NatConfig, NatError, NatTable, Proto, Random, SessionId, SessionView, Timeouts,
+};
 use crate::soft::rfc6052;
 
 /// What the pipeline decided for a packet.
@@ -563,6 +565,8 @@ pub struct Pipeline {
     nh_groups: NhGroups,
     meters: Vec<Meter>,
     napt: Vec<(TableId, NatTable<Ipv4Addr>)>,
+    /// The NAPT44 rules' names, by index of `napt` (kept apart: the fast path never reads them).
+    napt_names: Vec<Name>,
     nat64: Vec<Nat64>,
     /// Reverse static NAT: outside → (inside, table).
     rev44: BTreeMap<Ipv4Addr, (Ipv4Addr, TableId)>,
@@ -636,6 +640,7 @@ impl Pipeline {
             nh_groups: NhGroups::default(),
             meters: Vec::new(),
             napt: Vec::new(),
+            napt_names: Vec::new(),
             nat64: Vec::new(),
             rev44: BTreeMap::new(),
             rev66: BTreeMap::new(),
@@ -690,6 +695,7 @@ impl Pipeline {
                         v.napt = Some(p.napt.len());
                     }
                     p.napt.push((table, t));
+                    p.napt_names.push(nat.name.clone());
                 }
                 NatKind::Nat64 {
                     prefix,
@@ -1670,6 +1676,374 @@ pub fn push_vxlan<B: PacketBuf>(pkt: &mut B, e: &crate::ir::VxlanEncap) -> Resul
     vx.copy_from_slice(&[0x08, 0, 0, 0, 0, 0, 0, 0]);
     vx[4..7].copy_from_slice(&e.vni.to_be_bytes()[1..4]);
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Offloading established NAPT44 sessions (off the fast path)
+
+/// Where the software path sends one direction of a session after translating it: what a
+/// session rule must do after the rewrite ([`crate::compile::session_rules`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Forward {
+    /// Egress port.
+    pub port: PortId,
+    /// Source MAC written (our router MAC).
+    pub src_mac: MacAddr,
+    /// Destination MAC written (the next hop's; with `encap`, the remote router's, inside).
+    pub dst_mac: MacAddr,
+    /// VXLAN encapsulation pushed after the MAC rewrite (a VXLAN next hop, its VTEP resolved
+    /// as the fast path resolves it).
+    pub encap: Option<VxlanEncap>,
+}
+
+fn vtep_of(f: &Forward) -> Option<Ipv4Addr> {
+    f.encap.map(|e| e.ip_dst)
+}
+
+/// An established NAPT44 session whose software path hardware can reproduce, with everything
+/// the software path resolved for it: what [`crate::compile::session_rules`] turns into rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionOffer {
+    /// The NAPT44 rule.
+    pub nat: Name,
+    /// The session.
+    pub id: SessionId,
+    /// TCP or UDP.
+    pub proto: Proto,
+    /// The inside endpoint.
+    pub inside: (Ipv4Addr, u16),
+    /// The outside endpoint (pool address and port).
+    pub outside: (Ipv4Addr, u16),
+    /// The remote endpoint.
+    pub remote: (Ipv4Addr, u16),
+    /// The VPC's table.
+    pub vpc_table: TableId,
+    /// Inside → remote (received on a VPC port as `inside → remote`, sent as
+    /// `outside → remote`).
+    pub outbound: Forward,
+    /// Remote → inside (received on an uplink as `remote → outside`, sent as
+    /// `remote → inside`).
+    pub inbound: Forward,
+    /// The route lookups the forwarding was resolved by, as (table, address): a change to a
+    /// route of that table whose prefix covers that address may change the result. (The
+    /// breakout route, the underlay route behind it, the VPC route back to the inside host,
+    /// and the underlay routes to the remote VTEPs of VXLAN next hops, or repeats.)
+    pub lookups: [(TableId, Ipv4Addr); 5],
+    /// When the session dies unless refreshed.
+    pub expires_at_ns: u64,
+}
+
+impl SessionOffer {
+    /// The (source, destination) endpoints of a direction as the packet arrives.
+    pub fn arriving(&self, outbound: bool) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+        if outbound {
+            (self.inside, self.remote)
+        } else {
+            (self.remote, self.outside)
+        }
+    }
+
+    /// Whether a change to route `key` may change this session's forwarding.
+    pub fn depends_on(&self, key: &RouteKey) -> bool {
+        self.lookups
+            .iter()
+            .any(|(t, a)| *t == key.table && key.prefix.contains(IpAddr::V4(*a)))
+    }
+}
+
+/// Where [`Pipeline::scan_candidates`] resumes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanCursor {
+    table: usize,
+    pos: usize,
+}
+
+impl Pipeline {
+    /// The NAPT44 rules, by name, in the pipeline's order.
+    pub fn napt_rules(&self) -> impl Iterator<Item = &Name> {
+        self.napt_names.iter()
+    }
+
+    fn napt_index(&self, nat: &Name) -> Option<usize> {
+        self.napt_names.iter().position(|n| n == nat)
+    }
+
+    /// Established NAPT44 sessions (see [`NatTable::offload_candidates`]: established TCP, two-way
+    /// UDP, alive, established for `min_age_ns`, not marked offloaded) whose software path a
+    /// session rule reproduces exactly, with that path resolved. Visits every session: the
+    /// driver uses the bounded [`Pipeline::scan_candidates`] instead.
+    ///
+    /// A session is offered when, in both directions, the packet's path is: (outbound) no
+    /// static NAT for the inside address, the VPC route of the remote a breakout whose NAT is
+    /// this rule; (inbound) the outside address not our VTEP's VXLAN endpoint nor a static NAT
+    /// address, this rule the first whose pool holds it; and then a route without a meter
+    /// whose next hop (picked by [`flow_hash`] under ECMP, as the fast path does) is a port
+    /// (MAC rewrite) or a VXLAN next hop whose VTEP resolves (MAC rewrite and encapsulation).
+    /// Blackholes, NAT64 and VRF loops stay in software.
+    pub fn session_candidates(
+        &self,
+        now_ns: u64,
+        min_age_ns: u64,
+    ) -> impl Iterator<Item = SessionOffer> + '_ {
+        self.napt.iter().enumerate().flat_map(move |(i, (_, t))| {
+            t.offload_candidates(now_ns, min_age_ns)
+                .filter_map(move |v| self.offer(i, &v))
+        })
+    }
+
+    /// [`Pipeline::session_candidates`] in bounded steps: visits at most `budget` sessions from
+    /// `cursor` (all NAPT44 tables in turn, then around again), calling `f` for each offer.
+    /// Returns how many sessions it visited.
+    pub fn scan_candidates(
+        &self,
+        cursor: &mut ScanCursor,
+        budget: usize,
+        now_ns: u64,
+        min_age_ns: u64,
+        mut f: impl FnMut(SessionOffer),
+    ) -> usize {
+        let total: usize = self.napt.iter().map(|(_, t)| t.session_count()).sum();
+        let mut visited = 0;
+        // Tables found exhausted in a row: more than all of them means nothing is left.
+        let mut exhausted = 0;
+        while visited < budget.min(total) && exhausted <= self.napt.len() {
+            if cursor.table >= self.napt.len() {
+                *cursor = ScanCursor::default();
+            }
+            let Some((_, t)) = self.napt.get(cursor.table) else {
+                break;
+            };
+            let Some(v) = t.session_at(cursor.pos) else {
+                cursor.table += 1;
+                cursor.pos = 0;
+                exhausted += 1;
+                continue;
+            };
+            exhausted = 0;
+            cursor.pos += 1;
+            visited += 1;
+            if v.is_offload_candidate(now_ns, min_age_ns) {
+                if let Some(o) = self.offer(cursor.table, &v) {
+                    f(o);
+                }
+            }
+        }
+        visited
+    }
+
+    /// The session's path resolved again against the current routes (whatever its state), if
+    /// it is still in the table and its path can still be offloaded.
+    pub fn session_offer(&self, nat: &Name, id: SessionId) -> Option<SessionOffer> {
+        let i = self.napt_index(nat)?;
+        let v = self.napt.get(i)?.1.session(id)?;
+        self.offer(i, &v)
+    }
+
+    /// A snapshot of a NAPT44 session, while it is in the table (see [`NatTable::session`]).
+    pub fn session(&self, nat: &Name, id: SessionId) -> Option<SessionView<Ipv4Addr>> {
+        self.napt.get(self.napt_index(nat)?)?.1.session(id)
+    }
+
+    /// Whether a session is in its table and alive at `now_ns`.
+    pub fn session_alive(&self, nat: &Name, id: SessionId, now_ns: u64) -> bool {
+        self.session(nat, id)
+            .is_some_and(|v| now_ns < v.expires_at_ns)
+    }
+
+    /// Marks a NAPT44 session offloaded (or not); false for an unknown session.
+    pub fn mark_offloaded(&mut self, nat: &Name, id: SessionId, offloaded: bool) -> bool {
+        let Some(i) = self.napt_index(nat) else {
+            return false;
+        };
+        self.napt
+            .get_mut(i)
+            .is_some_and(|(_, t)| t.mark_offloaded(id, offloaded))
+    }
+
+    /// Keeps an offloaded session alive as of `now_ns` and adds hardware counter deltas to it
+    /// ([`NatTable::refresh`], [`NatTable::record_many`]). False if the session is unknown or
+    /// already dead at `now_ns`.
+    pub fn refresh_session(
+        &mut self,
+        nat: &Name,
+        id: SessionId,
+        now_ns: u64,
+        packets: u64,
+        bytes: u64,
+    ) -> bool {
+        let Some(i) = self.napt_index(nat) else {
+            return false;
+        };
+        let Some((_, t)) = self.napt.get_mut(i) else {
+            return false;
+        };
+        t.refresh(id, now_ns) && t.record_many(id, packets, bytes)
+    }
+
+    /// [`Pipeline::expire`], calling `on_removed` with the NAPT44 rule and a snapshot of every
+    /// NAPT44 session removed (NAT64 sessions are never offloaded and are not reported).
+    pub fn expire_with(
+        &mut self,
+        now_ns: u64,
+        budget: usize,
+        mut on_removed: impl FnMut(&Name, &SessionView<Ipv4Addr>),
+    ) -> usize {
+        let mut n = 0;
+        for ((_, t), name) in self.napt.iter_mut().zip(&self.napt_names) {
+            n += t.expire_with(now_ns, budget, |v| on_removed(name, v));
+        }
+        for t in &mut self.nat64 {
+            n += t.table.expire(now_ns, budget);
+        }
+        n
+    }
+
+    /// The live route a lookup of `a` in `table` hits (not a NAT64 prefix).
+    fn route_slot(&self, table: TableId, a: Ipv4Addr) -> Option<&RouteSlot> {
+        let v = self.vrfs.get(&table)?.v4.lookup(u32::from(a))?;
+        if v >= NAT64_BASE {
+            return None;
+        }
+        self.routes.get(v as usize).filter(|s| s.is_live())
+    }
+
+    /// The forwarding of a packet `src → dst` (already translated) routed in `table`, if it is
+    /// an unmetered route to a port or a resolvable VXLAN next hop, as [`Pipeline::route`]
+    /// would pick it.
+    fn plain_forward(
+        &self,
+        table: TableId,
+        proto: Proto,
+        src: (Ipv4Addr, u16),
+        dst: (Ipv4Addr, u16),
+    ) -> Option<Forward> {
+        let slot = self.route_slot(table, dst.0)?;
+        if slot.meter().is_some() {
+            return None;
+        }
+        let nexthops = self.nh_groups.get(slot.group);
+        // The fast path decides on the first next hop before any ECMP pick.
+        let first = *nexthops.first()?;
+        if matches!(first, Nexthop::Blackhole | Nexthop::Vrf { .. }) {
+            return None;
+        }
+        let nh = match nexthops.len() {
+            0 | 1 => first,
+            n => {
+                // The ECMP hash of the translated packet, from its IPv4 header fields.
+                let mut ip = [0u8; 20];
+                ip[9] = match proto {
+                    Proto::Tcp => ip_proto::TCP,
+                    Proto::Udp => ip_proto::UDP,
+                    Proto::Icmp => return None,
+                };
+                ip[12..16].copy_from_slice(&src.0.octets());
+                ip[16..20].copy_from_slice(&dst.0.octets());
+                let l = Layout {
+                    vlan: None,
+                    ethertype: packet::ethertype::IPV4,
+                    l3_offset: 0,
+                    l3: L3::Ipv4,
+                    l4_offset: 20,
+                    l4: if proto == Proto::Tcp {
+                        L4::Tcp
+                    } else {
+                        L4::Udp
+                    },
+                    src_port: src.1,
+                    dst_port: dst.1,
+                    fragment: false,
+                };
+                *nexthops.get(flow_hash(&ip, &l) as usize % n)?
+            }
+        };
+        match nh {
+            Nexthop::Underlay { port, mac, .. } => Some(Forward {
+                port,
+                src_mac: self.router_mac,
+                dst_mac: mac,
+                encap: None,
+            }),
+            Nexthop::Vxlan {
+                vni,
+                remote_vtep,
+                router_mac,
+            } => {
+                let (port, outer_mac) = self.resolve_vtep(remote_vtep).ok()?;
+                Some(Forward {
+                    port,
+                    src_mac: self.router_mac,
+                    dst_mac: router_mac,
+                    encap: Some(VxlanEncap {
+                        eth_src: self.router_mac,
+                        eth_dst: outer_mac,
+                        ip_src: self.vtep?,
+                        ip_dst: remote_vtep,
+                        vni: vni.get(),
+                        udp_src: vxlan_source_port(vni.get()),
+                    }),
+                })
+            }
+            Nexthop::Blackhole | Nexthop::Vrf { .. } => None,
+        }
+    }
+
+    /// The offer for session `v` of NAPT44 table `i`, if both directions' paths can be
+    /// reproduced by a session rule.
+    fn offer(&self, i: usize, v: &SessionView<Ipv4Addr>) -> Option<SessionOffer> {
+        let (table, nat) = self.napt.get(i)?;
+        let name = self.napt_names.get(i)?;
+        if v.proto == Proto::Icmp {
+            return None;
+        }
+        // Outbound: VPC route of the remote breaks out through this rule.
+        let vrf = self.vrfs.get(table)?;
+        if vrf.napt != Some(i) || vrf.static44.iter().any(|(a, _)| *a == v.inside.0) {
+            return None;
+        }
+        let breakout = self.route_slot(*table, v.remote.0)?;
+        let Some(&Nexthop::Vrf { table: target }) = self.nh_groups.get(breakout.group).first()
+        else {
+            return None;
+        };
+        if target == *table {
+            return None;
+        }
+        let outbound = self.plain_forward(target, v.proto, v.outside, v.remote)?;
+        // Inbound: this rule translates the outside endpoint back.
+        let (out_addr, out_port) = v.outside;
+        let vxlan = v.proto == Proto::Udp && out_port == VXLAN_PORT;
+        if (Some(out_addr) == self.vtep && vxlan) || self.rev44.contains_key(&out_addr) {
+            return None;
+        }
+        let first = self
+            .napt
+            .iter()
+            .position(|(_, n)| n.config().pool.contains(&out_addr));
+        if first != Some(i) || !nat.config().pool.contains(&out_addr) {
+            return None;
+        }
+        let inbound = self.plain_forward(*table, v.proto, v.remote, v.inside)?;
+        Some(SessionOffer {
+            nat: name.clone(),
+            id: v.id,
+            proto: v.proto,
+            inside: v.inside,
+            outside: v.outside,
+            remote: v.remote,
+            vpc_table: *table,
+            outbound,
+            inbound,
+            lookups: [
+                (*table, v.remote.0),
+                (target, v.remote.0),
+                (*table, v.inside.0),
+                (UNDERLAY_TABLE, vtep_of(&outbound).unwrap_or(v.remote.0)),
+                (UNDERLAY_TABLE, vtep_of(&inbound).unwrap_or(v.remote.0)),
+            ],
+            expires_at_ns: v.expires_at_ns,
+        })
+    }
 }
 
 #[cfg(test)]

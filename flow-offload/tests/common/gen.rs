@@ -63,7 +63,8 @@ const REMOTE_VTEPS: [[u8; 4]; 4] = [
     [100, 65, 0, 1],
 ];
 /// Inside addresses of static NAT44 (also anchors, so VPCs route back to them).
-const INSIDE4: [[u8; 4]; 4] = [
+/// Inside (VPC) IPv4 hosts.
+pub const INSIDE4: [[u8; 4]; 4] = [
     [10, 1, 2, 3],
     [10, 0, 0, 1],
     [10, 1, 2, 200],

@@ -652,3 +652,103 @@ pub fn check_hw_invariants(hw: &Installed) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A [`System`]'s NIC as a [`flow_offload::program::FlowTarget`] with counters, for the
+/// session offload driver (rules by identity through the system's handles).
+#[derive(Debug)]
+pub struct SysTarget<'a> {
+    /// The NIC.
+    pub nic: &'a mut RefNic,
+    /// Its handles.
+    pub handles: &'a mut BTreeMap<RuleId, RuleHandle>,
+}
+
+impl SysTarget<'_> {
+    fn refusal(e: flow_offload::refnic::RefNicError) -> flow_offload::caps::Refusal {
+        match e {
+            flow_offload::refnic::RefNicError::Refused(r) => r,
+            other => flow_offload::caps::Refusal::Driver {
+                errno: "EINVAL".into(),
+                cause: "meter".into(),
+                message: Some(other.to_string()),
+            },
+        }
+    }
+}
+
+impl flow_offload::program::FlowTarget for SysTarget<'_> {
+    fn create_rule(
+        &mut self,
+        id: &RuleId,
+        rule: &flow_offload::ir::Rule,
+    ) -> Result<(), flow_offload::caps::Refusal> {
+        let h = self.nic.create(rule)?;
+        if let Some(old) = self.handles.insert(id.clone(), h) {
+            let _ = self.nic.destroy(old);
+        }
+        Ok(())
+    }
+    fn replace_rule(
+        &mut self,
+        id: &RuleId,
+        rule: &flow_offload::ir::Rule,
+    ) -> Result<(), flow_offload::caps::Refusal> {
+        match self.nic.create(rule) {
+            Ok(h) => {
+                if let Some(old) = self.handles.insert(id.clone(), h) {
+                    let _ = self.nic.destroy(old);
+                }
+                Ok(())
+            }
+            Err(r) => {
+                self.destroy_rule(id);
+                Err(r)
+            }
+        }
+    }
+    fn destroy_rule(&mut self, id: &RuleId) {
+        if let Some(h) = self.handles.remove(id) {
+            let _ = self.nic.destroy(h);
+        }
+    }
+    fn create_meter(
+        &mut self,
+        meter: flow_offload::ir::MeterRef,
+        profile: &flow_offload::model::MeterProfile,
+    ) -> Result<(), flow_offload::caps::Refusal> {
+        self.nic
+            .create_meter(meter, *profile, 0)
+            .map_err(Self::refusal)
+    }
+    fn update_meter(
+        &mut self,
+        meter: flow_offload::ir::MeterRef,
+        profile: &flow_offload::model::MeterProfile,
+    ) -> Result<(), flow_offload::caps::Refusal> {
+        self.nic
+            .update_meter(meter, *profile, 0)
+            .map_err(Self::refusal)
+    }
+    fn destroy_meter(&mut self, meter: flow_offload::ir::MeterRef) {
+        let _ = self.nic.destroy_meter(meter);
+    }
+}
+
+impl flow_offload::program::CountQuery for SysTarget<'_> {
+    fn query_count(&mut self, id: &RuleId) -> Option<(u64, u64)> {
+        self.nic.query_count(*self.handles.get(id)?)
+    }
+}
+
+impl System {
+    /// The NIC as a target for the session offload driver.
+    pub fn target(&mut self) -> (SysTarget<'_>, &mut Pipeline) {
+        (
+            SysTarget {
+                nic: &mut self.nic,
+                handles: &mut self.handles,
+            },
+            &mut self.pipe,
+        )
+    }
+}

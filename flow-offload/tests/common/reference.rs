@@ -713,6 +713,12 @@ impl Reference {
         &self.model
     }
 
+    /// Replaces the model after a route change, keeping the meters' state and the NAT book
+    /// (route changes touch neither).
+    pub fn set_routes_from(&mut self, model: &Model) {
+        self.model = model.clone();
+    }
+
     /// Evaluates a packet, advancing the meters.
     pub fn eval(&mut self, port: PortId, bytes: &[u8], now: u64, pick: Pick) -> Eval {
         let mut meters = std::mem::take(&mut self.meters);
