@@ -10,13 +10,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use flow_offload::caps::Caps;
 use flow_offload::compile::{Compiler, SwReason};
 use flow_offload::model::{
     Change, Model, ModelError, Nexthop, ObjectKey, PortId, Problem, RouteKey,
 };
-use flow_offload::program::{program, FlowTarget};
+use flow_offload::program::{program, CountQuery, FlowTarget};
+use flow_offload::sessions::{SessionOffload, SessionOffloadConfig};
 use flow_offload::soft::pipeline::{Pipeline, PipelineError, PipelineLimits};
 use flow_offload::status::{FailReason, OffloadStatus};
 use flow_offload::wire::{Ack, Apply, Message};
@@ -55,6 +57,10 @@ pub struct Agent {
     reported_sw: BTreeMap<ObjectKey, SwReason>,
     /// Objects the software pipeline could not take.
     failed: BTreeMap<ObjectKey, FailReason>,
+    /// Established NAT sessions offloaded as exact-match rules (targets that can).
+    sessions: SessionOffload,
+    /// The agent's clock: the pipeline's time base (the lcores use the same).
+    clock: Instant,
 }
 
 impl Agent {
@@ -78,7 +84,40 @@ impl Agent {
             last_epoch: None,
             reported_sw: BTreeMap::new(),
             failed: BTreeMap::new(),
+            sessions: SessionOffload::new(SessionOffloadConfig::default()),
+            clock: Instant::now(),
         })
+    }
+
+    /// The time base of the pipeline: lcores must use this one.
+    pub fn clock(&self) -> Instant {
+        self.clock
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Session offload housekeeping: expire, poll the counters of offloaded sessions, offload
+    /// new established ones. Call every 100 ms to 1 s.
+    pub fn tick<T: FlowTarget + CountQuery + ?Sized>(&mut self, target: &mut T) {
+        let now = self.now_ns();
+        let mut pipe = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
+        let r = self.sessions.tick(
+            &mut pipe,
+            &self.model,
+            self.compiler.plan(),
+            self.compiler.caps(),
+            target,
+            now,
+        );
+        drop(pipe);
+        tracing::trace!(report = ?r, "session offload tick");
+    }
+
+    /// Sessions offloaded to hardware now.
+    pub fn offloaded_sessions(&self) -> usize {
+        self.sessions.offloaded_count()
     }
 
     /// The pipeline, for the lcores.
@@ -132,7 +171,7 @@ impl Agent {
 
     /// Applies one batch from the host and answers it ([`Message::Ack`] or
     /// [`Message::Refused`]).
-    pub fn apply<T: FlowTarget + ?Sized>(
+    pub fn apply<T: FlowTarget + CountQuery + ?Sized>(
         &mut self,
         target: &mut T,
         batch: &Apply,
@@ -200,8 +239,11 @@ impl Agent {
                     _ => None,
                 })
                 .collect();
+            let now = self.now_ns();
             let mut pipe = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
             for key in &keys {
+                // Sessions whose path the route may change go back to software first.
+                self.sessions.route_changed(&mut pipe, target, key, now);
                 self.compiler.forget_route_refusals(key);
                 self.compiler.update_route(&self.model, *key);
                 let object = ObjectKey::Route(*key);
@@ -213,6 +255,12 @@ impl Agent {
             }
         } else {
             report.rebuilt = true;
+            // Session rules hold meters and paths the rebuild may remove.
+            let now = self.now_ns();
+            {
+                let mut pipe = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
+                self.sessions.flush(&mut pipe, target, now);
+            }
             self.compiler.rebuild(&self.model);
             self.rebuild_pipeline(&mut touched);
         }

@@ -17,12 +17,14 @@ use std::time::{Duration, Instant};
 
 use flow_offload::caps::Caps;
 use flow_offload::model::PortId;
-use flow_offload::program::FlowTarget;
+use flow_offload::program::{CountQuery, FlowTarget};
 use flow_offload::wire::frame::{FrameCodec, FrameError, FrameReader};
 use flow_offload::wire::{Counters, Hello, Message};
 
 use crate::agent::Agent;
 
+/// Session offload housekeeping period (well below the shortest NAT timeout).
+pub const TICK_EVERY: Duration = Duration::from_millis(200);
 /// Heartbeat period.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// Counter report period.
@@ -63,7 +65,7 @@ pub enum LinkError {
 }
 
 /// Serves hosts until `stop` is set: accepts, then talks to one host at a time.
-pub fn serve<T: FlowTarget + ?Sized>(
+pub fn serve<T: FlowTarget + CountQuery + ?Sized>(
     listener: &TcpListener,
     agent: &mut Agent,
     target: &mut T,
@@ -71,6 +73,7 @@ pub fn serve<T: FlowTarget + ?Sized>(
     stop: &AtomicBool,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
+    let mut last_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, peer)) => {
@@ -82,6 +85,10 @@ pub fn serve<T: FlowTarget + ?Sized>(
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
                 std::thread::sleep(Duration::from_millis(50));
+                if last_tick.elapsed() >= TICK_EVERY {
+                    agent.tick(target);
+                    last_tick = Instant::now();
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -116,7 +123,7 @@ fn counters(agent: &Agent, at_ns: u64) -> Counters {
     Counters { at_ns, routes }
 }
 
-fn session<T: FlowTarget + ?Sized>(
+fn session<T: FlowTarget + CountQuery + ?Sized>(
     mut stream: TcpStream,
     agent: &mut Agent,
     target: &mut T,
@@ -145,6 +152,7 @@ fn session<T: FlowTarget + ?Sized>(
     let mut last_hb = Instant::now();
     let mut last_counters = Instant::now();
     let mut seq = 0u64;
+    let mut last_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         match stream.read(&mut buf) {
             Ok(0) => return Err(LinkError::Closed),
@@ -191,6 +199,10 @@ fn session<T: FlowTarget + ?Sized>(
                 Err(e) if e.is_fatal() => return Err(e.into()),
                 Err(e) => tracing::warn!(error = %e, "undecodable message skipped"),
             }
+        }
+        if last_tick.elapsed() >= TICK_EVERY {
+            agent.tick(target);
+            last_tick = Instant::now();
         }
         if last_hb.elapsed() >= HEARTBEAT_EVERY {
             seq += 1;

@@ -10,7 +10,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use dpdk::{DpdkTarget, Eal, Mempool, Port, PortConfig};
@@ -159,7 +159,7 @@ fn run(args: &Args) -> Result<(), StartError> {
     tracing::info!(%listen, dpu_id = %config.dpu_id, "serving the host link");
 
     let stats = LcoreStats::default();
-    let clock = Instant::now();
+    let clock = agent.clock();
     let forwarding_cpu = config.lcores.forwarding;
     let mut target = DpdkTarget::new(ports.iter());
     let mut queues = Vec::new();

@@ -15,7 +15,7 @@ use flow_offload::model::{
     Change, Ipv4Range, MacAddr, Meter, MeterProfile, MeterTarget, Name, NatKind, NatRule, Nexthop,
     Node, ObjectKey, PortId, Route, RouteKey, TableId, Vni, Vpc, UNDERLAY_TABLE,
 };
-use flow_offload::program::{FlowTarget, RefNicTarget};
+use flow_offload::program::{CountQuery, FlowTarget, RefNicTarget};
 use flow_offload::refnic::RefNic;
 use flow_offload::soft::pipeline::PipelineLimits;
 use flow_offload::status::OffloadStatus;
@@ -53,6 +53,12 @@ impl FlowTarget for Counting {
     }
     fn destroy_meter(&mut self, m: MeterRef) {
         self.inner.destroy_meter(m);
+    }
+}
+
+impl CountQuery for Counting {
+    fn query_count(&mut self, id: &RuleId) -> Option<(u64, u64)> {
+        self.inner.query_count(id)
     }
 }
 
@@ -287,6 +293,11 @@ fn a_nic_refusing_creates_reports_its_reason() {
         }
         fn destroy_meter(&mut self, m: MeterRef) {
             self.0.destroy_meter(m);
+        }
+    }
+    impl CountQuery for NoRoutes {
+        fn query_count(&mut self, id: &RuleId) -> Option<(u64, u64)> {
+            self.0.query_count(id)
         }
     }
     let (mut agent, nic) = setup(Caps::profile(Profile::Full));

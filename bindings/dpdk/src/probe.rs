@@ -227,6 +227,28 @@ fn rules() -> Vec<(&'static str, Purpose, ir::Rule)> {
             ),
         ),
         (
+            "match ipv4 / tcp flags (FIN, not RST) -> queue",
+            Purpose::Item(ItemKind::TcpFlags),
+            rule(
+                ingress(),
+                vec![
+                    eth(0x0800),
+                    ipv4_proto(6),
+                    Item::Tcp(exact(
+                        TcpFields {
+                            flags: 0x01,
+                            ..TcpFields::default()
+                        },
+                        TcpFields {
+                            flags: 0x05,
+                            ..TcpFields::default()
+                        },
+                    )),
+                ],
+                vec![q()],
+            ),
+        ),
+        (
             "match ipv4 / udp / vxlan vni -> queue",
             Purpose::Item(ItemKind::Vxlan),
             rule(

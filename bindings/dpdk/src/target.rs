@@ -7,7 +7,7 @@ use flow_offload::caps::Refusal;
 use flow_offload::compile::RuleId;
 use flow_offload::ir::{Action, MeterRef, Rule};
 use flow_offload::model::{MeterProfile, PortId};
-use flow_offload::program::FlowTarget;
+use flow_offload::program::{CountQuery, FlowTarget};
 
 use crate::{Errno, Flow, FlowError, FlowErrorCause, MeterError, Port};
 
@@ -276,5 +276,11 @@ impl FlowTarget for DpdkTarget<'_> {
                 let _ = port.meter_profile_delete(meter.0);
             }
         }
+    }
+}
+
+impl CountQuery for DpdkTarget<'_> {
+    fn query_count(&mut self, id: &RuleId) -> Option<(u64, u64)> {
+        DpdkTarget::query_count(self, id)
     }
 }

@@ -395,6 +395,9 @@ pub fn sw_reason_code(r: &SwReason) -> &'static str {
         SwReason::ShadowsSoftwareRoute(_) => "shadows_software_route",
         SwReason::MeterInSoftware => "meter_in_software",
         SwReason::VpcInSoftware => "vpc_in_software",
+        SwReason::TeardownNotTrapped => "teardown_not_trapped",
+        SwReason::SessionPath => "session_path",
+        SwReason::SessionBudget => "session_budget",
     }
 }
 
