@@ -5,26 +5,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+mod dpu;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dpu_agent::agent::Agent;
+use dpu::{terminate, Dpu};
 use dpu_agent::config::Role;
-use dpu_agent::link::{serve, Identity};
-use flow_offload::caps::{Caps, Profile};
 use flow_offload::model::{
     Change, MacAddr, Name, Nexthop, Node, ObjectKey, PortId, Prefix, Route, RouteKey, TableId, Vni,
     Vpc, UNDERLAY_TABLE,
 };
-use flow_offload::program::RefNicTarget;
-use flow_offload::refnic::RefNic;
-use flow_offload::soft::pipeline::PipelineLimits;
 use flow_offload::status::OffloadStatus;
 
 fn free_addr() -> SocketAddr {
@@ -49,24 +42,7 @@ async fn desired_state_reaches_the_dpu_and_status_comes_back() {
 
     // The DPU agent.
     let link = free_addr();
-    let listener = TcpListener::bind(link).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let dpu = std::thread::spawn(move || {
-        let caps = Caps::profile(Profile::Full);
-        let roles: BTreeMap<PortId, Role> = [(PortId(0), Role::Uplink), (PortId(1), Role::Vpc)]
-            .into_iter()
-            .collect();
-        let mut agent = Agent::new(caps.clone(), roles, PipelineLimits::default(), 1).unwrap();
-        let mut target = RefNicTarget::new(RefNic::new(caps.clone()));
-        let id = Identity {
-            dpu_id: "dpu-e2e".into(),
-            agent_version: "test".into(),
-            boot_id: 42,
-            ports: vec![(PortId(0), caps.clone()), (PortId(1), caps)],
-        };
-        serve(&listener, &mut agent, &mut target, &id, &s).unwrap();
-    });
+    let dpu = Dpu::start(link, "dpu-e2e", 42, &[(0, Role::Uplink), (1, Role::Vpc)]);
 
     // The daemon.
     let api = free_addr();
@@ -171,25 +147,9 @@ async fn desired_state_reaches_the_dpu_and_status_comes_back() {
     );
 
     // Graceful stop.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(st) = daemon.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = daemon.kill();
-            panic!("host-agent ignored SIGTERM\n{}", read_log());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = terminate(&mut daemon, read_log);
     assert!(status.success(), "exit {status}\n{}", read_log());
-    stop.store(true, Ordering::Relaxed);
-    dpu.join().unwrap();
+    drop(dpu);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -233,22 +193,7 @@ async fn zebra_routes_reach_the_dpu_and_offload_flags_come_back() {
         .await
         .unwrap();
     let link = free_addr();
-    let listener = TcpListener::bind(link).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let dpu = std::thread::spawn(move || {
-        let caps = Caps::profile(Profile::Full);
-        let roles: BTreeMap<PortId, Role> = [(PortId(0), Role::Uplink)].into_iter().collect();
-        let mut agent = Agent::new(caps.clone(), roles, PipelineLimits::default(), 1).unwrap();
-        let mut target = RefNicTarget::new(RefNic::new(caps.clone()));
-        let id = Identity {
-            dpu_id: "dpu-fpm".into(),
-            agent_version: "test".into(),
-            boot_id: 7,
-            ports: vec![(PortId(0), caps)],
-        };
-        serve(&listener, &mut agent, &mut target, &id, &s).unwrap();
-    });
+    let dpu = Dpu::start(link, "dpu-fpm", 7, &[(0, Role::Uplink)]);
     let (api, metrics, fpm) = (free_addr(), free_addr(), free_addr());
     let dir = std::env::temp_dir().join(format!("host-agent-fpm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -316,24 +261,8 @@ async fn zebra_routes_reach_the_dpu_and_offload_flags_come_back() {
     let m = http_get(metrics, "/metrics");
     assert!(m.contains("dpucp_fpm_connections_total 1"), "{m}");
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(st) = daemon.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = daemon.kill();
-            panic!("host-agent ignored SIGTERM\n{}", read_log());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = terminate(&mut daemon, read_log);
     assert!(status.success(), "exit {status}\n{}", read_log());
-    stop.store(true, Ordering::Relaxed);
-    dpu.join().unwrap();
+    drop(dpu);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,68 +3,21 @@
 //! restart answered by a full resend, and refusals.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
+mod dpu;
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dpu_agent::agent::Agent;
+use dpu::Dpu;
 use dpu_agent::config::Role;
-use dpu_agent::link::{serve, Identity};
-use flow_offload::caps::{Caps, Profile};
 use flow_offload::model::{
     Change, MacAddr, Model, Name, Nexthop, Node, ObjectKey, PortId, Prefix, Route, RouteKey,
     TableId, Vni, Vpc, UNDERLAY_TABLE,
 };
-use flow_offload::program::RefNicTarget;
-use flow_offload::refnic::RefNic;
-use flow_offload::soft::pipeline::PipelineLimits;
 use flow_offload::status::OffloadStatus;
 use host_agent::dpu_link::{run, DpuEvent, LinkConfig};
 use tokio::sync::{mpsc, watch};
-
-/// A DPU agent (its real link server and state) on a thread, stopped on drop.
-struct Dpu {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Dpu {
-    fn start(addr: SocketAddr, boot_id: u64) -> Dpu {
-        let listener = TcpListener::bind(addr).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let caps = Caps::profile(Profile::Full);
-            let roles: BTreeMap<PortId, Role> = [(PortId(0), Role::Uplink), (PortId(1), Role::Vpc)]
-                .into_iter()
-                .collect();
-            let mut agent = Agent::new(caps.clone(), roles, PipelineLimits::default(), 1).unwrap();
-            let mut target = RefNicTarget::new(RefNic::new(caps.clone()));
-            let id = Identity {
-                dpu_id: "dpu-t".into(),
-                agent_version: "test".into(),
-                boot_id,
-                ports: vec![(PortId(0), caps.clone()), (PortId(1), caps)],
-            };
-            serve(&listener, &mut agent, &mut target, &id, &s).unwrap();
-        });
-        Dpu {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Dpu {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
 
 fn route(prefix: &str) -> Change {
     Change::UpsertRoute(Route {
@@ -127,7 +80,7 @@ async fn full_then_incremental_then_resend_after_restart() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let dpu = Dpu::start(addr, 1);
+    let dpu = Dpu::start(addr, "dpu-t", 1, &[(0, Role::Uplink), (1, Role::Vpc)]);
     let (desired_tx, desired_rx) = watch::channel(model(&base()));
     let (ev_tx, mut ev) = mpsc::channel(64);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -180,7 +133,7 @@ async fn full_then_incremental_then_resend_after_restart() {
 
     // The agent restarts empty (new boot id): the host notices and resends everything.
     drop(dpu);
-    let dpu = Dpu::start(addr, 2);
+    let dpu = Dpu::start(addr, "dpu-t", 2, &[(0, Role::Uplink), (1, Role::Vpc)]);
     assert!(matches!(
         next_state(&mut ev).await,
         DpuEvent::Disconnected { .. }
