@@ -93,7 +93,7 @@ const MAX_LEVELS: usize = 16;
 /// Keys per chunk in [`Lpm::lookup_batch`] for [`Layout::Trie16`].
 const BATCH: usize = 16;
 /// Keys per chunk in [`Lpm::lookup_batch`] for [`Layout::Direct24`].
-const DIRECT_BATCH: usize = 32;
+const DIRECT_BATCH: usize = 8;
 
 mod sealed {
     /// Key operations used by the trie; sealed so that only `u32` and `u128` are keys.
@@ -528,28 +528,38 @@ impl<K: LpmKey> Lpm<K> {
         }
     }
 
-    /// The batch path of [`Layout::Direct24`]: all first-level loads of a chunk, then the
-    /// group loads of the entries that point to a group.
+    /// The batch path of [`Layout::Direct24`], by chunks of [`DIRECT_BATCH`] keys: all
+    /// first-level loads of the chunk, none of them waiting on another or on a branch, then
+    /// the group loads of the entries that point to a group. A fixed-size chunk stays in
+    /// registers; 8 measured faster than 4, 16 and 32, and than a plain loop over the keys.
     fn batch_direct(&self, l1: &[u32; DIRECT_SIZE], keys: &[K], out: &mut [Option<u32>]) {
         let shift = u32::from(K::BITS) - DIRECT_BITS;
-        for (kc, oc) in keys.chunks(DIRECT_BATCH).zip(out.chunks_mut(DIRECT_BATCH)) {
+        // Same lengths, so that both have the same chunks and the same remainder.
+        let n = keys.len().min(out.len());
+        let (keys, out) = (
+            keys.get(..n).unwrap_or(&[]),
+            out.get_mut(..n).unwrap_or(&mut []),
+        );
+        let mut kc = keys.chunks_exact(DIRECT_BATCH);
+        let mut oc = out.chunks_exact_mut(DIRECT_BATCH);
+        for (kc, oc) in (&mut kc).zip(&mut oc) {
             let mut ent = [INVALID; DIRECT_BATCH];
-            let mut any = 0;
             for (e, &k) in ent.iter_mut().zip(kc) {
                 // In range: the top 24 bits index a 2^24-entry array.
                 *e = l1.get(k.top(DIRECT_BITS)).copied().unwrap_or(INVALID);
-                any |= *e;
             }
-            if any & GROUP != 0 {
-                for (e, &k) in ent.iter_mut().zip(kc) {
-                    if *e & GROUP != 0 {
-                        *e = self.descend(k, *e, shift);
-                    }
-                }
-            }
-            for (o, &e) in oc.iter_mut().zip(ent.iter().take(kc.len())) {
+            for ((o, &e), &k) in oc.iter_mut().zip(&ent).zip(kc) {
+                let e = if e & GROUP != 0 {
+                    self.descend(k, e, shift)
+                } else {
+                    e
+                };
                 *o = value_of(e);
             }
+        }
+        // The last keys, fewer than a chunk.
+        for (o, &k) in oc.into_remainder().iter_mut().zip(kc.remainder()) {
+            *o = self.lookup(k);
         }
     }
 
@@ -1365,7 +1375,7 @@ mod tests {
             assert_eq!(t.insert(a, l, v), r.insert(a, l, v));
             if promoted_at.is_none() && t.layout() == Layout::Direct24 {
                 assert!(groups_before < PROMOTE_GROUPS || l <= 16);
-                assert_eq!(r.group_count() >= PROMOTE_GROUPS, true);
+                assert!(r.group_count() >= PROMOTE_GROUPS);
                 promoted_at = Some(i);
                 same(&t, &r);
             }
@@ -1595,7 +1605,12 @@ mod tests {
 
     #[test]
     fn batch_handles_ragged_lengths() {
-        let mut t = Lpm4::default();
+        batch_handles_ragged_lengths_in(Layout::Trie16);
+        batch_handles_ragged_lengths_in(Layout::Direct24);
+    }
+
+    fn batch_handles_ragged_lengths_in(layout: Layout) {
+        let mut t = Lpm4::pinned(LpmLimits::default(), layout);
         t.insert(0x0a00_0000, 8, 1).unwrap();
         t.insert(0x0a01_0280, 25, 2).unwrap();
         let keys: Vec<u32> = (0..37).map(|i| 0x0a01_0200 + i * 7).collect();
@@ -1608,5 +1623,8 @@ mod tests {
         let mut short = vec![None; 5];
         t.lookup_batch(&keys, &mut short);
         assert_eq!(short[..], out[..5]);
+        let mut mid = vec![None; 13];
+        t.lookup_batch(&keys, &mut mid);
+        assert_eq!(mid[..], out[..13]);
     }
 }
