@@ -228,7 +228,7 @@ fn stats(mut ns: Vec<f64>) -> Stats {
 /// The machine is shared, so the five paths are timed round-robin, [`ROUNDS`] rounds of one
 /// short measurement each (~[`SLICE`] lookups, a few ms): load from other processes then
 /// affects them alike, and the 10th percentile shows the speed of a measurement that ran
-/// undisturbed. A warm measurement repeats the 4096 keys; a cold one takes the next
+/// undisturbed. The order of the paths rotates from round to round. A warm measurement repeats the 4096 keys; a cold one takes the next
 /// [`SLICE`] keys of the cold set, so that no path reuses keys another path just looked up.
 fn simple_timing(set: &str, t: &Tables<'_>, keys: &[u32]) -> String {
     let n = keys.len();
@@ -238,7 +238,13 @@ fn simple_timing(set: &str, t: &Tables<'_>, keys: &[u32]) -> String {
     let mut ns: Vec<Vec<f64>> = vec![Vec::with_capacity(ROUNDS); 5];
     let mut off = 0;
     for round in 0..=ROUNDS {
-        for (path, v) in ns.iter_mut().enumerate() {
+        // Each round starts at another path, so that no path always follows the same one
+        // (a path leaves the shared caches full of its own table).
+        for i in 0..ns.len() {
+            let path = (round + i) % ns.len();
+            let Some(v) = ns.get_mut(path) else {
+                continue;
+            };
             let (ks, reps) = if n > SLICE {
                 let s = keys.get(off..off + SLICE).unwrap_or(keys);
                 off = if off + 2 * SLICE <= n { off + SLICE } else { 0 };

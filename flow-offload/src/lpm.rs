@@ -16,10 +16,11 @@
 //! groups (16 MiB of groups, which takes at least 8192 routes longer than /16): a thousand
 //! small VRF tables cost 256 KiB each, and only a table already holding tens of MiB pays the
 //! 64 MiB first level. A removal that leaves fewer than [`DEMOTE_ROUTES`] routes returns the
-//! table to `Trie16`. Both rebuild the table from its routes, shortest first (O(routes), and
-//! for a promotion at most 64 MiB written); the gap between the two thresholds keeps a table
-//! from flapping. The 64 MiB are allocated zeroed, so the pages that no route touches cost
-//! address space but no memory; [`Lpm::memory_bytes`] counts them all.
+//! table to `Trie16`. Both rebuild the table from its routes, shortest first, inside that one
+//! insert or removal (a few ms at the promotion point, see the `lpm` bench); the gap between
+//! the two thresholds keeps a table from flapping. The 64 MiB are allocated zeroed, so pages
+//! that no route touches cost address space but no memory; [`Lpm::memory_bytes`] counts them
+//! all.
 //!
 //! Every entry is 4 bytes: `valid` (bit 31), `group` (bit 30), the prefix length (`depth`) of
 //! the route that filled it (bits 29..22) and a 22-bit payload, the group index or the value.
@@ -41,9 +42,9 @@
 //! its parent entry set back to the default, so memory stays bounded under churn, and a table
 //! emptied of all routes holds exactly the memory of a new one.
 //!
-//! An update writes every first-level or group entry the route covers that no longer route
-//! covers: an IPv4 /8 is 256 entries in `Trie16` but 65536 in `Direct24` (plus, in both, the
-//! groups below them whose default it replaces).
+//! An insert or a removal rewrites the entries of its table that the route covers, except
+//! those of longer routes, and the defaults and entries of the groups below them: an IPv4 /8
+//! covers 256 first-level entries in `Trie16` but 65536 in `Direct24`.
 //!
 //! A failed [`Lpm::insert`] leaves the table unchanged: every check (length, host bits, value,
 //! route and group limits) runs before the first mutation.
