@@ -57,6 +57,9 @@ use std::collections::HashMap;
 /// Largest value a route can carry (22 bits).
 pub const MAX_VALUE: u32 = PAYLOAD;
 
+/// What [`Lpm::lookup_batch_values`] writes for a key without a route (never a value).
+pub const NO_ROUTE: u32 = u32::MAX;
+
 /// Groups at which an IPv4 table is promoted from [`Layout::Trie16`] to [`Layout::Direct24`].
 pub const PROMOTE_GROUPS: usize = 1 << 14;
 /// Routes below which a [`Layout::Direct24`] table returns to [`Layout::Trie16`]; an IPv4
@@ -467,6 +470,12 @@ impl<K: LpmKey> Lpm<K> {
     /// The longest-prefix match for `key`.
     #[inline]
     pub fn lookup(&self, key: K) -> Option<u32> {
+        value_of(self.lookup_entry(key))
+    }
+
+    /// The entry that answers `key`: a leaf, or [`INVALID`].
+    #[inline(always)]
+    fn lookup_entry(&self, key: K) -> u32 {
         let (e, shift) = match &self.first {
             First::Trie(t) => (
                 t.get(key.top(TRIE_BITS)).copied().unwrap_or(INVALID),
@@ -477,7 +486,7 @@ impl<K: LpmKey> Lpm<K> {
                 u32::from(K::BITS) - DIRECT_BITS,
             ),
         };
-        value_of(self.descend(key, e, shift))
+        self.descend(key, e, shift)
     }
 
     /// Follows group pointers from first-level entry `e` (whose key bits end at `shift`).
@@ -496,14 +505,40 @@ impl<K: LpmKey> Lpm<K> {
     /// group loads of the keys that need them, so that the cache misses of a chunk overlap.
     /// Only `min(keys.len(), out.len())` results are written.
     pub fn lookup_batch(&self, keys: &[K], out: &mut [Option<u32>]) {
+        self.batch(keys, out, value_of);
+    }
+
+    /// [`Lpm::lookup_batch`] writing plain values, [`NO_ROUTE`] where no route matches. An
+    /// `Option<u32>` is written with two 4-byte stores, a `u32` with one: on cache-cold keys
+    /// the stores waiting behind the loads limit how many lookups are in flight, and this
+    /// form is measurably faster (see the `lpm_vs_dpdk` bench).
+    pub fn lookup_batch_values(&self, keys: &[K], out: &mut [u32]) {
+        self.batch(keys, out, |e| {
+            if e & VALID != 0 {
+                e & PAYLOAD
+            } else {
+                NO_ROUTE
+            }
+        });
+    }
+
+    #[inline(always)]
+    fn batch<O>(&self, keys: &[K], out: &mut [O], conv: impl Fn(u32) -> O + Copy) {
         match &self.first {
-            First::Trie(t) => self.batch_trie(t, keys, out),
-            First::Direct(t) => self.batch_direct(t, keys, out),
+            First::Trie(t) => self.batch_trie(t, keys, out, conv),
+            First::Direct(t) => self.batch_direct(t, keys, out, conv),
         }
     }
 
     /// The batch path of [`Layout::Trie16`]: one level at a time for the whole chunk.
-    fn batch_trie(&self, l1: &[u32; TRIE_SIZE], keys: &[K], out: &mut [Option<u32>]) {
+    #[inline(always)]
+    fn batch_trie<O>(
+        &self,
+        l1: &[u32; TRIE_SIZE],
+        keys: &[K],
+        out: &mut [O],
+        conv: impl Fn(u32) -> O,
+    ) {
         for (kc, oc) in keys.chunks(BATCH).zip(out.chunks_mut(BATCH)) {
             let mut ent = [INVALID; BATCH];
             let mut any = 0;
@@ -524,7 +559,7 @@ impl<K: LpmKey> Lpm<K> {
                 }
             }
             for (o, &e) in oc.iter_mut().zip(ent.iter().take(kc.len())) {
-                *o = value_of(e);
+                *o = conv(e);
             }
         }
     }
@@ -532,8 +567,16 @@ impl<K: LpmKey> Lpm<K> {
     /// The batch path of [`Layout::Direct24`], by chunks of [`DIRECT_BATCH`] keys: all
     /// first-level loads of the chunk, none of them waiting on another or on a branch, then
     /// the group loads of the entries that point to a group. A fixed-size chunk stays in
-    /// registers; 8 measured faster than 4, 16 and 32, and than a plain loop over the keys.
-    fn batch_direct(&self, l1: &[u32; DIRECT_SIZE], keys: &[K], out: &mut [Option<u32>]) {
+    /// registers; 8 measured faster than 4, 16 and 32, than carrying a chunk's loads over
+    /// into the next one, and than a plain loop over the keys.
+    #[inline(always)]
+    fn batch_direct<O>(
+        &self,
+        l1: &[u32; DIRECT_SIZE],
+        keys: &[K],
+        out: &mut [O],
+        conv: impl Fn(u32) -> O,
+    ) {
         let shift = u32::from(K::BITS) - DIRECT_BITS;
         // Same lengths, so that both have the same chunks and the same remainder.
         let n = keys.len().min(out.len());
@@ -555,12 +598,12 @@ impl<K: LpmKey> Lpm<K> {
                 } else {
                     e
                 };
-                *o = value_of(e);
+                *o = conv(e);
             }
         }
         // The last keys, fewer than a chunk.
         for (o, &k) in oc.into_remainder().iter_mut().zip(kc.remainder()) {
-            *o = self.lookup(k);
+            *o = conv(self.lookup_entry(k));
         }
     }
 
@@ -1103,10 +1146,13 @@ mod tests {
         }
         let mut batch = vec![None; all.len()];
         t.lookup_batch(&all, &mut batch);
-        for (&k, b) in all.iter().zip(&batch) {
+        let mut values = vec![0; all.len()];
+        t.lookup_batch_values(&all, &mut values);
+        for ((&k, b), &v) in all.iter().zip(&batch).zip(&values) {
             let want = n.lookup(k);
             assert_eq!(t.lookup(k), want, "lookup {k:?}");
             assert_eq!(*b, want, "lookup_batch {k:?}");
+            assert_eq!(v, want.unwrap_or(NO_ROUTE), "lookup_batch_values {k:?}");
         }
         t.check_invariants();
     }
@@ -1625,5 +1671,14 @@ mod tests {
         let mut mid = vec![None; 13];
         t.lookup_batch(&keys, &mut mid);
         assert_eq!(mid[..], out[..13]);
+        let mut values = vec![7; 40];
+        t.lookup_batch_values(&keys, &mut values);
+        for (v, o) in values.iter().zip(&out).take(keys.len()) {
+            assert_eq!(*v, o.unwrap_or(NO_ROUTE));
+        }
+        assert_eq!(values[37..], [7, 7, 7]);
+        let mut miss = [0; 9];
+        t.lookup_batch_values(&[0x0b00_0000; 9], &mut miss);
+        assert_eq!(miss, [NO_ROUTE; 9]);
     }
 }
