@@ -75,6 +75,15 @@ fn bench_lookups<K: LpmKey>(c: &mut Criterion, family: &str, t: &Lpm<K>, keys: &
             }
         })
     });
+    let mut values = vec![0u32; BATCH];
+    g.bench_function(format!("lookup_batch_values{BATCH}"), |b| {
+        b.iter(|| {
+            for chunk in black_box(keys).chunks(BATCH) {
+                t.lookup_batch_values(chunk, &mut values);
+                black_box(&values);
+            }
+        })
+    });
     g.finish();
 }
 

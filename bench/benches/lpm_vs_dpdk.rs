@@ -12,7 +12,8 @@
 //! Caveats: `rte_lpm_lookup` and `rte_lpm_lookup_bulk` are `static inline` in C; here they are
 //! called through the out-of-line wrappers `dpdk-sys` generates, so each single lookup pays a
 //! function call that a C caller would not. `rte_fib` has no single-key lookup. Results of our
-//! `lookup_batch` are `Option<u32>`, `rte_lpm`'s raw `u32` entries, `rte_fib`'s `u64` next hops.
+//! `lookup_batch` are `Option<u32>` (two 4-byte stores each), those of `lookup_batch_values`
+//! plain `u32`s like `rte_lpm`'s raw entries; `rte_fib` writes `u64` next hops.
 
 use std::collections::HashSet;
 use std::hint::black_box;
@@ -21,7 +22,7 @@ use std::time::Instant;
 use bench::tables::{internet_v4, lookup_keys_v4};
 use criterion::{Criterion, Throughput};
 use dpdk::{Eal, RteFib, RteLpm};
-use flow_offload::lpm::{Lpm4, LpmLimits, MAX_VALUE};
+use flow_offload::lpm::{Lpm4, LpmLimits, MAX_VALUE, NO_ROUTE};
 
 /// Routes in the table.
 const ROUTES: usize = 1_000_000;
@@ -137,6 +138,8 @@ fn verify(t: &Tables<'_>, keys: &[u32]) {
     let n = keys.len();
     let mut ours_batch = vec![None; n];
     t.ours.lookup_batch(keys, &mut ours_batch);
+    let mut ours_values = vec![0u32; n];
+    t.ours.lookup_batch_values(keys, &mut ours_values);
     let mut lpm_bulk = vec![0u32; n];
     for (k, o) in keys.chunks(BATCH).zip(lpm_bulk.chunks_mut(BATCH)) {
         t.lpm.lookup_bulk(k, o);
@@ -151,6 +154,7 @@ fn verify(t: &Tables<'_>, keys: &[u32]) {
         let ours = t.ours.lookup(k);
         let got = [
             ours_batch[i],
+            (ours_values[i] != NO_ROUTE).then_some(ours_values[i]),
             t.lpm.lookup(k),
             RteLpm::decode(lpm_bulk[i]),
             (fib_bulk[i] != t.fib.default_nh()).then(|| fib_bulk[i] as u32),
@@ -159,8 +163,8 @@ fn verify(t: &Tables<'_>, keys: &[u32]) {
         if got.iter().any(|&g| g != ours) {
             if mismatches < 10 {
                 eprintln!(
-                    "lpm_vs_dpdk: MISMATCH key {k:#010x}: ours lookup {ours:?}, ours batch {:?}, rte_lpm lookup {:?}, rte_lpm bulk {:?}, rte_fib bulk {:?}",
-                    got[0], got[1], got[2], got[3]
+                    "lpm_vs_dpdk: MISMATCH key {k:#010x}: ours lookup {ours:?}, ours batch {:?}, ours batch values {:?}, rte_lpm lookup {:?}, rte_lpm bulk {:?}, rte_fib bulk {:?}",
+                    got[0], got[1], got[2], got[3], got[4]
                 );
             }
             mismatches += 1;
@@ -182,6 +186,13 @@ fn ours_lookup(t: &Lpm4, keys: &[u32]) {
 fn ours_batch(t: &Lpm4, keys: &[u32], out: &mut [Option<u32>]) {
     for chunk in keys.chunks(BATCH) {
         t.lookup_batch(chunk, out);
+        black_box(&*out);
+    }
+}
+
+fn ours_values(t: &Lpm4, keys: &[u32], out: &mut [u32]) {
+    for chunk in keys.chunks(BATCH) {
+        t.lookup_batch_values(chunk, out);
         black_box(&*out);
     }
 }
@@ -225,23 +236,32 @@ fn stats(mut ns: Vec<f64>) -> Stats {
 
 /// The simple timing loop over one key set; returns the summary line.
 ///
-/// The machine is shared, so the five paths are timed round-robin, [`ROUNDS`] rounds of one
-/// short measurement each (~[`SLICE`] lookups, a few ms): load from other processes then
-/// affects them alike, and the 10th percentile shows the speed of a measurement that ran
-/// undisturbed. The order of the paths rotates from round to round. A warm measurement repeats the 4096 keys; a cold one takes the next
-/// [`SLICE`] keys of the cold set, so that no path reuses keys another path just looked up.
+/// The machine is shared, so the six paths are timed in rounds, [`ROUNDS`] rounds of one
+/// short measurement each (~[`SLICE`] lookups, a few ms), in a new shuffled order every
+/// round: load from other processes then affects them alike, and the 10th percentile shows
+/// the speed of a measurement that ran undisturbed. A warm measurement repeats the 4096 keys;
+/// a cold one takes the next [`SLICE`] keys of the cold set, so that no path reuses keys
+/// another path just looked up.
 fn simple_timing(set: &str, t: &Tables<'_>, keys: &[u32]) -> String {
     let n = keys.len();
     let mut o_ours = vec![None; BATCH];
     let mut o_lpm = vec![0u32; BATCH];
     let mut o_fib = vec![0u64; BATCH];
-    let mut ns: Vec<Vec<f64>> = vec![Vec::with_capacity(ROUNDS); 5];
+    let mut o_values = vec![0u32; BATCH];
+    let mut ns: Vec<Vec<f64>> = (0..6).map(|_| Vec::with_capacity(ROUNDS)).collect();
     let mut off = 0;
+    let mut order: Vec<usize> = (0..ns.len()).collect();
+    let mut seed = 0x2545_f491_u32;
     for round in 0..=ROUNDS {
-        // Each round starts at another path, so that no path always follows the same one
-        // (a path leaves the shared caches full of its own table).
-        for i in 0..ns.len() {
-            let path = (round + i) % ns.len();
+        // A new order every round (seeded shuffle), so that no path always follows the same
+        // one: a path leaves the shared caches full of its own table.
+        for i in (1..order.len()).rev() {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            order.swap(i, seed as usize % (i + 1));
+        }
+        for &path in &order {
             let Some(v) = ns.get_mut(path) else {
                 continue;
             };
@@ -259,7 +279,8 @@ fn simple_timing(set: &str, t: &Tables<'_>, keys: &[u32]) -> String {
                     1 => lpm_lookup(&t.lpm, black_box(ks)),
                     2 => ours_batch(&t.ours, black_box(ks), &mut o_ours),
                     3 => lpm_bulk(&t.lpm, black_box(ks), &mut o_lpm),
-                    _ => fib_bulk(&t.fib, black_box(ks), &mut o_fib),
+                    4 => fib_bulk(&t.fib, black_box(ks), &mut o_fib),
+                    _ => ours_values(&t.ours, black_box(ks), &mut o_values),
                 }
             }
             // Round 0 warms up.
@@ -269,12 +290,13 @@ fn simple_timing(set: &str, t: &Tables<'_>, keys: &[u32]) -> String {
         }
     }
     let s: Vec<Stats> = ns.into_iter().map(stats).collect();
-    let [ol, ll, ob, lb, fb] = [&s[0], &s[1], &s[2], &s[3], &s[4]];
+    let [ol, ll, ob, lb, fb, ov] = [&s[0], &s[1], &s[2], &s[3], &s[4], &s[5]];
     format!(
         "lpm_vs_dpdk {set} ({n} keys, {ROUNDS} round-robin rounds of ~{SLICE} lookups, ns/lookup median [p10, best]): \
          single: ours {:.2} [{:.2}, {:.2}], rte_lpm {:.2} [{:.2}, {:.2}], ours/rte_lpm {:.2} [p10 {:.2}] | \
-         bulk{BATCH}: ours {:.2} [{:.2}, {:.2}], rte_lpm {:.2} [{:.2}, {:.2}], rte_fib {:.2} [{:.2}, {:.2}], \
-         ours/rte_lpm {:.2} [p10 {:.2}], ours/rte_fib {:.2} [p10 {:.2}]",
+         bulk{BATCH}: ours Option {:.2} [{:.2}, {:.2}], ours u32 {:.2} [{:.2}, {:.2}], rte_lpm {:.2} [{:.2}, {:.2}], \
+         rte_fib {:.2} [{:.2}, {:.2}] | ours Option/rte_lpm {:.2} [p10 {:.2}], ours Option/rte_fib {:.2} [p10 {:.2}], \
+         ours u32/rte_lpm {:.2} [p10 {:.2}], ours u32/rte_fib {:.2} [p10 {:.2}]",
         ol.median,
         ol.p10,
         ol.best,
@@ -286,6 +308,9 @@ fn simple_timing(set: &str, t: &Tables<'_>, keys: &[u32]) -> String {
         ob.median,
         ob.p10,
         ob.best,
+        ov.median,
+        ov.p10,
+        ov.best,
         lb.median,
         lb.p10,
         lb.best,
@@ -296,6 +321,10 @@ fn simple_timing(set: &str, t: &Tables<'_>, keys: &[u32]) -> String {
         ob.p10 / lb.p10,
         ob.median / fb.median,
         ob.p10 / fb.p10,
+        ov.median / lb.median,
+        ov.p10 / lb.p10,
+        ov.median / fb.median,
+        ov.p10 / fb.p10,
     )
 }
 
@@ -314,6 +343,10 @@ fn criterion_set(c: &mut Criterion, set: &str, t: &Tables<'_>, keys: &[u32]) {
     let mut o_ours = vec![None; BATCH];
     g.bench_function(format!("ours/lookup_batch{BATCH}"), |b| {
         b.iter(|| ours_batch(&t.ours, black_box(keys), &mut o_ours))
+    });
+    let mut o_values = vec![0u32; BATCH];
+    g.bench_function(format!("ours/lookup_batch_values{BATCH}"), |b| {
+        b.iter(|| ours_values(&t.ours, black_box(keys), &mut o_values))
     });
     let mut o_lpm = vec![0u32; BATCH];
     g.bench_function(format!("rte_lpm/lookup_bulk{BATCH}"), |b| {
