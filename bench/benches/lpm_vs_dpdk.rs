@@ -292,7 +292,7 @@ fn simple_timing(set: &str, t: &Tables<'_>, keys: &[u32]) -> String {
     let s: Vec<Stats> = ns.into_iter().map(stats).collect();
     let [ol, ll, ob, lb, fb, ov] = [&s[0], &s[1], &s[2], &s[3], &s[4], &s[5]];
     format!(
-        "lpm_vs_dpdk {set} ({n} keys, {ROUNDS} round-robin rounds of ~{SLICE} lookups, ns/lookup median [p10, best]): \
+        "lpm_vs_dpdk {set} ({n} keys, {ROUNDS} shuffled rounds of ~{SLICE} lookups, ns/lookup median [p10, best]): \
          single: ours {:.2} [{:.2}, {:.2}], rte_lpm {:.2} [{:.2}, {:.2}], ours/rte_lpm {:.2} [p10 {:.2}] | \
          bulk{BATCH}: ours Option {:.2} [{:.2}, {:.2}], ours u32 {:.2} [{:.2}, {:.2}], rte_lpm {:.2} [{:.2}, {:.2}], \
          rte_fib {:.2} [{:.2}, {:.2}] | ours Option/rte_lpm {:.2} [p10 {:.2}], ours Option/rte_fib {:.2} [p10 {:.2}], \

@@ -593,10 +593,14 @@ impl<K: LpmKey> Lpm<K> {
                 *e = l1.get(k.top(DIRECT_BITS)).copied().unwrap_or(INVALID);
             }
             for ((o, &e), &k) in oc.iter_mut().zip(&ent).zip(kc) {
-                let e = if e & GROUP != 0 {
-                    self.descend(k, e, shift)
-                } else {
+                let e = if e & GROUP == 0 {
                     e
+                } else if K::BITS == 32 {
+                    // IPv4: one group level, whose entries are leaves.
+                    let i = (group_of(e) << STRIDE) | k.byte_at(0);
+                    self.arena.get(i).copied().unwrap_or(INVALID)
+                } else {
+                    self.descend(k, e, shift)
                 };
                 *o = conv(e);
             }
