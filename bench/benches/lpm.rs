@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bench::tables::{internet_v4, internet_v6, lookup_keys_v4, lookup_keys_v6};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use flow_offload::lpm::{Lpm, LpmKey, LpmLimits, MAX_VALUE};
+use flow_offload::lpm::{Layout, Lpm, LpmKey, LpmLimits, MAX_VALUE};
 
 /// Keys per timed iteration.
 /// Warm: the keys' trie paths stay in cache across iterations.
@@ -23,19 +23,32 @@ const MIB: f64 = 1024.0 * 1024.0;
 fn build<K: LpmKey>(name: &str, routes: &[(K, u8)]) -> Lpm<K> {
     let start = Instant::now();
     let mut t = Lpm::new(LpmLimits::default());
+    let empty = t.memory_bytes();
     let mut failed = 0usize;
+    // The slowest insert, which for a large IPv4 table is the one that promotes it.
+    let mut slowest = (0f64, 0usize, Layout::Trie16);
     for (i, &(a, l)) in routes.iter().enumerate() {
+        let one = Instant::now();
         if t.insert(a, l, i as u32 & MAX_VALUE).is_err() {
             failed += 1;
         }
+        let secs = one.elapsed().as_secs_f64();
+        if secs > slowest.0 {
+            slowest = (secs, i, t.layout());
+        }
     }
     eprintln!(
-        "lpm {name}: {} routes ({failed} refused) in {:.2} s, memory_bytes {:.2} MiB, {} groups ({:.2} MiB of groups)",
+        "lpm {name}: {} routes ({failed} refused) in {:.2} s, layout {:?}, memory_bytes {:.2} MiB (empty table {:.2} MiB), {} groups ({:.2} MiB of groups); slowest insert {:.2} ms (route #{}, layout after {:?})",
         t.len(),
         start.elapsed().as_secs_f64(),
+        t.layout(),
         t.memory_bytes() as f64 / MIB,
+        empty as f64 / MIB,
         t.group_count(),
         (t.group_count() * 1024) as f64 / MIB,
+        slowest.0 * 1e3,
+        slowest.1,
+        slowest.2,
     );
     t
 }
@@ -59,6 +72,15 @@ fn bench_lookups<K: LpmKey>(c: &mut Criterion, family: &str, t: &Lpm<K>, keys: &
             for chunk in black_box(keys).chunks(BATCH) {
                 t.lookup_batch(chunk, &mut out);
                 black_box(&out);
+            }
+        })
+    });
+    let mut values = vec![0u32; BATCH];
+    g.bench_function(format!("lookup_batch_values{BATCH}"), |b| {
+        b.iter(|| {
+            for chunk in black_box(keys).chunks(BATCH) {
+                t.lookup_batch_values(chunk, &mut values);
+                black_box(&values);
             }
         })
     });
@@ -90,6 +112,19 @@ fn lpm(c: &mut Criterion) {
         b.iter(|| {
             let _ = black_box(v4.insert(fresh.0, fresh.1, 7));
             let _ = black_box(v4.remove(fresh.0, fresh.1));
+        })
+    });
+    // A /8 that is not in the table: in `Direct24` its insert and its removal each rewrite
+    // the 65536 first-level entries it covers (except those of longer routes) and the
+    // defaults of the groups below.
+    let slash8 = (1u32..224)
+        .map(|b| (b << 24, 8u8))
+        .find(|&(a, l)| v4.get(a, l).is_none())
+        .unwrap_or((0x0b00_0000, 8));
+    g.bench_function("insert_remove_slash8", |b| {
+        b.iter(|| {
+            let _ = black_box(v4.insert(slash8.0, slash8.1, 7));
+            let _ = black_box(v4.remove(slash8.0, slash8.1));
         })
     });
     g.finish();

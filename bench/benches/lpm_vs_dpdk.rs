@@ -5,13 +5,15 @@
 //!
 //! The three tables are built from the same routes with the same next hops and checked to agree
 //! on 100k keys before anything is timed. Single lookups and 32-key bulk lookups are then timed
-//! over a warm 4096-key set and a cold 4M-key set, first by a simple repeated-timing loop (whose
-//! medians and ratios are printed), then by criterion.
+//! over a warm 4096-key set and a cold 4M-key set, first by a simple timing loop that times the
+//! five paths round-robin in short measurements (medians, 10th percentiles and ratios are
+//! printed), then by criterion.
 //!
 //! Caveats: `rte_lpm_lookup` and `rte_lpm_lookup_bulk` are `static inline` in C; here they are
 //! called through the out-of-line wrappers `dpdk-sys` generates, so each single lookup pays a
 //! function call that a C caller would not. `rte_fib` has no single-key lookup. Results of our
-//! `lookup_batch` are `Option<u32>`, `rte_lpm`'s raw `u32` entries, `rte_fib`'s `u64` next hops.
+//! `lookup_batch` are `Option<u32>` (two 4-byte stores each), those of `lookup_batch_values`
+//! plain `u32`s like `rte_lpm`'s raw entries; `rte_fib` writes `u64` next hops.
 
 use std::collections::HashSet;
 use std::hint::black_box;
@@ -20,7 +22,7 @@ use std::time::Instant;
 use bench::tables::{internet_v4, lookup_keys_v4};
 use criterion::{Criterion, Throughput};
 use dpdk::{Eal, RteFib, RteLpm};
-use flow_offload::lpm::{Lpm4, LpmLimits, MAX_VALUE};
+use flow_offload::lpm::{Lpm4, LpmLimits, MAX_VALUE, NO_ROUTE};
 
 /// Routes in the table.
 const ROUTES: usize = 1_000_000;
@@ -32,8 +34,10 @@ const COLD_KEYS: usize = 1 << 22;
 const CHECK_KEYS: usize = 100_000;
 /// Keys per batch/bulk call.
 const BATCH: usize = 32;
-/// Passes of the simple timing loop (the median and the best are reported).
-const PASSES: usize = 21;
+/// Rounds of the simple timing loop (each times every path once).
+const ROUNDS: usize = 101;
+/// Lookups per measurement of the simple timing loop.
+const SLICE: usize = 1 << 18;
 /// `rte_fib`'s answer for an address without a route (never a route's next hop).
 const FIB_MISS: u64 = RteFib::MAX_NEXT_HOP;
 
@@ -109,11 +113,12 @@ fn build<'eal>(eal: &'eal Eal, routes: &[(u32, u8)]) -> Tables<'eal> {
         *t = start.elapsed().as_secs_f64();
     }
     eprintln!(
-        "lpm_vs_dpdk: build: ours {} routes in {:.2} s ({} refused, {:.1} MiB), rte_lpm {:.2} s ({} refused), rte_fib {:.2} s ({} refused)",
+        "lpm_vs_dpdk: build: ours {} routes in {:.2} s ({} refused, {:.1} MiB, {:?}), rte_lpm {:.2} s ({} refused), rte_fib {:.2} s ({} refused)",
         ours.len(),
         secs[0],
         failed[0],
         ours.memory_bytes() as f64 / (1024.0 * 1024.0),
+        ours.layout(),
         secs[1],
         failed[1],
         secs[2],
@@ -133,6 +138,8 @@ fn verify(t: &Tables<'_>, keys: &[u32]) {
     let n = keys.len();
     let mut ours_batch = vec![None; n];
     t.ours.lookup_batch(keys, &mut ours_batch);
+    let mut ours_values = vec![0u32; n];
+    t.ours.lookup_batch_values(keys, &mut ours_values);
     let mut lpm_bulk = vec![0u32; n];
     for (k, o) in keys.chunks(BATCH).zip(lpm_bulk.chunks_mut(BATCH)) {
         t.lpm.lookup_bulk(k, o);
@@ -147,6 +154,7 @@ fn verify(t: &Tables<'_>, keys: &[u32]) {
         let ours = t.ours.lookup(k);
         let got = [
             ours_batch[i],
+            (ours_values[i] != NO_ROUTE).then_some(ours_values[i]),
             t.lpm.lookup(k),
             RteLpm::decode(lpm_bulk[i]),
             (fib_bulk[i] != t.fib.default_nh()).then(|| fib_bulk[i] as u32),
@@ -155,8 +163,8 @@ fn verify(t: &Tables<'_>, keys: &[u32]) {
         if got.iter().any(|&g| g != ours) {
             if mismatches < 10 {
                 eprintln!(
-                    "lpm_vs_dpdk: MISMATCH key {k:#010x}: ours lookup {ours:?}, ours batch {:?}, rte_lpm lookup {:?}, rte_lpm bulk {:?}, rte_fib bulk {:?}",
-                    got[0], got[1], got[2], got[3]
+                    "lpm_vs_dpdk: MISMATCH key {k:#010x}: ours lookup {ours:?}, ours batch {:?}, ours batch values {:?}, rte_lpm lookup {:?}, rte_lpm bulk {:?}, rte_fib bulk {:?}",
+                    got[0], got[1], got[2], got[3], got[4]
                 );
             }
             mismatches += 1;
@@ -182,6 +190,13 @@ fn ours_batch(t: &Lpm4, keys: &[u32], out: &mut [Option<u32>]) {
     }
 }
 
+fn ours_values(t: &Lpm4, keys: &[u32], out: &mut [u32]) {
+    for chunk in keys.chunks(BATCH) {
+        t.lookup_batch_values(chunk, out);
+        black_box(&*out);
+    }
+}
+
 fn lpm_lookup(t: &RteLpm<'_>, keys: &[u32]) {
     for &k in keys {
         black_box(t.lookup(k));
@@ -202,53 +217,114 @@ fn fib_bulk(t: &RteFib<'_>, keys: &[u32], out: &mut [u64]) {
     }
 }
 
-/// `(median, best)` ns per lookup over [`PASSES`] passes of `f` over `n` keys. A pass runs `f`
-/// enough times to make about [`COLD_KEYS`] lookups, so that a warm pass is not a mere 10 µs.
-fn passes(n: usize, mut f: impl FnMut()) -> (f64, f64) {
-    let reps = (COLD_KEYS / n.max(1)).max(1);
-    f();
-    let mut ns: Vec<f64> = (0..PASSES)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..reps {
-                f();
-            }
-            start.elapsed().as_nanos() as f64 / (n * reps) as f64
-        })
-        .collect();
+/// Quantiles of one path's measurements, ns per lookup.
+struct Stats {
+    median: f64,
+    p10: f64,
+    best: f64,
+}
+
+fn stats(mut ns: Vec<f64>) -> Stats {
     ns.sort_by(f64::total_cmp);
-    (ns[ns.len() / 2], ns[0])
+    let at = |q: usize| ns.get(ns.len() * q / 100).copied().unwrap_or(f64::NAN);
+    Stats {
+        median: at(50),
+        p10: at(10),
+        best: at(0),
+    }
 }
 
 /// The simple timing loop over one key set; returns the summary line.
+///
+/// The machine is shared, so the six paths are timed in rounds, [`ROUNDS`] rounds of one
+/// short measurement each (~[`SLICE`] lookups, a few ms), in a new shuffled order every
+/// round: load from other processes then affects them alike, and the 10th percentile shows
+/// the speed of a measurement that ran undisturbed. A warm measurement repeats the 4096 keys;
+/// a cold one takes the next [`SLICE`] keys of the cold set, so that no path reuses keys
+/// another path just looked up.
 fn simple_timing(set: &str, t: &Tables<'_>, keys: &[u32]) -> String {
     let n = keys.len();
     let mut o_ours = vec![None; BATCH];
     let mut o_lpm = vec![0u32; BATCH];
     let mut o_fib = vec![0u64; BATCH];
-    let ol = passes(n, || ours_lookup(&t.ours, black_box(keys)));
-    let ll = passes(n, || lpm_lookup(&t.lpm, black_box(keys)));
-    let ob = passes(n, || ours_batch(&t.ours, black_box(keys), &mut o_ours));
-    let lb = passes(n, || lpm_bulk(&t.lpm, black_box(keys), &mut o_lpm));
-    let fb = passes(n, || fib_bulk(&t.fib, black_box(keys), &mut o_fib));
+    let mut o_values = vec![0u32; BATCH];
+    let mut ns: Vec<Vec<f64>> = (0..6).map(|_| Vec::with_capacity(ROUNDS)).collect();
+    let mut off = 0;
+    let mut order: Vec<usize> = (0..ns.len()).collect();
+    let mut seed = 0x2545_f491_u32;
+    for round in 0..=ROUNDS {
+        // A new order every round (seeded shuffle), so that no path always follows the same
+        // one: a path leaves the shared caches full of its own table.
+        for i in (1..order.len()).rev() {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            order.swap(i, seed as usize % (i + 1));
+        }
+        for &path in &order {
+            let Some(v) = ns.get_mut(path) else {
+                continue;
+            };
+            let (ks, reps) = if n > SLICE {
+                let s = keys.get(off..off + SLICE).unwrap_or(keys);
+                off = if off + 2 * SLICE <= n { off + SLICE } else { 0 };
+                (s, 1)
+            } else {
+                (keys, SLICE / n.max(1))
+            };
+            let start = Instant::now();
+            for _ in 0..reps {
+                match path {
+                    0 => ours_lookup(&t.ours, black_box(ks)),
+                    1 => lpm_lookup(&t.lpm, black_box(ks)),
+                    2 => ours_batch(&t.ours, black_box(ks), &mut o_ours),
+                    3 => lpm_bulk(&t.lpm, black_box(ks), &mut o_lpm),
+                    4 => fib_bulk(&t.fib, black_box(ks), &mut o_fib),
+                    _ => ours_values(&t.ours, black_box(ks), &mut o_values),
+                }
+            }
+            // Round 0 warms up.
+            if round > 0 {
+                v.push(start.elapsed().as_nanos() as f64 / (ks.len() * reps) as f64);
+            }
+        }
+    }
+    let s: Vec<Stats> = ns.into_iter().map(stats).collect();
+    let [ol, ll, ob, lb, fb, ov] = [&s[0], &s[1], &s[2], &s[3], &s[4], &s[5]];
     format!(
-        "lpm_vs_dpdk {set} ({n} keys, median of {PASSES} passes of ~4M lookups, ns/lookup [best]): \
-         single: ours {:.2} [{:.2}], rte_lpm {:.2} [{:.2}], ours/rte_lpm {:.2} | \
-         bulk{BATCH}: ours {:.2} [{:.2}], rte_lpm {:.2} [{:.2}], rte_fib {:.2} [{:.2}], \
-         ours/rte_lpm {:.2}, ours/rte_fib {:.2}",
-        ol.0,
-        ol.1,
-        ll.0,
-        ll.1,
-        ol.0 / ll.0,
-        ob.0,
-        ob.1,
-        lb.0,
-        lb.1,
-        fb.0,
-        fb.1,
-        ob.0 / lb.0,
-        ob.0 / fb.0,
+        "lpm_vs_dpdk {set} ({n} keys, {ROUNDS} shuffled rounds of ~{SLICE} lookups, ns/lookup median [p10, best]): \
+         single: ours {:.2} [{:.2}, {:.2}], rte_lpm {:.2} [{:.2}, {:.2}], ours/rte_lpm {:.2} [p10 {:.2}] | \
+         bulk{BATCH}: ours Option {:.2} [{:.2}, {:.2}], ours u32 {:.2} [{:.2}, {:.2}], rte_lpm {:.2} [{:.2}, {:.2}], \
+         rte_fib {:.2} [{:.2}, {:.2}] | ours Option/rte_lpm {:.2} [p10 {:.2}], ours Option/rte_fib {:.2} [p10 {:.2}], \
+         ours u32/rte_lpm {:.2} [p10 {:.2}], ours u32/rte_fib {:.2} [p10 {:.2}]",
+        ol.median,
+        ol.p10,
+        ol.best,
+        ll.median,
+        ll.p10,
+        ll.best,
+        ol.median / ll.median,
+        ol.p10 / ll.p10,
+        ob.median,
+        ob.p10,
+        ob.best,
+        ov.median,
+        ov.p10,
+        ov.best,
+        lb.median,
+        lb.p10,
+        lb.best,
+        fb.median,
+        fb.p10,
+        fb.best,
+        ob.median / lb.median,
+        ob.p10 / lb.p10,
+        ob.median / fb.median,
+        ob.p10 / fb.p10,
+        ov.median / lb.median,
+        ov.p10 / lb.p10,
+        ov.median / fb.median,
+        ov.p10 / fb.p10,
     )
 }
 
@@ -267,6 +343,10 @@ fn criterion_set(c: &mut Criterion, set: &str, t: &Tables<'_>, keys: &[u32]) {
     let mut o_ours = vec![None; BATCH];
     g.bench_function(format!("ours/lookup_batch{BATCH}"), |b| {
         b.iter(|| ours_batch(&t.ours, black_box(keys), &mut o_ours))
+    });
+    let mut o_values = vec![0u32; BATCH];
+    g.bench_function(format!("ours/lookup_batch_values{BATCH}"), |b| {
+        b.iter(|| ours_values(&t.ours, black_box(keys), &mut o_values))
     });
     let mut o_lpm = vec![0u32; BATCH];
     g.bench_function(format!("rte_lpm/lookup_bulk{BATCH}"), |b| {
