@@ -592,8 +592,6 @@ fn meter_holds_a_udp_flood_to_its_rate() {
         "rate {rate:.0} B/s is {:.1}% off {cir}",
         err * 100.0
     );
-    let policed = lab.agent.log();
-    let _ = policed;
     lab.finish();
 }
 

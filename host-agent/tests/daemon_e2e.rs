@@ -35,6 +35,44 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
     out
 }
 
+/// The `host-agent` binary started on a config file written from `config` in its own
+/// directory; its log goes to `host-agent.log` there.
+struct Daemon {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &str, config: &str) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("host-agent-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("host-agent.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = std::fs::File::create(dir.join("host-agent.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_host-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Daemon { child, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("host-agent.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM; the daemon must exit 0.
+    fn stop(mut self) {
+        let dir = self.dir.clone();
+        let read = move || std::fs::read_to_string(dir.join("host-agent.log")).unwrap_or_default();
+        let status = terminate(&mut self.child, &read);
+        assert!(status.success(), "exit {status}\n{}", read());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn desired_state_reaches_the_dpu_and_status_comes_back() {
     let etcd = common::Etcd::start().await;
@@ -47,26 +85,14 @@ async fn desired_state_reaches_the_dpu_and_status_comes_back() {
     // The daemon.
     let api = free_addr();
     let metrics = free_addr();
-    let dir = std::env::temp_dir().join(format!("host-agent-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("host-agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let daemon = Daemon::start(
+        "e2e",
+        &format!(
             "[etcd]\nendpoints = [\"{}\"]\n[api]\nlisten = \"{api}\"\n[metrics]\nlisten = \"{metrics}\"\n[[dpus]]\nid = \"dpu-e2e\"\nlink = \"{link}\"\n",
             etcd.endpoint()
         ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("host-agent.log")).unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_host-agent"))
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let read_log = || std::fs::read_to_string(dir.join("host-agent.log")).unwrap_or_default();
+    );
+    let read_log = || daemon.log();
 
     // Desired state, written the way the API writes it.
     let key = RouteKey {
@@ -147,10 +173,8 @@ async fn desired_state_reaches_the_dpu_and_status_comes_back() {
     );
 
     // Graceful stop.
-    let status = terminate(&mut daemon, read_log);
-    assert!(status.success(), "exit {status}\n{}", read_log());
+    daemon.stop();
     drop(dpu);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// zebra's side through the daemon, with real zebra bytes: the FRR 8.4 capture in
@@ -195,26 +219,14 @@ async fn zebra_routes_reach_the_dpu_and_offload_flags_come_back() {
     let link = free_addr();
     let dpu = Dpu::start(link, "dpu-fpm", 7, &[(0, Role::Uplink)]);
     let (api, metrics, fpm) = (free_addr(), free_addr(), free_addr());
-    let dir = std::env::temp_dir().join(format!("host-agent-fpm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("host-agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let daemon = Daemon::start(
+        "fpm",
+        &format!(
             "[etcd]\nendpoints = [\"{}\"]\n[api]\nlisten = \"{api}\"\n[metrics]\nlisten = \"{metrics}\"\n[fpm]\nlisten = \"{fpm}\"\ntable_encoding = \"table-id\"\n[[dpus]]\nid = \"dpu-fpm\"\nlink = \"{link}\"\n",
             etcd.endpoint()
         ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("host-agent.log")).unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_host-agent"))
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let read_log = || std::fs::read_to_string(dir.join("host-agent.log")).unwrap_or_default();
+    );
+    let read_log = || daemon.log();
 
     // "zebra" connects and replays.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -261,8 +273,6 @@ async fn zebra_routes_reach_the_dpu_and_offload_flags_come_back() {
     let m = http_get(metrics, "/metrics");
     assert!(m.contains("dpucp_fpm_connections_total 1"), "{m}");
 
-    let status = terminate(&mut daemon, read_log);
-    assert!(status.success(), "exit {status}\n{}", read_log());
+    daemon.stop();
     drop(dpu);
-    let _ = std::fs::remove_dir_all(&dir);
 }
