@@ -1118,6 +1118,15 @@ fn offloaded_sessions_equal_the_model() {
         failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
             "proptest-regressions",
         ))),
+        // A fixed seed: the coverage checks below (encapsulating session rules in
+        // particular) depend on what the generators happen to produce, and a random seed
+        // missed encap once in four CI runs. `PROPTEST_RNG_SEED` still overrides it.
+        rng_seed: std::env::var("PROPTEST_RNG_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(proptest::test_runner::RngSeed::Fixed(1), |s| {
+                proptest::test_runner::RngSeed::Fixed(s)
+            }),
         ..Config::default()
     });
     let total = RefCell::new(Totals::default());
