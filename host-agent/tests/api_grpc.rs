@@ -802,3 +802,101 @@ async fn dpuctl_unreachable_server_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpuctl_node_set_get_conflict_and_bad_input() {
+    let h = Harness::start().await;
+    // Nothing set yet: NotFound.
+    let (code, _, err) = h.dpuctl(&["node", "get"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("NotFound"), "{err}");
+    let (code, out, err) = h
+        .dpuctl(&[
+            "--json",
+            "node",
+            "set",
+            "--vtep",
+            "192.0.2.1",
+            "--router-mac",
+            "02:00:00:00:01:01",
+            "--uplink",
+            "0",
+        ])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let set: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let rev = set["revision"].as_i64().unwrap();
+    assert!(rev > 0);
+    let (code, out, _) = h.dpuctl(&["--json", "node", "get"]).await;
+    assert_eq!(code, 0);
+    let got: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got["vtep"], "192.0.2.1");
+    assert_eq!(got["router_mac"], "02:00:00:00:01:01");
+    assert_eq!(got["uplinks"], serde_json::json!([0]));
+    // The stored JSON is what etcdctl shows.
+    let mut kv = h.store.client().kv_client();
+    let stored = kv.get("/dpucp/v1/node", None).await.unwrap();
+    assert_eq!(stored.kvs().len(), 1);
+    // Replace at the revision read: accepted; again at the old one: a conflict.
+    let args = |r: String| {
+        vec![
+            "node".to_owned(),
+            "set".to_owned(),
+            "--vtep".to_owned(),
+            "192.0.2.9".to_owned(),
+            "--router-mac".to_owned(),
+            "02:00:00:00:01:09".to_owned(),
+            "--uplink".to_owned(),
+            "0".to_owned(),
+            "--revision".to_owned(),
+            r,
+        ]
+    };
+    let a = args(rev.to_string());
+    let (code, _, err) = h
+        .dpuctl(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = h
+        .dpuctl(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("FailedPrecondition") || err.contains("Aborted"),
+        "{err}"
+    );
+    // Bad input names the field and changes nothing.
+    let before = h.key_count().await;
+    let (code, _, err) = h
+        .dpuctl(&[
+            "node",
+            "set",
+            "--vtep",
+            "192.0.2.300",
+            "--router-mac",
+            "02:00:00:00:01:01",
+            "--uplink",
+            "0",
+        ])
+        .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("offending field: vtep"), "{err}");
+    let (code, _, err) = h
+        .dpuctl(&[
+            "node",
+            "set",
+            "--vtep",
+            "192.0.2.1",
+            "--router-mac",
+            "02:00:00:00:01",
+            "--uplink",
+            "0",
+        ])
+        .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("offending field: router_mac"), "{err}");
+    assert_eq!(h.key_count().await, before);
+    let (_, out, _) = h.dpuctl(&["--json", "node", "get"]).await;
+    let got: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got["vtep"], "192.0.2.9");
+}

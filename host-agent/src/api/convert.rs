@@ -7,7 +7,7 @@ use flow_offload::caps::{CapsSource, Profile};
 use flow_offload::compile::SwReason;
 use flow_offload::model::{
     Ipv4Range, MacAddr, Meter, MeterProfile, MeterTarget, ModelError, Name, NatKind, NatRule,
-    Nexthop, ObjectKey, PortId, Prefix, Problem, Route, RouteKey, TableId, Vni, Vpc,
+    Nexthop, Node, ObjectKey, PortId, Prefix, Problem, Route, RouteKey, TableId, Vni, Vpc,
 };
 use flow_offload::status::{FailReason, OffloadStatus};
 
@@ -506,5 +506,30 @@ mod tests {
         let e = route(&bad).unwrap_err();
         assert_eq!(e.field, "key.prefix");
         assert!(matches!(e.problem, Problem::HostBitsSet { .. }));
+    }
+}
+
+/// The node from the API.
+pub fn node(n: &pb::Node) -> R<Node> {
+    let o = "node";
+    Ok(Node {
+        vtep: parse(o, "vtep", &n.vtep)?,
+        router_mac: mac(o, "router_mac", &n.router_mac)?,
+        uplinks: n
+            .uplinks
+            .iter()
+            .enumerate()
+            .map(|(i, p)| port(o, &format!("uplinks[{i}]"), *p))
+            .collect::<R<_>>()?,
+    })
+}
+
+/// The node for the API.
+pub fn node_pb(n: &Node, revision: i64) -> pb::Node {
+    pb::Node {
+        vtep: n.vtep.to_string(),
+        router_mac: n.router_mac.to_string(),
+        uplinks: n.uplinks.iter().map(|p| u32::from(p.0)).collect(),
+        revision,
     }
 }

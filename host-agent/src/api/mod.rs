@@ -168,6 +168,7 @@ pub async fn serve_on(
     use pb::dpu_service_server::DpuServiceServer;
     use pb::meter_service_server::MeterServiceServer;
     use pb::nat_service_server::NatServiceServer;
+    use pb::node_service_server::NodeServiceServer;
     use pb::route_service_server::RouteServiceServer;
     use pb::status_service_server::StatusServiceServer;
     use pb::vpc_service_server::VpcServiceServer;
@@ -192,6 +193,9 @@ pub async fn serve_on(
     health
         .set_serving::<DpuServiceServer<services::Api>>()
         .await;
+    health
+        .set_serving::<NodeServiceServer<services::Api>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -212,6 +216,7 @@ pub async fn serve_on(
         .add_service(NatServiceServer::new(api.clone()))
         .add_service(MeterServiceServer::new(api.clone()))
         .add_service(StatusServiceServer::new(api.clone()))
+        .add_service(NodeServiceServer::new(api.clone()))
         .add_service(DpuServiceServer::new(api))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await?;

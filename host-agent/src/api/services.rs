@@ -404,3 +404,30 @@ impl pb::dpu_service_server::DpuService for Api {
         }))
     }
 }
+
+#[tonic::async_trait]
+impl pb::node_service_server::NodeService for Api {
+    async fn set_node(
+        &self,
+        req: Request<pb::SetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let req = req.into_inner();
+        let n = required(req.node, "node", "node")?;
+        let n = convert::node(&n).map_err(bad)?;
+        let change = Change::SetNode(n.clone());
+        let g = if req.revision == 0 {
+            Guarded::any(change)
+        } else {
+            Guarded::at(change, req.revision)
+        };
+        let rev = self.store.write(&[g]).await.map_err(|e| store_status(&e))?;
+        Ok(Response::new(convert::node_pb(&n, rev)))
+    }
+
+    async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        match self.get(ObjectKey::Node).await? {
+            (Object::Node(n), rev) => Ok(Response::new(convert::node_pb(&n, rev))),
+            _ => Err(wrong_kind()),
+        }
+    }
+}

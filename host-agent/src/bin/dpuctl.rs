@@ -15,6 +15,7 @@ use tonic::{Code, Status};
 use pb::dpu_service_client::DpuServiceClient;
 use pb::meter_service_client::MeterServiceClient;
 use pb::nat_service_client::NatServiceClient;
+use pb::node_service_client::NodeServiceClient;
 use pb::route_service_client::RouteServiceClient;
 use pb::status_service_client::StatusServiceClient;
 use pb::vpc_service_client::VpcServiceClient;
@@ -63,6 +64,30 @@ enum Cmd {
     },
     /// The DPUs: identity, agent version, liveness, capabilities per port.
     Dpus,
+    /// The node: the DPU's VTEP, router MAC and uplink ports.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// Set (create or replace) the node.
+    Set {
+        /// The local VXLAN tunnel endpoint (IPv4).
+        #[arg(long)]
+        vtep: String,
+        /// The router MAC, e.g. 02:00:00:00:00:01.
+        #[arg(long)]
+        router_mac: String,
+        /// A DPU port facing the underlay (repeatable).
+        #[arg(long = "uplink", required = true)]
+        uplinks: Vec<u32>,
+        /// Only if the stored node's revision is still this.
+        #[arg(long, default_value_t = 0)]
+        revision: i64,
+    },
+    /// Show the node.
+    Get,
 }
 
 #[derive(Debug, Subcommand)]
@@ -418,6 +443,19 @@ async fn table_of(ctx: &Ctx, sel: &TableSel) -> Result<Option<u32>, CliError> {
         }
         (None, None) => Ok(None),
     }
+}
+
+fn node_rows(n: &pb::Node) -> Vec<Vec<String>> {
+    let uplinks: Vec<String> = n.uplinks.iter().map(u32::to_string).collect();
+    vec![
+        header(&["VTEP", "ROUTER MAC", "UPLINKS", "REVISION"]),
+        vec![
+            n.vtep.clone(),
+            n.router_mac.clone(),
+            uplinks.join(","),
+            n.revision.to_string(),
+        ],
+    ]
 }
 
 fn vpc_rows(vpcs: &[pb::Vpc]) -> Vec<Vec<String>> {
@@ -834,6 +872,33 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 rows
             })?;
+        }
+        Cmd::Node(cmd) => {
+            let mut c = NodeServiceClient::new(ch());
+            let n = match cmd {
+                NodeCmd::Set {
+                    vtep,
+                    router_mac,
+                    uplinks,
+                    revision,
+                } => {
+                    let node = pb::Node {
+                        vtep,
+                        router_mac,
+                        uplinks,
+                        revision: 0,
+                    };
+                    c.set_node(pb::SetNodeRequest {
+                        node: Some(node),
+                        revision,
+                    })
+                    .await
+                }
+                NodeCmd::Get => c.get_node(pb::GetNodeRequest {}).await,
+            }
+            .map_err(refused)?
+            .into_inner();
+            ctx.print(&n, || node_rows(&n))?;
         }
         Cmd::Dpus => {
             let mut c = DpuServiceClient::new(ch());
