@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flow_offload::model::{
-    Change, Model, Name, ObjectKey, PortId, Route, RouteKey, UNDERLAY_TABLE,
+    Change, Model, Name, ObjectKey, PortId, Route, RouteKey, TableId, UNDERLAY_TABLE,
 };
 use flow_offload::status::OffloadStatus;
 use serde::Deserialize;
@@ -87,6 +87,12 @@ pub struct FpmSection {
     /// Underlay gateway → MAC (static neighbours).
     #[serde(default)]
     pub neighbours: BTreeMap<String, String>,
+    /// How to ask zebra for its VRF ids: a vtysh command line (e.g. `["vtysh"]`), run with
+    /// `-c "show vrf"` appended. Needed only with FRR 10.3.0–10.3.4 and netns VRFs: that FRR
+    /// reads feedback's table field as a VRF id, and a netns VRF's id is zebra's own counter,
+    /// which nothing on the FPM connection carries.
+    #[serde(default)]
+    pub vtysh: Vec<String>,
 }
 
 /// A configuration error naming the field.
@@ -189,6 +195,9 @@ fn parse_mac(s: &str) -> Option<flow_offload::model::MacAddr> {
 fn attribution(f: &FpmSection, config: &Model) -> StaticAttribution {
     let mut a = StaticAttribution::default();
     a.tables.insert(UNDERLAY_TABLE.0, UNDERLAY_TABLE);
+    // zebra `-R 0` (needed by FRR 10.3's feedback, DESIGN.md) makes 0 its main table; no VPC
+    // can have table 0, so it is the underlay either way.
+    a.tables.insert(0, UNDERLAY_TABLE);
     for vpc in config.vpcs().values() {
         a.tables.insert(vpc.table.0, vpc.table);
         a.vnis.insert(vpc.vni.get(), vpc.table);
@@ -213,6 +222,15 @@ fn attribution(f: &FpmSection, config: &Model) -> StaticAttribution {
         }
     }
     a
+}
+
+/// VPC table → VPC name.
+fn vpc_tables(config: &Model) -> BTreeMap<TableId, Name> {
+    config
+        .vpcs()
+        .values()
+        .map(|v| (v.table, v.name.clone()))
+        .collect()
 }
 
 /// The feedback table encoding: configured, or detected from the local zebra's version.
@@ -253,6 +271,26 @@ struct Frr {
     attr: StaticAttribution,
     /// While zebra replays after a (re)connect: when the replay is considered over.
     resync_until: Option<tokio::time::Instant>,
+    /// Feedback's table encoding.
+    encoding: TableEncoding,
+    /// VPC table → VPC name, from the configuration in force.
+    vpc_tables: BTreeMap<TableId, Name>,
+    /// zebra's VRF ids by name (see [`FpmSection::vtysh`]), and when they were last asked.
+    vrf_ids: BTreeMap<String, u32>,
+    vrf_ids_asked: Option<tokio::time::Instant>,
+}
+
+/// Parses `show vrf` output lines `vrf NAME id N netns PATH`.
+fn parse_show_vrf(out: &str) -> BTreeMap<String, u32> {
+    out.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            match w.as_slice() {
+                ["vrf", name, "id", id, ..] => id.parse().ok().map(|id| ((*name).to_owned(), id)),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 impl Frr {
@@ -281,7 +319,7 @@ impl Frr {
             };
             let zr: Vec<ZebraRoute> = refused
                 .iter()
-                .filter_map(|k| self.rib.zebra_route(k))
+                .filter_map(|k| self.feedback_route(k))
                 .collect();
             let _ = self
                 .server
@@ -292,11 +330,75 @@ impl Frr {
         true
     }
 
+    /// The zebra route to acknowledge for model route `k`: as zebra sent it, except that a netns
+    /// VRF's route (sent with the main table) is addressed by its VRF id where zebra reads the
+    /// table field as one (FRR 10.3.0–10.3.4). `None` if that id is unknown.
+    fn feedback_route(&self, k: &RouteKey) -> Option<ZebraRoute> {
+        let mut z = self.rib.zebra_route(k)?;
+        let main = z.table == 0 || z.table == UNDERLAY_TABLE.0;
+        if self.encoding == TableEncoding::VrfIdMainAsZero && main && k.table != UNDERLAY_TABLE {
+            let vpc = self.vpc_tables.get(&k.table)?;
+            z.table = *self.vrf_ids.get(vpc.as_str())?;
+        }
+        Some(z)
+    }
+
+    /// Asks zebra for its VRF ids if some VPC's is unknown (at most once a second).
+    async fn refresh_vrf_ids(&mut self) {
+        if self.section.vtysh.is_empty() || self.encoding != TableEncoding::VrfIdMainAsZero {
+            return;
+        }
+        if self
+            .vpc_tables
+            .values()
+            .all(|n| self.vrf_ids.contains_key(n.as_str()))
+        {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if self
+            .vrf_ids_asked
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.vrf_ids_asked = Some(now);
+        let (cmd, args) = match self.section.vtysh.split_first() {
+            Some(x) => x,
+            None => return,
+        };
+        let out = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::process::Command::new(cmd)
+                .args(args)
+                .args(["-c", "show vrf"])
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await;
+        match out {
+            Ok(Ok(o)) if o.status.success() => {
+                self.vrf_ids = parse_show_vrf(&String::from_utf8_lossy(&o.stdout));
+                tracing::info!(vrf_ids = ?self.vrf_ids, "zebra's VRF ids");
+            }
+            Ok(Ok(o)) => {
+                tracing::warn!(status = %o.status, "vtysh show vrf failed; VPC routes are not acknowledged yet")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot run vtysh; VPC routes are not acknowledged yet")
+            }
+            Err(_) => {
+                tracing::warn!("vtysh show vrf timed out; VPC routes are not acknowledged yet")
+            }
+        }
+    }
+
     /// Acknowledges routes to zebra.
-    async fn ack(&self, statuses: &[(RouteKey, OffloadStatus)]) {
+    async fn ack(&mut self, statuses: &[(RouteKey, OffloadStatus)]) {
+        self.refresh_vrf_ids().await;
         let pairs: Vec<(ZebraRoute, OffloadStatus)> = statuses
             .iter()
-            .filter_map(|(k, s)| self.rib.zebra_route(k).map(|z| (z, s.clone())))
+            .filter_map(|(k, s)| self.feedback_route(k).map(|z| (z, s.clone())))
             .collect();
         if pairs.is_empty() {
             return;
@@ -523,6 +625,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 attr: attribution(f, &config_model),
                 section: f.clone(),
                 resync_until: None,
+                encoding,
+                vpc_tables: vpc_tables(&config_model),
+                vrf_ids: BTreeMap::new(),
+                vrf_ids_asked: None,
             })
         }
         None => None,
@@ -544,6 +650,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     if let Some(f) = frr.as_mut() {
                         // VPC tables and VNIs may have changed: attribute zebra's routes again.
                         f.attr = attribution(&f.section, desired.config());
+                        f.vpc_tables = vpc_tables(desired.config());
                         f.rib.reevaluate_all(&f.attr, &mut batch);
                         f.flush(&mut batch, &mut desired).await;
                     }
@@ -573,7 +680,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     _ => Vec::new(),
                 };
                 on_dpu_event(ev, &store, &metrics, &mut leases, &mut statuses).await;
-                if let (Some(f), true) = (frr.as_ref(), is_ack) {
+                if let (Some(f), true) = (frr.as_mut(), is_ack) {
                     // Acknowledge to zebra the worst status over all DPUs of the routes
                     // this batch touched.
                     let all = route_statuses(&statuses);
@@ -810,5 +917,23 @@ async fn on_dpu_event(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn show_vrf_output_gives_vrf_ids() {
+        // FRR 10.3's `show vrf` with the netns backend.
+        let out = "netns-based vrfs\nvrf blue id 1 netns /run/netns/blue (configured)\nvrf red id 2 netns /run/netns/red\ninactive\n";
+        let ids = parse_show_vrf(out);
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids["blue"], 1);
+        assert_eq!(ids["red"], 2);
+        assert!(parse_show_vrf("% Unknown command\n").is_empty());
     }
 }

@@ -596,6 +596,7 @@ impl Rib {
                 )
             }
             Outcome::Unattributed(why) => {
+                tracing::debug!(prefix = %z.1, table = z.0, ?why, "FPM: route is not the DPU's");
                 if let Some(k) = old_installed {
                     withdraw(by_model, z, k, out);
                 }
