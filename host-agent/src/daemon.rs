@@ -559,8 +559,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let api_addr = addr("api.listen", &config.api.listen)?;
     let api_store = store.clone();
     let mut api_shutdown = shutdown.clone();
+    // The desired state pushed to the DPUs; the API lists FRR's routes from it.
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(Model::default()));
+    let api_desired = desired_rx.clone();
     let api_task = tokio::spawn(async move {
-        crate::api::serve(api_addr, api_store, async move {
+        crate::api::serve(api_addr, api_store, Some(api_desired), async move {
             let _ = api_shutdown.wait_for(|s| *s).await;
         })
         .await
@@ -589,7 +592,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     );
     let mut desired = Desired::default();
     desired.set_config(config_model.clone());
-    let (desired_tx, desired_rx) = watch::channel(Arc::new(desired.model().clone()));
+    // Sent before any link starts: links never see the empty placeholder.
+    let _ = desired_tx.send(Arc::new(desired.model().clone()));
 
     // DPU links.
     let (ev_tx, mut ev_rx) = mpsc::channel::<DpuEvent>(1024);

@@ -142,6 +142,7 @@ fn blackhole(table: u32, prefix: &str) -> pb::Route {
             kind: Some(pb::nexthop::Kind::Blackhole(pb::BlackholeNexthop {})),
         }],
         revision: 0,
+        source: String::new(),
     }
 }
 
@@ -363,6 +364,7 @@ async fn grpc_nat_meter_roundtrip_and_routes_by_vpc() {
         .list_routes(pb::ListRoutesRequest {
             table: 0,
             vpc: "blue".into(),
+            learned: false,
         })
         .await
         .unwrap()

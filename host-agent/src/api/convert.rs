@@ -219,6 +219,7 @@ pub fn route_pb(r: &Route, revision: i64) -> pb::Route {
             })
             .collect(),
         revision,
+        source: "static".to_owned(),
     }
 }
 
@@ -489,6 +490,7 @@ mod tests {
                 })),
             }],
             revision: 0,
+            source: "static".into(),
         };
         let m = route(&r).unwrap();
         assert_eq!(route_pb(&m, 0), r);

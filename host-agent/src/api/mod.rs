@@ -151,18 +151,33 @@ pub enum ApiError {
 pub async fn serve(
     addr: SocketAddr,
     store: Store,
+    desired: Option<DesiredState>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ApiError::Bind { addr, source })?;
-    serve_on(listener, store, shutdown).await
+    serve_on_with(listener, store, desired, shutdown).await
 }
+
+/// The desired state the host agent pushes to its DPUs (configuration + FRR's routes), for
+/// listings of learned routes.
+pub type DesiredState = tokio::sync::watch::Receiver<std::sync::Arc<flow_offload::model::Model>>;
 
 /// Serves the API on a bound listener (tests bind `127.0.0.1:0` and read the port first).
 pub async fn serve_on(
     listener: TcpListener,
     store: Store,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ApiError> {
+    serve_on_with(listener, store, None, shutdown).await
+}
+
+/// As [`serve_on`], with the daemon's desired state for listings of FRR's routes.
+pub async fn serve_on_with(
+    listener: TcpListener,
+    store: Store,
+    desired: Option<DesiredState>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
     use pb::dpu_service_server::DpuServiceServer;
@@ -173,7 +188,7 @@ pub async fn serve_on(
     use pb::status_service_server::StatusServiceServer;
     use pb::vpc_service_server::VpcServiceServer;
 
-    let api = services::Api::new(store);
+    let api = services::Api::new(store, desired);
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<VpcServiceServer<services::Api>>()

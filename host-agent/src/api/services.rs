@@ -14,11 +14,12 @@ use crate::store::{Guarded, Object, StatusChange, Store};
 #[derive(Debug, Clone)]
 pub struct Api {
     store: Store,
+    desired: Option<super::DesiredState>,
 }
 
 impl Api {
-    pub fn new(store: Store) -> Api {
-        Api { store }
+    pub fn new(store: Store, desired: Option<super::DesiredState>) -> Api {
+        Api { store, desired }
     }
 
     /// Creates one object (must not exist) and returns its stored revision.
@@ -170,7 +171,7 @@ impl pb::route_service_server::RouteService for Api {
                 .ok_or_else(|| Status::not_found(format!("vpc {n}: not found")))?;
             Some(v.table)
         };
-        let routes = s
+        let mut routes: Vec<pb::Route> = s
             .objects
             .values()
             .filter_map(|(o, r)| match o {
@@ -180,6 +181,30 @@ impl pb::route_service_server::RouteService for Api {
                 _ => None,
             })
             .collect();
+        if req.learned {
+            if let Some(d) = &self.desired {
+                let model = d.borrow().clone();
+                let statics: std::collections::BTreeSet<_> = s
+                    .objects
+                    .values()
+                    .filter_map(|(o, _)| match o {
+                        Object::Route(x) => Some(x.key),
+                        _ => None,
+                    })
+                    .collect();
+                routes.extend(
+                    model
+                        .routes()
+                        .values()
+                        .filter(|x| table.is_none_or(|t| x.key.table == t))
+                        .filter(|x| !statics.contains(&x.key))
+                        .map(|x| pb::Route {
+                            source: "frr".to_owned(),
+                            ..convert::route_pb(x, 0)
+                        }),
+                );
+            }
+        }
         Ok(Response::new(pb::ListRoutesResponse {
             routes,
             revision: s.revision,

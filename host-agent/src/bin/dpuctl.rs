@@ -474,7 +474,9 @@ fn vpc_rows(vpcs: &[pb::Vpc]) -> Vec<Vec<String>> {
 }
 
 fn route_rows(routes: &[pb::Route]) -> Vec<Vec<String>> {
-    let mut rows = vec![header(&["TABLE", "PREFIX", "NEXTHOPS", "REVISION"])];
+    let mut rows = vec![header(&[
+        "TABLE", "PREFIX", "SOURCE", "NEXTHOPS", "REVISION",
+    ])];
     for r in routes {
         let (t, p) = r
             .key
@@ -482,7 +484,13 @@ fn route_rows(routes: &[pb::Route]) -> Vec<Vec<String>> {
             .map(|k| (k.table.to_string(), k.prefix.clone()))
             .unwrap_or_default();
         let nhs: Vec<String> = r.nexthops.iter().map(nexthop_text).collect();
-        rows.push(vec![t, p, nhs.join("; "), r.revision.to_string()]);
+        rows.push(vec![
+            t,
+            p,
+            r.source.clone(),
+            nhs.join("; "),
+            r.revision.to_string(),
+        ]);
     }
     rows
 }
@@ -627,6 +635,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                         key: Some(pb::RouteKey { table, prefix }),
                         nexthops,
                         revision: 0,
+                        source: String::new(),
                     };
                     let r = c
                         .create_route(pb::CreateRouteRequest { route: Some(route) })
@@ -641,6 +650,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                         .list_routes(pb::ListRoutesRequest {
                             table,
                             vpc: String::new(),
+                            learned: false,
                         })
                         .await
                         .map_err(refused)?
@@ -673,7 +683,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Routes { vpc } => {
             let mut c = RouteServiceClient::new(ch());
             let r = c
-                .list_routes(pb::ListRoutesRequest { table: 0, vpc })
+                .list_routes(pb::ListRoutesRequest {
+                    table: 0,
+                    vpc,
+                    learned: true,
+                })
                 .await
                 .map_err(refused)?
                 .into_inner();
