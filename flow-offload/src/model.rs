@@ -912,7 +912,18 @@ impl Model {
         Model::default()
     }
 
-    /// The node settings, once set.
+    /// Whether the object `key` names exists.
+    pub fn contains(&self, key: &ObjectKey) -> bool {
+        match key {
+            ObjectKey::Node => self.node.is_some(),
+            ObjectKey::Vpc(n) => self.vpcs.contains_key(n),
+            ObjectKey::Route(k) => self.routes.contains_key(k),
+            ObjectKey::Nat(n) => self.nat_rules().contains_key(n),
+            ObjectKey::Meter(n) => self.meters.contains_key(n),
+        }
+    }
+
+    /// The node settings, if set.
     pub fn node(&self) -> Option<&Node> {
         self.node.as_ref()
     }

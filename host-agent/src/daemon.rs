@@ -683,7 +683,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         .collect(),
                     _ => Vec::new(),
                 };
-                on_dpu_event(ev, &store, &metrics, &mut leases, &mut statuses).await;
+                on_dpu_event(ev, &store, &metrics, &mut leases, &mut statuses, desired.model()).await;
                 if let (Some(f), true) = (frr.as_mut(), is_ack) {
                     // Acknowledge to zebra the worst status over all DPUs of the routes
                     // this batch touched.
@@ -823,6 +823,7 @@ async fn on_dpu_event(
     metrics: &Metrics,
     leases: &mut BTreeMap<String, DpuLease>,
     statuses: &mut BTreeMap<String, BTreeMap<ObjectKey, OffloadStatus>>,
+    desired: &Model,
 ) {
     match ev {
         DpuEvent::Connected { hello, restarted } => {
@@ -870,6 +871,16 @@ async fn on_dpu_event(
             for (k, s) in &status {
                 map.insert(k.clone(), s.clone());
             }
+            // A batch's acknowledgement names what it touched, not what it deleted: drop the
+            // statuses of objects no longer desired, here and in etcd.
+            let stale: Vec<ObjectKey> = map
+                .keys()
+                .filter(|k| !desired.contains(k))
+                .cloned()
+                .collect();
+            for k in &stale {
+                map.remove(k);
+            }
             let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
             for (k, s) in map.iter() {
                 *counts.entry((kind_of(k), where_of(s))).or_default() += 1;
@@ -884,9 +895,19 @@ async fn on_dpu_event(
             }
             if let (Ok(id), Some(lease)) = (Name::new(&dpu), leases.get(&dpu)) {
                 // Written in slices: one etcd transaction holds a bounded number of operations.
-                for chunk in status.chunks(100) {
+                let current: Vec<(ObjectKey, OffloadStatus)> = status
+                    .into_iter()
+                    .filter(|(k, _)| desired.contains(k))
+                    .collect();
+                for chunk in current.chunks(100) {
                     if let Err(e) = store.put_status(&id, chunk, Some(lease.lease_id())).await {
                         tracing::warn!(dpu = %dpu, error = %e, "cannot write status to etcd");
+                        break;
+                    }
+                }
+                for chunk in stale.chunks(100) {
+                    if let Err(e) = store.clear_status(&id, chunk).await {
+                        tracing::warn!(dpu = %dpu, error = %e, "cannot clear status in etcd");
                         break;
                     }
                 }
