@@ -459,6 +459,31 @@ pub fn dpu_pb(d: &DpuInfo) -> pb::Dpu {
     }
 }
 
+/// The node from the API.
+pub fn node(n: &pb::Node) -> R<Node> {
+    let o = "node";
+    Ok(Node {
+        vtep: parse(o, "vtep", &n.vtep)?,
+        router_mac: mac(o, "router_mac", &n.router_mac)?,
+        uplinks: n
+            .uplinks
+            .iter()
+            .enumerate()
+            .map(|(i, p)| port(o, &format!("uplinks[{i}]"), *p))
+            .collect::<R<_>>()?,
+    })
+}
+
+/// The node for the API.
+pub fn node_pb(n: &Node, revision: i64) -> pb::Node {
+    pb::Node {
+        vtep: n.vtep.to_string(),
+        router_mac: n.router_mac.to_string(),
+        uplinks: n.uplinks.iter().map(|p| u32::from(p.0)).collect(),
+        revision,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -508,30 +533,5 @@ mod tests {
         let e = route(&bad).unwrap_err();
         assert_eq!(e.field, "key.prefix");
         assert!(matches!(e.problem, Problem::HostBitsSet { .. }));
-    }
-}
-
-/// The node from the API.
-pub fn node(n: &pb::Node) -> R<Node> {
-    let o = "node";
-    Ok(Node {
-        vtep: parse(o, "vtep", &n.vtep)?,
-        router_mac: mac(o, "router_mac", &n.router_mac)?,
-        uplinks: n
-            .uplinks
-            .iter()
-            .enumerate()
-            .map(|(i, p)| port(o, &format!("uplinks[{i}]"), *p))
-            .collect::<R<_>>()?,
-    })
-}
-
-/// The node for the API.
-pub fn node_pb(n: &Node, revision: i64) -> pb::Node {
-    pb::Node {
-        vtep: n.vtep.to_string(),
-        router_mac: n.router_mac.to_string(),
-        uplinks: n.uplinks.iter().map(|p| u32::from(p.0)).collect(),
-        revision,
     }
 }
