@@ -70,6 +70,9 @@ pub struct Config {
     /// DPUs.
     #[serde(default)]
     pub dpus: Vec<DpuConfig>,
+    /// The interface manager (absent: the host's VRF interfaces are managed elsewhere).
+    #[serde(default)]
+    pub interfaces: Option<crate::ifmgr::InterfacesSection>,
 }
 
 /// FPM settings: where zebra connects, and what the host knows that zebra does not say.
@@ -202,12 +205,17 @@ fn attribution(f: &FpmSection, config: &Model) -> StaticAttribution {
         a.tables.insert(vpc.table.0, vpc.table);
         a.vnis.insert(vpc.vni.get(), vpc.table);
     }
+    // Asked over netlink, not /sys: this process may share another namespace's sysfs.
+    let ifindexes = if f.interfaces.is_empty() {
+        BTreeMap::new()
+    } else {
+        crate::ifmgr::ifindexes().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list interfaces; no route is attributed to a DPU port");
+            BTreeMap::new()
+        })
+    };
     for (name, port) in &f.interfaces {
-        let path = format!("/sys/class/net/{name}/ifindex");
-        match std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| t.trim().parse::<u32>().ok())
-        {
+        match ifindexes.get(name).copied() {
             Some(ifindex) => {
                 a.ports.insert(ifindex, PortId(*port));
             }
@@ -453,6 +461,44 @@ pub enum DaemonError {
     /// The FPM server.
     #[error("FPM: {0}")]
     Fpm(#[from] crate::fpm::server::FpmServerError),
+    /// The interface manager's set-up.
+    #[error("{0}")]
+    Interfaces(#[from] crate::ifmgr::IfmgrError),
+}
+
+/// The interface manager's task state: the plan last made true, and when to look again.
+struct Interfaces {
+    manager: Arc<crate::ifmgr::InterfaceManager>,
+    done: Option<BTreeMap<String, crate::ifmgr::VpcInterfaces>>,
+}
+
+impl Interfaces {
+    /// Reconciles if the plan changed, or always when `drift` (periodic check).
+    async fn reconcile(&mut self, config: &Model, drift: bool) {
+        let plan = crate::ifmgr::plan(config);
+        if !drift && self.done.as_ref() == Some(&plan) {
+            return;
+        }
+        let m = self.manager.clone();
+        let p = plan.clone();
+        match tokio::task::spawn_blocking(move || m.reconcile(&p)).await {
+            Ok(Ok(report)) => {
+                if !report.changed.is_empty() || !report.removed.is_empty() {
+                    tracing::info!(changed = ?report.changed.keys().collect::<Vec<_>>(),
+                        removed = ?report.removed, "VPC interfaces reconciled");
+                }
+                self.done = Some(plan);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot make the VPC interfaces; retrying in 10 s");
+                self.done = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "interface manager task failed");
+                self.done = None;
+            }
+        }
+    }
 }
 
 /// The merged desired state: configuration plus FRR's routes.
@@ -539,6 +585,16 @@ impl Desired {
 
 /// Runs the daemon until `shutdown` turns true.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
+    // Checked first: a bad [interfaces] section stops the daemon before it serves anything.
+    let mut interfaces = match &config.interfaces {
+        Some(c) => Some(Interfaces {
+            manager: Arc::new(crate::ifmgr::InterfaceManager::new(
+                crate::ifmgr::Backend::from_config(c)?,
+            )),
+            done: None,
+        }),
+        None => None,
+    };
     let metrics = Metrics::new();
     describe_metrics(&metrics);
     let store = Store::connect(&StoreConfig::new(
@@ -638,6 +694,12 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         None => None,
     };
     let mut batch = ChangeBatch::new();
+    if let Some(i) = interfaces.as_mut() {
+        i.reconcile(&config_model, false).await;
+    }
+    // The interfaces are checked again now and then: someone may have changed them by hand.
+    let mut drift = tokio::time::interval(Duration::from_secs(15));
+    drift.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut watch = store.watch(&config_model, revision);
     let mut leases: BTreeMap<String, DpuLease> = BTreeMap::new();
@@ -651,6 +713,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     metrics.set("dpucp_etcd_revision", &[], update.revision as f64);
                     tracing::info!(revision = update.revision, changes = update.changes.len(), resync = update.resync, "configuration changed");
                     desired.config_changes(&update.changes);
+                    if let Some(i) = interfaces.as_mut() {
+                        i.reconcile(desired.config(), false).await;
+                    }
                     if let Some(f) = frr.as_mut() {
                         // VPC tables and VNIs may have changed: attribute zebra's routes again.
                         f.attr = attribution(&f.section, desired.config());
@@ -744,6 +809,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     let all = route_statuses(&statuses);
                     tracing::info!(routes = all.len(), "zebra replay over; re-acknowledging every route");
                     f.ack(&all).await;
+                }
+            }
+            _ = drift.tick(), if interfaces.is_some() => {
+                if let Some(i) = interfaces.as_mut() {
+                    i.reconcile(desired.config(), true).await;
                 }
             }
             _ = shutdown.wait_for(|s| *s) => break,

@@ -6,5 +6,6 @@ pub mod api;
 pub mod daemon;
 pub mod dpu_link;
 pub mod fpm;
+pub mod ifmgr;
 pub mod metrics;
 pub mod store;
