@@ -700,3 +700,67 @@ async fn lease_lost_behind_the_keeper_is_reported_expired() {
     }
     assert!(!store.dpus().await.unwrap()[0].alive);
 }
+
+/// Writes validate against the store's cached view; a view made stale by another writer (a
+/// separate store, so a separate cache) must still end in a conflict, never a lost update, and
+/// unrelated writes from the stale store must still succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_view_made_stale_by_another_writer_still_conflicts() {
+    let etcd = Etcd::start().await;
+    let (a, b) = (etcd.store().await, etcd.store().await);
+    let rev = a
+        .write(&[Guarded::create(Change::UpsertVpc(vpc(
+            "blue",
+            100,
+            10,
+            &[],
+        )))])
+        .await
+        .unwrap();
+    // a's cache now holds blue at `rev`. b changes blue behind a's back.
+    b.write(&[Guarded::any(Change::UpsertVpc(vpc("blue", 100, 10, &[3])))])
+        .await
+        .unwrap();
+    // a updates from the revision it saw: a conflict, and b's change stays.
+    let r = a
+        .write(&[Guarded::at(
+            Change::UpsertVpc(vpc("blue", 100, 10, &[1])),
+            rev,
+        )])
+        .await;
+    assert!(
+        matches!(&r, Err(StoreError::Conflict { key }) if key == "/dpucp/v1/vpcs/blue"),
+        "{r:?}"
+    );
+    // A create of what b deleted meanwhile is judged on etcd's state, not a's cache.
+    b.write(&[Guarded::any(Change::DeleteVpc(name("blue")))])
+        .await
+        .unwrap();
+    a.write(&[Guarded::create(Change::UpsertVpc(vpc(
+        "blue",
+        100,
+        10,
+        &[2],
+    )))])
+    .await
+    .unwrap();
+    // An unrelated write from a (its cache stale again after b's next write) succeeds.
+    b.write(&[Guarded::create(Change::UpsertVpc(vpc(
+        "green",
+        300,
+        30,
+        &[],
+    )))])
+    .await
+    .unwrap();
+    a.write(&[Guarded::create(Change::UpsertVpc(vpc("red", 200, 20, &[])))])
+        .await
+        .unwrap();
+    let (model, _) = b.load().await.unwrap();
+    assert_eq!(
+        model.vpcs()[&name("blue")].ports,
+        BTreeSet::from([PortId(2)])
+    );
+    assert!(model.vpcs().contains_key(&name("red")));
+    assert!(model.vpcs().contains_key(&name("green")));
+}

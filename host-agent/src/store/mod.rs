@@ -361,6 +361,13 @@ impl Store {
 
     /// Reads the whole desired state at one revision and validates it.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let snap = self.read_snapshot().await?;
+        self.remember(&snap);
+        Ok(snap)
+    }
+
+    /// Reads every desired object (without touching the cache).
+    async fn read_snapshot(&self) -> Result<Snapshot, StoreError> {
         let mut ops: Vec<TxnOp> = keys::DESIRED
             .iter()
             .map(|p| TxnOp::get(*p, Some(GetOptions::new().with_prefix())))
@@ -395,14 +402,24 @@ impl Store {
         changes.sort_by_key(|c| keys::rank(&c.object()));
         let mut model = Model::new();
         model.apply(&changes).map_err(StoreError::Inconsistent)?;
-        let snap = Snapshot {
+        Ok(Snapshot {
             model,
             revision,
             objects,
             generation,
-        };
-        self.remember(&snap);
-        Ok(snap)
+        })
+    }
+
+    fn take_snapshot(&self) -> Option<Snapshot> {
+        self.last.write().ok().and_then(|mut l| l.take())
+    }
+
+    fn put_snapshot(&self, snap: Snapshot) {
+        if let Ok(mut last) = self.last.write() {
+            if last.as_ref().is_none_or(|l| l.revision <= snap.revision) {
+                *last = Some(snap);
+            }
+        }
     }
 
     fn remember(&self, snap: &Snapshot) {
@@ -455,15 +472,43 @@ impl Store {
     /// batch is re-read and re-validated (bounded); a precondition that no longer holds is
     /// [`StoreError::Conflict`] / [`StoreError::AlreadyExists`] / [`StoreError::NotFound`].
     pub async fn write(&self, batch: &[Guarded]) -> Result<i64, StoreError> {
+        // The first attempt validates against the last snapshot this store read or wrote, when
+        // there is one: the transaction's generation compare fails if anyone wrote since, and
+        // then a fresh read decides. A write thus costs O(what it touches), not a read of all
+        // desired state.
+        // The cached snapshot is taken out (not copied) and changed in place; it goes back
+        // only when it again matches etcd. Concurrent writers find no cache and read.
+        let mut cached = self.take_snapshot();
         for _ in 0..MAX_ATTEMPTS {
-            let snap = self.snapshot().await?;
+            let from_cache = cached.is_some();
+            let mut snap = match cached.take() {
+                Some(s) => s,
+                None => self.read_snapshot().await?,
+            };
             if batch.is_empty() {
-                return Ok(snap.revision);
+                let r = snap.revision;
+                self.put_snapshot(snap);
+                return Ok(r);
             }
-            check_expectations(&snap, batch)?;
+            if let Err(e) = check_expectations(&snap, batch) {
+                if from_cache {
+                    continue;
+                }
+                self.put_snapshot(snap);
+                return Err(e);
+            }
             let changes: Vec<Change> = batch.iter().map(|g| g.change.clone()).collect();
-            let mut model = snap.model.clone();
-            model.apply(&changes)?;
+            // Ordering several effects needs the model before them; one needs none.
+            let before = (changes.len() > 1).then(|| snap.model.clone());
+            // Atomic: on error the model is unchanged.
+            if let Err(e) = snap.model.apply(&changes) {
+                if from_cache {
+                    continue;
+                }
+                self.put_snapshot(snap);
+                return Err(e.into());
+            }
+            let model = &snap.model;
 
             // The final effect per touched key, deletes first (dependents before what they
             // refer to), then upserts in dependency order: watchers see an applicable order.
@@ -480,13 +525,16 @@ impl Store {
             }
             let mut effects: Vec<(ObjectKey, Option<Object>)> = touched
                 .iter()
-                .map(|k| (k.clone(), Object::from_model(&model, k)))
+                .map(|k| (k.clone(), Object::from_model(model, k)))
                 .collect();
             effects.sort_by_key(|(k, o)| match o {
                 None => (0u8, 4 - keys::rank(k)),
                 Some(_) => (1, keys::rank(k)),
             });
-            let effects = applicable_order(&snap.model, effects);
+            let effects = match &before {
+                Some(b) => applicable_order(b, effects),
+                None => effects,
+            };
 
             let mut compares = vec![Compare::mod_revision(
                 keys::GENERATION,
@@ -514,27 +562,34 @@ impl Store {
             }
             ops.push(TxnOp::put(keys::GENERATION, "{}", None));
             let mut kv = self.client.kv_client();
-            let resp = self
+            let resp = match self
                 .bounded("write", kv.txn(Txn::new().when(compares).and_then(ops)))
-                .await?;
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    // Nothing was written: the snapshot goes back as it was, so the last model
+                    // stays known while etcd is away.
+                    if restore(&mut snap, &touched) {
+                        self.put_snapshot(snap);
+                    }
+                    return Err(e);
+                }
+            };
             if !resp.succeeded() {
                 // Someone committed in between: re-read; the expectations decide.
                 continue;
             }
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-            let mut objects = snap.objects;
             for (k, after) in effects {
                 match after {
-                    Some(o) => objects.insert(k, (o, revision)),
-                    None => objects.remove(&k),
+                    Some(o) => snap.objects.insert(k, (o, revision)),
+                    None => snap.objects.remove(&k),
                 };
             }
-            self.remember(&Snapshot {
-                model,
-                revision,
-                objects,
-                generation: revision,
-            });
+            snap.revision = revision;
+            snap.generation = revision;
+            self.put_snapshot(snap);
             return Ok(revision);
         }
         Err(StoreError::Contended {
@@ -559,6 +614,27 @@ fn refused(e: &etcd_client::Error) -> bool {
         ),
         _ => false,
     }
+}
+
+/// Undoes, in `snap.model`, a batch that touched `touched` (its objects are still those before
+/// the batch). False if the model cannot be restored (then the snapshot must be dropped).
+fn restore(snap: &mut Snapshot, touched: &[ObjectKey]) -> bool {
+    let back: Vec<(ObjectKey, Option<Object>)> = touched
+        .iter()
+        .map(|k| (k.clone(), snap.objects.get(k).map(|(o, _)| o.clone())))
+        .collect();
+    let back = applicable_order(&snap.model, back);
+    let mut changes = Vec::with_capacity(back.len());
+    for (k, o) in &back {
+        match (o, Object::delete(k)) {
+            (Some(o), _) => changes.push(o.upsert()),
+            (None, Some(d)) => changes.push(d),
+            // Not deletable (the node): restorable only if it is not there.
+            (None, None) if !snap.model.contains(k) => {}
+            (None, None) => return false,
+        }
+    }
+    snap.model.apply(&changes).is_ok()
 }
 
 fn check_expectations(snap: &Snapshot, batch: &[Guarded]) -> Result<(), StoreError> {
