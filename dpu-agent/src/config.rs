@@ -131,6 +131,44 @@ pub struct Config {
     /// Sizes.
     #[serde(default)]
     pub limits: Limits,
+    /// Where rules go (absent: the ports, through rte_flow).
+    #[serde(default)]
+    pub nic: Option<NicConfig>,
+}
+
+/// `[nic]`: the hardware backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    /// `"dpdk"` (rte_flow/rte_mtr on the ports, capabilities probed) or `"reference"` (the
+    /// reference NIC model under a named profile: benchmarks and labs without offload
+    /// hardware; packets still cross the DPDK ports and the software lcore).
+    pub backend: String,
+    /// The reference NIC's profile: `"full"` (default), `"partial"`, `"tap-like"`, `"none"`.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// The reference NIC's rule capacity (default: the profile's).
+    #[serde(default)]
+    pub max_rules: Option<u32>,
+}
+
+impl Config {
+    /// The reference NIC's capabilities, when `[nic] backend = "reference"`.
+    pub fn reference_caps(&self) -> Option<flow_offload::caps::Caps> {
+        use flow_offload::caps::{Caps, Profile};
+        let n = self.nic.as_ref().filter(|n| n.backend == "reference")?;
+        let profile = match n.profile.as_deref().unwrap_or("full") {
+            "partial" => Profile::Partial,
+            "tap-like" => Profile::TapLike,
+            "none" => Profile::None,
+            _ => Profile::Full,
+        };
+        let mut caps = Caps::profile(profile);
+        if let Some(m) = n.max_rules {
+            caps.max_rules = m;
+        }
+        Some(caps)
+    }
 }
 
 /// A configuration error, naming the field.
@@ -245,6 +283,25 @@ impl Config {
         if self.limits.nat_sessions == 0 {
             return Err(invalid("limits.nat_sessions", "at least 1"));
         }
+        if let Some(n) = &self.nic {
+            if n.backend != "dpdk" && n.backend != "reference" {
+                return Err(invalid("nic.backend", "\"dpdk\" or \"reference\""));
+            }
+            if let Some(p) = &n.profile {
+                if n.backend != "reference" {
+                    return Err(invalid("nic.profile", "only for the reference backend"));
+                }
+                if !["full", "partial", "tap-like", "none"].contains(&p.as_str()) {
+                    return Err(invalid(
+                        "nic.profile",
+                        "\"full\", \"partial\", \"tap-like\" or \"none\"",
+                    ));
+                }
+            }
+            if n.max_rules == Some(0) {
+                return Err(invalid("nic.max_rules", "at least 1"));
+            }
+        }
         Ok(())
     }
 
@@ -333,6 +390,22 @@ listen = "127.0.0.1:7700"
             (
                 GOOD.replace("\"--no-huge\"", "\"--vdev=net_null0\""),
                 "eal.args[2]",
+            ),
+            (
+                format!("{GOOD}\n[nic]\nbackend = \"fpga\"\n"),
+                "nic.backend",
+            ),
+            (
+                format!("{GOOD}\n[nic]\nbackend = \"reference\"\nprofile = \"best\"\n"),
+                "nic.profile",
+            ),
+            (
+                format!("{GOOD}\n[nic]\nbackend = \"dpdk\"\nprofile = \"full\"\n"),
+                "nic.profile",
+            ),
+            (
+                format!("{GOOD}\n[nic]\nbackend = \"reference\"\nmax_rules = 0\n"),
+                "nic.max_rules",
             ),
         ];
         for (text, field) in cases {

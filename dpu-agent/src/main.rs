@@ -18,8 +18,12 @@ use dpu_agent::agent::Agent;
 use dpu_agent::config::Config;
 use dpu_agent::lcore::{self, LcoreStats};
 use dpu_agent::link::{self, Identity};
-use flow_offload::caps::Caps;
-use flow_offload::model::PortId;
+use flow_offload::caps::{Caps, Refusal};
+use flow_offload::compile::RuleId;
+use flow_offload::ir::{MeterRef, Rule};
+use flow_offload::model::{MeterProfile, PortId};
+use flow_offload::program::{CountQuery, FlowTarget, RefNicTarget};
+use flow_offload::refnic::RefNic;
 use flow_offload::soft::pipeline::PipelineLimits;
 use nix::sys::signal::{SigSet, Signal};
 
@@ -111,10 +115,23 @@ fn run(args: &Args) -> Result<(), StartError> {
         ports.push(port);
     }
 
-    // Probe: what each port accepts; compile for what all accept.
-    let mut caps: Option<Caps> = None;
+    // Probe: what each port accepts; compile for what all accept. With the reference NIC,
+    // its profile stands in for every port.
+    let reference = config.reference_caps();
+    let mut caps: Option<Caps> = reference.clone();
     let mut per_port = Vec::new();
-    for (port, p) in ports.iter().zip(&config.ports) {
+    if let Some(c) = &reference {
+        tracing::info!(source = ?c.source, max_rules = c.max_rules,
+            "[nic] backend = \"reference\": rules go to the reference NIC model, not to the ports; nothing is offloaded in hardware");
+        for port in &ports {
+            per_port.push((PortId(port.id()), c.clone()));
+        }
+    }
+    for (port, p) in ports
+        .iter()
+        .zip(&config.ports)
+        .filter(|_| reference.is_none())
+    {
         let probe = dpdk::probe(port);
         tracing::info!(
             "port {} ({}) offload probe:\n{}",
@@ -161,7 +178,10 @@ fn run(args: &Args) -> Result<(), StartError> {
     let stats = LcoreStats::default();
     let clock = agent.clock();
     let forwarding_cpu = config.lcores.forwarding;
-    let mut target = DpdkTarget::new(ports.iter());
+    let mut target = match reference {
+        Some(c) => Target::Reference(RefNicTarget::new(RefNic::new(c))),
+        None => Target::Dpdk(DpdkTarget::new(ports.iter())),
+    };
     let mut queues = Vec::new();
     for (port, p) in ports.iter().zip(&config.ports) {
         queues.push(port.queue().map_err(|source| StartError::Port {
@@ -203,9 +223,10 @@ fn run(args: &Args) -> Result<(), StartError> {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
     });
     tracing::info!(stats = %stats.summary(), "lcore counters");
-    let errors = target.clear();
-    for e in &errors {
-        tracing::warn!("{e}");
+    if let Target::Dpdk(t) = &mut target {
+        for e in &t.clear() {
+            tracing::warn!("{e}");
+        }
     }
     tracing::info!("flows destroyed, closing ports");
     drop(target);
@@ -213,6 +234,60 @@ fn run(args: &Args) -> Result<(), StartError> {
     drop(pool);
     drop(eal);
     Ok(())
+}
+
+/// Where the rules go.
+enum Target<'a> {
+    Dpdk(DpdkTarget<'a>),
+    Reference(RefNicTarget),
+}
+
+impl FlowTarget for Target<'_> {
+    fn create_rule(&mut self, id: &RuleId, rule: &Rule) -> Result<(), Refusal> {
+        match self {
+            Target::Dpdk(t) => t.create_rule(id, rule),
+            Target::Reference(t) => t.create_rule(id, rule),
+        }
+    }
+    fn replace_rule(&mut self, id: &RuleId, rule: &Rule) -> Result<(), Refusal> {
+        match self {
+            Target::Dpdk(t) => t.replace_rule(id, rule),
+            Target::Reference(t) => t.replace_rule(id, rule),
+        }
+    }
+    fn destroy_rule(&mut self, id: &RuleId) {
+        match self {
+            Target::Dpdk(t) => t.destroy_rule(id),
+            Target::Reference(t) => t.destroy_rule(id),
+        }
+    }
+    fn create_meter(&mut self, meter: MeterRef, profile: &MeterProfile) -> Result<(), Refusal> {
+        match self {
+            Target::Dpdk(t) => t.create_meter(meter, profile),
+            Target::Reference(t) => t.create_meter(meter, profile),
+        }
+    }
+    fn update_meter(&mut self, meter: MeterRef, profile: &MeterProfile) -> Result<(), Refusal> {
+        match self {
+            Target::Dpdk(t) => t.update_meter(meter, profile),
+            Target::Reference(t) => t.update_meter(meter, profile),
+        }
+    }
+    fn destroy_meter(&mut self, meter: MeterRef) {
+        match self {
+            Target::Dpdk(t) => t.destroy_meter(meter),
+            Target::Reference(t) => t.destroy_meter(meter),
+        }
+    }
+}
+
+impl CountQuery for Target<'_> {
+    fn query_count(&mut self, id: &RuleId) -> Option<(u64, u64)> {
+        match self {
+            Target::Dpdk(t) => t.query_count(id),
+            Target::Reference(t) => t.query_count(id),
+        }
+    }
 }
 
 /// Pins the calling thread to `cpu` (logs and carries on if that fails, e.g. the CPU is not

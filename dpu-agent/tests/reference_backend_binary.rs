@@ -1,0 +1,100 @@
+//! The real `dpu-agent` binary with `[nic] backend = "reference"`: two `net_null` ports, rules
+//! into the reference NIC model. The host link sees the profile as every port's capabilities
+//! and routes come back `Offloaded`. Needs root (EAL).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{can_run, free_port, AgentProc, HostLink};
+use flow_offload::caps::CapsSource;
+use flow_offload::caps::Profile;
+use flow_offload::model::{
+    Change, MacAddr, Name, Nexthop, Node, ObjectKey, PortId, Route, RouteKey, TableId, Vni, Vpc,
+    UNDERLAY_TABLE,
+};
+use flow_offload::status::OffloadStatus;
+use flow_offload::wire::Message;
+
+#[test]
+fn reference_backend_offloads_routes_through_the_binary() {
+    if !can_run() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dpu-agent-refbin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let cfg = format!(
+        "dpu_id = \"dpu-ref\"\n[eal]\nargs = [\"-l\", \"0\", \"--no-huge\", \"--no-pci\", \"--no-shconf\", \"-m\", \"256\", \"--log-level=*:warning\"]\n[[ports]]\nname = \"net_null0\"\ndevice = \"net_null0\"\nrole = \"uplink\"\n[[ports]]\nname = \"net_null1\"\ndevice = \"net_null1\"\nrole = \"vpc\"\n[lcores]\nforwarding = 0\n[link]\nlisten = \"127.0.0.1:{port}\"\n[nic]\nbackend = \"reference\"\nprofile = \"full\"\n"
+    );
+    let cfg_path = dir.join("agent.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_dpu-agent"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let link: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut agent = AgentProc {
+        child: Some(child),
+        link,
+        dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect_timeout(&link, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "no link:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut host = HostLink::connect(link);
+    // Every port reports the profile, not a probe.
+    assert_eq!(host.hello.ports.len(), 2);
+    for (_, caps) in &host.hello.ports {
+        assert_eq!(caps.source, CapsSource::Profile(Profile::Full));
+    }
+    let name = |s: &str| Name::new(s).unwrap();
+    let route = RouteKey {
+        table: UNDERLAY_TABLE,
+        prefix: "198.51.100.0/24".parse().unwrap(),
+    };
+    let changes = vec![
+        Change::SetNode(Node {
+            vtep: Ipv4Addr::new(192, 0, 2, 1),
+            router_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            uplinks: [PortId(0)].into_iter().collect(),
+        }),
+        Change::UpsertVpc(Vpc {
+            name: name("blue"),
+            vni: Vni::new(100).unwrap(),
+            table: TableId(10),
+            ports: [PortId(1)].into_iter().collect(),
+        }),
+        Change::UpsertRoute(Route {
+            key: route,
+            nexthops: vec![Nexthop::Underlay {
+                gateway: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)),
+                port: PortId(0),
+                mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            }],
+        }),
+    ];
+    let status = match host.apply(1, true, changes) {
+        Message::Ack(a) => a.status,
+        other => panic!("{other:?}\n{}", agent.log()),
+    };
+    let of = |k: &ObjectKey| status.iter().find(|(x, _)| x == k).map(|(_, s)| s.clone());
+    assert_eq!(
+        of(&ObjectKey::Route(route)),
+        Some(OffloadStatus::Offloaded),
+        "{status:?}"
+    );
+    assert!(agent.log().contains("reference NIC"), "{}", agent.log());
+    assert!(agent.stop().success(), "{}", agent.log());
+}
