@@ -702,6 +702,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     drift.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut watch = store.watch(&config_model, revision);
+    let writer = status_writer(store.clone());
+    let mut sweep = tokio::time::interval(Duration::from_secs(2));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut publish_at: Option<tokio::time::Instant> = None;
     let mut leases: BTreeMap<String, DpuLease> = BTreeMap::new();
     let mut statuses: BTreeMap<String, BTreeMap<ObjectKey, OffloadStatus>> = BTreeMap::new();
     loop {
@@ -748,14 +752,26 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         .collect(),
                     _ => Vec::new(),
                 };
-                on_dpu_event(ev, &store, &metrics, &mut leases, &mut statuses, desired.model()).await;
+                on_dpu_event(ev, &store, &metrics, &mut leases, &mut statuses, desired.model(), &writer).await;
                 if let (Some(f), true) = (frr.as_mut(), is_ack) {
                     // Acknowledge to zebra the worst status over all DPUs of the routes
                     // this batch touched.
-                    let all = route_statuses(&statuses);
-                    let touched: std::collections::BTreeSet<RouteKey> = touched.into_iter().collect();
-                    let these: Vec<(RouteKey, OffloadStatus)> =
-                        all.into_iter().filter(|(k, _)| touched.contains(k)).collect();
+                    let these: Vec<(RouteKey, OffloadStatus)> = touched
+                        .into_iter()
+                        .filter_map(|k| {
+                            let o = ObjectKey::Route(k);
+                            statuses
+                                .values()
+                                .filter_map(|m| m.get(&o))
+                                .fold(None, |acc: Option<OffloadStatus>, s| {
+                                    Some(match acc {
+                                        Some(a) => worst(&a, s),
+                                        None => s.clone(),
+                                    })
+                                })
+                                .map(|s| (k, s))
+                        })
+                        .collect();
                     f.ack(&these).await;
                 }
             }
@@ -781,7 +797,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                             f.resync_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                         }
                         if f.flush(&mut batch, &mut desired).await {
-                            let _ = desired_tx.send(Arc::new(desired.model().clone()));
+                            // Published at most every 10 ms: a snapshot costs O(routes), and
+                            // zebra streams thousands of small batches.
+                            publish_at.get_or_insert_with(|| {
+                                tokio::time::Instant::now() + Duration::from_millis(10)
+                            });
                         }
                     }
                     Some(ServerEvent::Disconnected { connection, reason }) => {
@@ -810,6 +830,18 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     tracing::info!(routes = all.len(), "zebra replay over; re-acknowledging every route");
                     f.ack(&all).await;
                 }
+            }
+            _ = async {
+                match publish_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                publish_at = None;
+                let _ = desired_tx.send(Arc::new(desired.model().clone()));
+            }
+            _ = sweep.tick() => {
+                sweep_statuses(&mut statuses, desired.model(), &metrics, &writer);
             }
             _ = drift.tick(), if interfaces.is_some() => {
                 if let Some(i) = interfaces.as_mut() {
@@ -887,6 +919,88 @@ fn where_of(s: &OffloadStatus) -> &'static str {
     }
 }
 
+/// An etcd status write, done by the status writer task off the daemon's main loop (zebra's
+/// acknowledgements must not wait for etcd). One task: writes stay in order.
+enum StatusJob {
+    Put {
+        dpu: Name,
+        lease: i64,
+        items: Vec<(ObjectKey, OffloadStatus)>,
+    },
+    Clear {
+        dpu: Name,
+        keys: Vec<ObjectKey>,
+    },
+}
+
+fn status_writer(store: Store) -> mpsc::UnboundedSender<StatusJob> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<StatusJob>();
+    tokio::spawn(async move {
+        while let Some(job) = rx.recv().await {
+            // Written in slices: one etcd transaction holds a bounded number of operations.
+            match job {
+                StatusJob::Put { dpu, lease, items } => {
+                    for chunk in items.chunks(100) {
+                        if let Err(e) = store.put_status(&dpu, chunk, Some(lease)).await {
+                            tracing::warn!(dpu = %dpu, error = %e, "cannot write status to etcd");
+                            break;
+                        }
+                    }
+                }
+                StatusJob::Clear { dpu, keys } => {
+                    for chunk in keys.chunks(100) {
+                        if let Err(e) = store.clear_status(&dpu, chunk).await {
+                            tracing::warn!(dpu = %dpu, error = %e, "cannot clear status in etcd");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    tx
+}
+
+/// Every couple of seconds: drops the statuses of objects no longer desired (here and in
+/// etcd), and counts objects per placement for Prometheus. O(statuses), so not per batch.
+fn sweep_statuses(
+    statuses: &mut BTreeMap<String, BTreeMap<ObjectKey, OffloadStatus>>,
+    desired: &Model,
+    metrics: &Metrics,
+    writer: &mpsc::UnboundedSender<StatusJob>,
+) {
+    for (dpu, map) in statuses.iter_mut() {
+        let stale: Vec<ObjectKey> = map
+            .keys()
+            .filter(|k| !desired.contains(k))
+            .cloned()
+            .collect();
+        for k in &stale {
+            map.remove(k);
+        }
+        if !stale.is_empty() {
+            if let Ok(id) = Name::new(dpu) {
+                let _ = writer.send(StatusJob::Clear {
+                    dpu: id,
+                    keys: stale,
+                });
+            }
+        }
+        let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for (k, s) in map.iter() {
+            *counts.entry((kind_of(k), where_of(s))).or_default() += 1;
+        }
+        metrics.remove_matching("dpucp_objects", "dpu", dpu);
+        for ((kind, place), n) in counts {
+            metrics.set(
+                "dpucp_objects",
+                &[("dpu", dpu), ("kind", kind), ("where", place)],
+                n as f64,
+            );
+        }
+    }
+}
+
 async fn on_dpu_event(
     ev: DpuEvent,
     store: &Store,
@@ -894,6 +1008,7 @@ async fn on_dpu_event(
     leases: &mut BTreeMap<String, DpuLease>,
     statuses: &mut BTreeMap<String, BTreeMap<ObjectKey, OffloadStatus>>,
     desired: &Model,
+    writer: &mpsc::UnboundedSender<StatusJob>,
 ) {
     match ev {
         DpuEvent::Connected { hello, restarted } => {
@@ -941,46 +1056,18 @@ async fn on_dpu_event(
             for (k, s) in &status {
                 map.insert(k.clone(), s.clone());
             }
-            // A batch's acknowledgement names what it touched, not what it deleted: drop the
-            // statuses of objects no longer desired, here and in etcd.
-            let stale: Vec<ObjectKey> = map
-                .keys()
-                .filter(|k| !desired.contains(k))
-                .cloned()
-                .collect();
-            for k in &stale {
-                map.remove(k);
-            }
-            let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-            for (k, s) in map.iter() {
-                *counts.entry((kind_of(k), where_of(s))).or_default() += 1;
-            }
-            metrics.remove_matching("dpucp_objects", "dpu", &dpu);
-            for ((kind, place), n) in counts {
-                metrics.set(
-                    "dpucp_objects",
-                    &[("dpu", &dpu), ("kind", kind), ("where", place)],
-                    n as f64,
-                );
-            }
+            // Statuses of objects deleted since go in the periodic sweep (`sweep_statuses`):
+            // an acknowledgement names what a batch touched, not what it deleted.
             if let (Ok(id), Some(lease)) = (Name::new(&dpu), leases.get(&dpu)) {
-                // Written in slices: one etcd transaction holds a bounded number of operations.
                 let current: Vec<(ObjectKey, OffloadStatus)> = status
                     .into_iter()
                     .filter(|(k, _)| desired.contains(k))
                     .collect();
-                for chunk in current.chunks(100) {
-                    if let Err(e) = store.put_status(&id, chunk, Some(lease.lease_id())).await {
-                        tracing::warn!(dpu = %dpu, error = %e, "cannot write status to etcd");
-                        break;
-                    }
-                }
-                for chunk in stale.chunks(100) {
-                    if let Err(e) = store.clear_status(&id, chunk).await {
-                        tracing::warn!(dpu = %dpu, error = %e, "cannot clear status in etcd");
-                        break;
-                    }
-                }
+                let _ = writer.send(StatusJob::Put {
+                    dpu: id,
+                    lease: lease.lease_id(),
+                    items: current,
+                });
             }
         }
         DpuEvent::Refused {
