@@ -156,13 +156,17 @@ async fn desired_state_reaches_the_dpu_and_status_comes_back() {
     );
     assert!(text.contains("10.7.0.0/16"), "{text}");
 
-    // And Prometheus.
-    let m = http_get(metrics, "/metrics");
+    // And Prometheus (object counts are refreshed every 2 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = http_get(metrics, "/metrics");
+        if m.contains("dpucp_objects{dpu=\"dpu-e2e\",kind=\"route\",where=\"offloaded\"} 1") {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no object count: {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(m.contains("dpucp_dpu_up{dpu=\"dpu-e2e\"} 1"), "{m}");
-    assert!(
-        m.contains("dpucp_objects{dpu=\"dpu-e2e\",kind=\"route\",where=\"offloaded\"} 1"),
-        "{m}"
-    );
     assert!(m.contains("dpucp_etcd_up 1"), "{m}");
 
     // The DPU is registered and alive.
