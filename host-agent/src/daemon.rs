@@ -706,6 +706,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let mut sweep = tokio::time::interval(Duration::from_secs(2));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut publish_at: Option<tokio::time::Instant> = None;
+    let mut publish_cost = Duration::ZERO;
+    let mut links_running = true;
     let mut leases: BTreeMap<String, DpuLease> = BTreeMap::new();
     let mut statuses: BTreeMap<String, BTreeMap<ObjectKey, OffloadStatus>> = BTreeMap::new();
     loop {
@@ -739,8 +741,12 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     watch = store.watch(&m, r);
                 }
             },
-            ev = ev_rx.recv() => {
-                let Some(ev) = ev else { break };
+            ev = ev_rx.recv(), if links_running => {
+                // No DPUs configured (or every link task gone): etcd and FRR still are.
+                let Some(ev) = ev else {
+                    links_running = false;
+                    continue;
+                };
                 let is_ack = matches!(ev, DpuEvent::Acked { .. });
                 let touched: Vec<RouteKey> = match &ev {
                     DpuEvent::Acked { status, .. } => status
@@ -797,11 +803,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                             f.resync_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                         }
                         if f.flush(&mut batch, &mut desired).await {
-                            // Published at most every 10 ms: a snapshot costs O(routes), and
-                            // zebra streams thousands of small batches.
-                            publish_at.get_or_insert_with(|| {
-                                tokio::time::Instant::now() + Duration::from_millis(10)
-                            });
+                            // A snapshot costs O(routes) and zebra streams thousands of small
+                            // batches: publish at most every 10 ms, or 4× what the last copy
+                            // took, so copies stay under a fifth of this loop's time.
+                            let gap = Duration::from_millis(10).max(publish_cost * 4);
+                            publish_at.get_or_insert_with(|| tokio::time::Instant::now() + gap);
                         }
                     }
                     Some(ServerEvent::Disconnected { connection, reason }) => {
@@ -838,7 +844,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 }
             } => {
                 publish_at = None;
+                let t = std::time::Instant::now();
                 let _ = desired_tx.send(Arc::new(desired.model().clone()));
+                publish_cost = t.elapsed();
             }
             _ = sweep.tick() => {
                 sweep_statuses(&mut statuses, desired.model(), &metrics, &writer);
