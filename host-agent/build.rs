@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/dpucp/v1/status.proto",
         "proto/dpucp/v1/dpu.proto",
         "proto/dpucp/v1/node.proto",
+        "proto/dpucp/v1/image.proto",
     ];
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()

@@ -134,6 +134,44 @@ pub struct Config {
     /// Where rules go (absent: the ports, through rte_flow).
     #[serde(default)]
     pub nic: Option<NicConfig>,
+    /// Image slots and boot control (absent: this agent does not flash images).
+    #[serde(default)]
+    pub image: Option<ImageConfig>,
+}
+
+/// `[image]`: the A/B slots this agent flashes, whom it trusts, and its boot health check.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    /// Slot A: a block device, or a file (created when missing).
+    pub slot_a: std::path::PathBuf,
+    /// Slot B.
+    pub slot_b: std::path::PathBuf,
+    /// Capacity of file slots in bytes (block devices report their own size).
+    #[serde(default = "default_slot_capacity")]
+    pub slot_capacity: u64,
+    /// Flash lock, resume journals and the boot-control state (persistent storage).
+    pub state_dir: std::path::PathBuf,
+    /// Public key files or directories of `*.pub` files; images signed by anything else are
+    /// refused.
+    pub trusted_keys: Vec<std::path::PathBuf>,
+    /// This DPU's model: images for another target are refused.
+    pub target: String,
+    /// Run at start-up; exit status 0 means healthy. A slot on trial commits only when it
+    /// passes. `DPUCP_SLOT` (`A`/`B`) and `DPUCP_SLOT_PATH` are set for it.
+    #[serde(default)]
+    pub health_command: Vec<String>,
+    /// Seconds the health command may take before it counts as failed.
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout_secs: u64,
+}
+
+fn default_slot_capacity() -> u64 {
+    4 << 30
+}
+
+fn default_health_timeout() -> u64 {
+    30
 }
 
 /// `[nic]`: the hardware backend.
@@ -282,6 +320,26 @@ impl Config {
         }
         if self.limits.nat_sessions == 0 {
             return Err(invalid("limits.nat_sessions", "at least 1"));
+        }
+        if let Some(im) = &self.image {
+            if im.slot_a == im.slot_b {
+                return Err(invalid("image.slot_b", "the same path as image.slot_a"));
+            }
+            if im.trusted_keys.is_empty() {
+                return Err(invalid(
+                    "image.trusted_keys",
+                    "at least one key: a DPU that trusts nothing can never be updated",
+                ));
+            }
+            if im.target.is_empty() {
+                return Err(invalid("image.target", "empty"));
+            }
+            if im.health_command.first().is_some_and(String::is_empty) {
+                return Err(invalid("image.health_command[0]", "empty program"));
+            }
+            if im.health_timeout_secs == 0 {
+                return Err(invalid("image.health_timeout_secs", "at least 1"));
+            }
         }
         if let Some(n) = &self.nic {
             if n.backend != "dpdk" && n.backend != "reference" {

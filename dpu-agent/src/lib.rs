@@ -6,9 +6,11 @@
 //!   batch, with per-object status.
 //! - [`lcore`]: the software forwarding loop over DPDK queues.
 //! - [`link`]: the host link server (framed postcard messages over TCP).
+//! - [`image`]: A/B image slots: flashing on the host's order, boot-control decisions.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod config;
+pub mod image;
 pub mod lcore;
 pub mod link;

@@ -19,9 +19,10 @@ use flow_offload::caps::Caps;
 use flow_offload::model::PortId;
 use flow_offload::program::{CountQuery, FlowTarget};
 use flow_offload::wire::frame::{FrameCodec, FrameError, FrameReader};
-use flow_offload::wire::{Counters, Hello, Message};
+use flow_offload::wire::{Counters, FlashFailure, FlashPhase, FlashStatus, Hello, Message};
 
 use crate::agent::Agent;
+use crate::image::Images;
 
 /// Session offload housekeeping period (well below the shortest NAT timeout).
 pub const TICK_EVERY: Duration = Duration::from_millis(200);
@@ -64,21 +65,30 @@ pub enum LinkError {
     Closed,
 }
 
-/// Serves hosts until `stop` is set: accepts, then talks to one host at a time.
+fn stopping(stop: &AtomicBool, images: Option<&Images>) -> bool {
+    stop.load(Ordering::Relaxed) || images.is_some_and(Images::restart_requested)
+}
+
+/// Serves hosts until `stop` is set (or a flash asks for a restart into the new slot):
+/// accepts, then talks to one host at a time. `images`: the slots this agent flashes, if any.
 pub fn serve<T: FlowTarget + CountQuery + ?Sized>(
     listener: &TcpListener,
     agent: &mut Agent,
     target: &mut T,
     id: &Identity,
     stop: &AtomicBool,
+    mut images: Option<&mut Images>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let mut last_tick = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
+    while !stopping(stop, images.as_deref()) {
+        if let Some(im) = images.as_deref_mut() {
+            im.drain(); // keeps the newest status for the next host
+        }
         match listener.accept() {
             Ok((stream, peer)) => {
                 tracing::info!(%peer, "host connected");
-                match session(stream, agent, target, id, stop) {
+                match session(stream, agent, target, id, stop, images.as_deref_mut()) {
                     Ok(()) => tracing::info!(%peer, "host link closed (shutdown)"),
                     Err(e) => tracing::warn!(%peer, error = %e, "host link ended"),
                 }
@@ -129,6 +139,7 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
     target: &mut T,
     id: &Identity,
     stop: &AtomicBool,
+    mut images: Option<&mut Images>,
 ) -> Result<(), LinkError> {
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;
@@ -146,6 +157,14 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
             ports: id.ports.clone(),
         }),
     )?;
+    if let Some(im) = images.as_deref_mut() {
+        send(&mut stream, &codec, &Message::Boot(im.report()))?;
+        im.drain();
+        if let Some(last) = im.last_status() {
+            send(&mut stream, &codec, &Message::Flash(last.clone()))?;
+        }
+    }
+    let host_ip = stream.peer_addr()?.ip();
     let mut reader = FrameReader::new(codec);
     let mut buf = vec![0u8; 256 * 1024];
     let mut last_rx = Instant::now();
@@ -153,7 +172,7 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
     let mut last_counters = Instant::now();
     let mut seq = 0u64;
     let mut last_tick = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
+    while !stopping(stop, images.as_deref()) {
         match stream.read(&mut buf) {
             Ok(0) => return Err(LinkError::Closed),
             Ok(n) => {
@@ -192,12 +211,35 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
                     send(&mut stream, &codec, &reply)?;
                 }
                 Ok(Some(Message::Heartbeat { .. })) => {}
+                Ok(Some(Message::FlashImage(order))) => {
+                    let refused = match images.as_deref_mut() {
+                        None => Some(FlashStatus {
+                            image_id: order.image_id,
+                            phase: FlashPhase::Failed {
+                                failure: FlashFailure::NotConfigured,
+                                message: "this DPU agent has no [image] configuration".to_owned(),
+                            },
+                        }),
+                        Some(im) => im.start_flash(&order, host_ip).err(),
+                    };
+                    if let Some(st) = refused {
+                        if let FlashPhase::Failed { message, .. } = &st.phase {
+                            tracing::warn!(%message, "flash refused");
+                        }
+                        send(&mut stream, &codec, &Message::Flash(st))?;
+                    }
+                }
                 Ok(Some(other)) => {
                     tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected message from host ignored");
                 }
                 Ok(None) => break,
                 Err(e) if e.is_fatal() => return Err(e.into()),
                 Err(e) => tracing::warn!(error = %e, "undecodable message skipped"),
+            }
+        }
+        if let Some(im) = images.as_deref_mut() {
+            for st in im.drain() {
+                send(&mut stream, &codec, &Message::Flash(st))?;
             }
         }
         if last_tick.elapsed() >= TICK_EVERY {
@@ -219,6 +261,12 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
         }
         if last_rx.elapsed() >= HOST_TIMEOUT {
             return Err(LinkError::Timeout(HOST_TIMEOUT));
+        }
+    }
+    // A restart into a new slot: the host hears it before the link closes.
+    if let Some(im) = images {
+        for st in im.drain() {
+            send(&mut stream, &codec, &Message::Flash(st))?;
         }
     }
     Ok(())

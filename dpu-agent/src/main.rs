@@ -4,6 +4,11 @@
 //! them, probe what each can offload (logged as a table), compile for what all of them accept,
 //! start the software forwarding lcore, then serve the host link. SIGTERM or SIGINT: stop the
 //! lcore, destroy every flow and meter, close the ports, exit 0.
+//!
+//! With `[image]`, the start counts as a boot of the slot the boot state names (a try of a slot
+//! on trial is used up first thing), and once the ports are up the health check commits the
+//! trial or restarts. A restart (an unhealthy trial, or a flash with `activate`) shuts down as
+//! cleanly as SIGTERM does and then re-executes the agent, which reads the boot state anew.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -16,6 +21,7 @@ use clap::Parser;
 use dpdk::{DpdkTarget, Eal, Mempool, Port, PortConfig};
 use dpu_agent::agent::Agent;
 use dpu_agent::config::Config;
+use dpu_agent::image::{Gate, ImageSetupError, Images};
 use dpu_agent::lcore::{self, LcoreStats};
 use dpu_agent::link::{self, Identity};
 use flow_offload::caps::{Caps, Refusal};
@@ -58,6 +64,16 @@ enum StartError {
     },
     #[error("signals: {0}")]
     Signals(#[from] nix::Error),
+    #[error("{0}")]
+    Image(#[from] ImageSetupError),
+}
+
+/// How a run ended.
+enum Exit {
+    /// Stopped by a signal (or the link server failed).
+    Stopped,
+    /// Restart into the slot the boot state names.
+    Restart,
 }
 
 fn main() -> ExitCode {
@@ -70,7 +86,8 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Exit::Stopped) => ExitCode::SUCCESS,
+        Ok(Exit::Restart) => reexec(),
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("dpu-agent: {e}");
@@ -79,9 +96,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> Result<(), StartError> {
+/// Replaces this process with a fresh start of the agent, same arguments and environment.
+fn reexec() -> ExitCode {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let argv: Result<Vec<CString>, _> = std::env::args_os()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect();
+    let exe = CString::new("/proc/self/exe");
+    if let (Ok(exe), Ok(argv)) = (exe, argv) {
+        tracing::info!("restarting (boot into the slot the boot state names)");
+        let err = nix::unistd::execv(&exe, &argv);
+        tracing::error!(error = ?err, "re-exec failed");
+        eprintln!("dpu-agent: re-exec failed: {err:?}");
+    }
+    ExitCode::FAILURE
+}
+
+fn run(args: &Args) -> Result<Exit, StartError> {
     let config = Config::load(&args.config)?;
     let listen = config.listen_addr()?;
+    // First thing: this start is a boot (a slot on trial loses a try even if we die below).
+    let mut images = config.image.as_ref().map(Images::open).transpose()?;
 
     // Block SIGTERM/SIGINT before any thread exists (EAL's included), so they all inherit the
     // mask and only the waiter below receives them.
@@ -175,6 +211,15 @@ fn run(args: &Args) -> Result<(), StartError> {
     })?;
     tracing::info!(%listen, dpu_id = %config.dpu_id, "serving the host link");
 
+    // The health gate: the ports are up; a slot on trial commits or we restart.
+    let mut exit = Exit::Stopped;
+    if let Some(im) = images.as_mut() {
+        if let Gate::Restart { reason } = im.health_gate()? {
+            tracing::warn!(%reason, "restarting without serving");
+            exit = Exit::Restart;
+        }
+    }
+
     let stats = LcoreStats::default();
     let clock = agent.clock();
     let forwarding_cpu = config.lcores.forwarding;
@@ -214,8 +259,20 @@ fn run(args: &Args) -> Result<(), StartError> {
             lcore::run(queues, pipeline, stop_ref, stats_ref, clock);
             tracing::info!("forwarding lcore stopped");
         });
-        if let Err(e) = link::serve(&listener, &mut agent, &mut target, &identity, &stop) {
-            tracing::error!(error = %e, "link server failed; shutting down");
+        if matches!(exit, Exit::Stopped) {
+            if let Err(e) = link::serve(
+                &listener,
+                &mut agent,
+                &mut target,
+                &identity,
+                &stop,
+                images.as_mut(),
+            ) {
+                tracing::error!(error = %e, "link server failed; shutting down");
+            }
+            if images.as_ref().is_some_and(Images::restart_requested) {
+                exit = Exit::Restart;
+            }
         }
         stop.store(true, Ordering::Relaxed);
         // Wake the signal waiter if it is still waiting (harmless: the signal is blocked and
@@ -233,7 +290,7 @@ fn run(args: &Args) -> Result<(), StartError> {
     drop(ports);
     drop(pool);
     drop(eal);
-    Ok(())
+    Ok(exit)
 }
 
 /// Where the rules go.

@@ -73,6 +73,9 @@ pub struct Config {
     /// The interface manager (absent: the host's VRF interfaces are managed elsewhere).
     #[serde(default)]
     pub interfaces: Option<crate::ifmgr::InterfacesSection>,
+    /// Image flashing (absent: defaults, chunk servers on any address, no host-side key check).
+    #[serde(default)]
+    pub images: Option<crate::flashing::ImagesSection>,
 }
 
 /// FPM settings: where zebra connects, and what the host knows that zebra does not say.
@@ -179,6 +182,9 @@ impl Config {
                 problem: p.to_string(),
             })?;
             addr(&format!("dpus[{i}].link"), &d.link)?;
+        }
+        if let Some(im) = &c.images {
+            addr("images.listen", &im.listen)?;
         }
         Ok(c)
     }
@@ -618,10 +624,21 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     // The desired state pushed to the DPUs; the API lists FRR's routes from it.
     let (desired_tx, desired_rx) = watch::channel(Arc::new(Model::default()));
     let api_desired = desired_rx.clone();
+    let hub = crate::flashing::FlashHub::new(
+        config.images.clone().unwrap_or_default(),
+        crate::flashing::FlashTimeouts::default(),
+    );
+    let api_hub = hub.clone();
     let api_task = tokio::spawn(async move {
-        crate::api::serve(api_addr, api_store, Some(api_desired), async move {
-            let _ = api_shutdown.wait_for(|s| *s).await;
-        })
+        crate::api::serve(
+            api_addr,
+            api_store,
+            Some(api_desired),
+            Some(api_hub),
+            async move {
+                let _ = api_shutdown.wait_for(|s| *s).await;
+            },
+        )
         .await
     });
     tracing::info!(%api_addr, "gRPC API");
@@ -662,6 +679,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             desired_rx.clone(),
             ev_tx.clone(),
             shutdown.clone(),
+            Some(hub.clone()),
         )));
     }
     drop(ev_tx);

@@ -11,6 +11,10 @@
 //! refused incremental batch is followed by a full one. A refused full batch is reported, and
 //! nothing more is sent until the desired model changes. Heartbeats go both ways. An agent
 //! silent for [`LinkConfig::timeout`] is disconnected and reconnected.
+//!
+//! Image flashes ride the same connection: the link registers with the [`FlashHub`] while a
+//! session lasts, forwards its flash orders, and hands the DPU's flash statuses and boot
+//! reports back to it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +28,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+use crate::flashing::FlashHub;
 
 /// Timing of a link.
 #[derive(Debug, Clone, Copy)]
@@ -129,6 +135,7 @@ pub async fn run(
     mut desired: watch::Receiver<Arc<Model>>,
     events: mpsc::Sender<DpuEvent>,
     mut shutdown: watch::Receiver<bool>,
+    hub: Option<FlashHub>,
 ) {
     let mut known = Known::default();
     loop {
@@ -138,11 +145,15 @@ pub async fn run(
         match TcpStream::connect(addr).await {
             Ok(stream) => {
                 let mut dpu = None;
+                let out = Outputs {
+                    events: &events,
+                    hub: hub.as_ref(),
+                };
                 let end = session(
                     stream,
                     cfg,
                     &mut desired,
-                    &events,
+                    out,
                     &mut shutdown,
                     &mut known,
                     &mut dpu,
@@ -175,6 +186,13 @@ async fn send(stream: &mut TcpStream, codec: &FrameCodec, m: &Message) -> Result
     codec.encode(m, &mut out)?;
     stream.write_all(&out).await?;
     Ok(())
+}
+
+/// Where a session's news goes: link events, and flash news to the hub.
+#[derive(Clone, Copy)]
+struct Outputs<'a> {
+    events: &'a mpsc::Sender<DpuEvent>,
+    hub: Option<&'a FlashHub>,
 }
 
 struct InFlight {
@@ -225,12 +243,12 @@ async fn session(
     mut stream: TcpStream,
     cfg: LinkConfig,
     desired: &mut watch::Receiver<Arc<Model>>,
-    events: &mpsc::Sender<DpuEvent>,
+    out: Outputs<'_>,
     shutdown: &mut watch::Receiver<bool>,
     known: &mut Known,
     dpu: &mut Option<String>,
 ) -> SessionEnd {
-    match session_inner(&mut stream, cfg, desired, events, shutdown, known, dpu).await {
+    match session_inner(&mut stream, cfg, desired, out, shutdown, known, dpu).await {
         Ok(()) => SessionEnd::Shutdown,
         Err(e) => e,
     }
@@ -240,11 +258,12 @@ async fn session_inner(
     stream: &mut TcpStream,
     cfg: LinkConfig,
     desired: &mut watch::Receiver<Arc<Model>>,
-    events: &mpsc::Sender<DpuEvent>,
+    out: Outputs<'_>,
     shutdown: &mut watch::Receiver<bool>,
     known: &mut Known,
     dpu: &mut Option<String>,
 ) -> Result<(), SessionEnd> {
+    let Outputs { events, hub } = out;
     stream.set_nodelay(true)?;
     let codec = FrameCodec::default();
     let mut reader = FrameReader::new(codec);
@@ -286,6 +305,8 @@ async fn session_inner(
         .await
         .map_err(|_| SessionEnd::NoConsumer)?;
     let dpu_id = hello.dpu_id;
+    // Flash orders for this DPU, while this session lasts.
+    let mut flash = hub.map(|h| (h, h.register(&dpu_id)));
 
     let current = desired.borrow_and_update().clone();
     let mut in_flight = next_batch(stream, &codec, known, &current, false).await?;
@@ -349,7 +370,18 @@ async fn session_inner(
                         .map_err(|_| SessionEnd::NoConsumer)?;
                 }
                 Message::Heartbeat { .. } => {}
-                Message::Hello(_) | Message::Apply(_) => {
+                Message::Flash(st) => match &flash {
+                    Some((h, _)) => h.flash_status(&dpu_id, st),
+                    None => tracing::debug!(dpu = %dpu_id, "flash status with no flash hub"),
+                },
+                Message::Boot(r) => {
+                    tracing::info!(dpu = %dpu_id, running = %r.running, active = %r.active,
+                        pending = ?r.pending, last = ?r.last, "DPU boot state");
+                    if let Some((h, _)) = &flash {
+                        h.boot_report(&dpu_id, r);
+                    }
+                }
+                Message::Hello(_) | Message::Apply(_) | Message::FlashImage(_) => {
                     tracing::warn!(dpu = %dpu_id, "unexpected message from DPU ignored");
                 }
             }
@@ -372,6 +404,10 @@ async fn session_inner(
                     in_flight = next_batch(stream, &codec, known, &current, false).await?;
                 }
             }
+            Some(order) = next_order(&mut flash) => {
+                tracing::info!(dpu = %dpu_id, port = order.server_port, "sending flash order");
+                send(stream, &codec, &Message::FlashImage(order)).await?;
+            }
             _ = heartbeat.tick() => {
                 if last_rx.elapsed() > cfg.timeout {
                     return Err(SessionEnd::Timeout(cfg.timeout));
@@ -385,5 +421,15 @@ async fn session_inner(
                 }
             }
         }
+    }
+}
+
+/// The next flash order, or never when there is no hub.
+async fn next_order(
+    flash: &mut Option<(&FlashHub, crate::flashing::LinkRegistration)>,
+) -> Option<flow_offload::wire::FlashImage> {
+    match flash {
+        Some((_, reg)) => reg.orders.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod daemon;
 pub mod dpu_link;
+pub mod flashing;
 pub mod fpm;
 pub mod ifmgr;
 pub mod metrics;

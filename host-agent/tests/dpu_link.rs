@@ -89,7 +89,7 @@ async fn full_then_incremental_then_resend_after_restart() {
         timeout: Duration::from_secs(3),
         reconnect: Duration::from_millis(100),
     };
-    let link = tokio::spawn(run(addr, cfg, desired_rx, ev_tx, stop_rx));
+    let link = tokio::spawn(run(addr, cfg, desired_rx, ev_tx, stop_rx, None));
 
     // First contact: the agent is empty, so the whole model goes.
     match next_state(&mut ev).await {

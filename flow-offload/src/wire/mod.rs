@@ -41,6 +41,165 @@ pub enum Message {
         /// Sender's sequence number.
         seq: u64,
     },
+    /// Host → DPU: flash an image into the inactive slot.
+    FlashImage(FlashImage),
+    /// DPU → host: progress and outcome of a flash.
+    Flash(FlashStatus),
+    /// DPU → host: the boot-control state, sent after every hello by an agent that manages
+    /// image slots.
+    Boot(BootReport),
+}
+
+/// One of a DPU's two image slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SlotName {
+    /// Slot A.
+    A,
+    /// Slot B.
+    B,
+}
+
+impl core::fmt::Display for SlotName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            SlotName::A => "A",
+            SlotName::B => "B",
+        })
+    }
+}
+
+/// A flash order. The DPU verifies the manifest against its own trusted keys and target
+/// before it writes anything, then fetches chunks from the host's chunk server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlashImage {
+    /// SHA-256 of the manifest bytes: the image's identity.
+    pub image_id: [u8; 32],
+    /// The signed manifest, as built.
+    pub manifest: Vec<u8>,
+    /// Its Ed25519 signature (64 bytes).
+    pub signature: Vec<u8>,
+    /// The chunk server's TCP port on the host; the address is the host end of this link.
+    pub server_port: u16,
+    /// Parallel fetch streams.
+    pub streams: u8,
+    /// Trial boots of the new slot before rolling back.
+    pub tries: u8,
+    /// Restart into the new slot once it is flashed and armed.
+    pub activate: bool,
+}
+
+/// Progress of one flash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlashStatus {
+    /// The image.
+    pub image_id: [u8; 32],
+    /// Where it stands.
+    pub phase: FlashPhase,
+}
+
+/// The phases of a flash, in order (`Failed` ends it at any point).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FlashPhase {
+    /// Verified and writing into `slot`; `resumed` chunks were already there.
+    Started {
+        /// The inactive slot.
+        slot: SlotName,
+        /// Chunks in the image.
+        total: u32,
+        /// Chunks found on the slot from an interrupted flash of the same image.
+        resumed: u32,
+    },
+    /// Chunks on the slot so far.
+    Progress {
+        /// Done.
+        done: u32,
+        /// Total.
+        total: u32,
+    },
+    /// Read back, verified and armed: the next boot tries `slot`.
+    Flashed {
+        /// The slot.
+        slot: SlotName,
+        /// Trial boots allowed.
+        tries: u8,
+        /// Chunk fetches, re-fetches included.
+        fetches: u64,
+        /// Re-fetches after a corrupt chunk.
+        refetches: u64,
+        /// Chunks resumed from an interrupted flash.
+        resumed: u32,
+    },
+    /// The agent is restarting into `slot` (activate).
+    Rebooting {
+        /// The slot on trial.
+        slot: SlotName,
+    },
+    /// Nothing more happens for this flash.
+    Failed {
+        /// The class of failure.
+        failure: FlashFailure,
+        /// What happened, for people.
+        message: String,
+    },
+}
+
+/// Why a flash failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FlashFailure {
+    /// The agent has no `[image]` configuration.
+    NotConfigured,
+    /// A flash is already running on this DPU.
+    Busy,
+    /// Signature, key, target or manifest refused: nothing was written.
+    Refused,
+    /// Chunks could not be fetched (the journal keeps what landed; flashing again resumes).
+    Fetch,
+    /// A chunk stayed corrupt over every fetch.
+    Corrupt,
+    /// The slot could not be written, synced or read back (disk full, I/O error, mismatch).
+    Slot,
+    /// The boot-control state could not be read or written.
+    Boot,
+}
+
+/// The boot-control state of a DPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootReport {
+    /// The slot the agent runs from.
+    pub running: SlotName,
+    /// The last known-good slot.
+    pub active: SlotName,
+    /// A slot on trial and its remaining tries.
+    pub pending: Option<(SlotName, u8)>,
+    /// What the last start decided.
+    pub last: BootOutcome,
+    /// The image (manifest SHA-256) on each slot, when known.
+    pub images: Vec<(SlotName, [u8; 32])>,
+}
+
+/// A start-up decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BootOutcome {
+    /// Nothing was on trial.
+    Normal,
+    /// The slot on trial booted healthy and is now active.
+    Committed(SlotName),
+    /// The slot on trial was unhealthy; it is tried again.
+    Retry {
+        /// The slot.
+        slot: SlotName,
+        /// Tries left.
+        tries_left: u8,
+    },
+    /// Out of tries: back to `to`.
+    RolledBack {
+        /// The slot that failed.
+        failed: SlotName,
+        /// The slot running again.
+        to: SlotName,
+        /// Why the last trial failed.
+        reason: String,
+    },
 }
 
 /// Who the DPU is and what it can do.

@@ -10,8 +10,10 @@ use flow_offload::model::{
     Nexthop, Node, ObjectKey, PortId, Prefix, Problem, Route, RouteKey, TableId, Vni, Vpc,
 };
 use flow_offload::status::{FailReason, OffloadStatus};
+use flow_offload::wire::{BootOutcome, BootReport, FlashPhase};
 
 use super::pb;
+use crate::flashing::{FlashEvent, FlashStep};
 use crate::store::{DpuInfo, StatusEntry};
 
 /// An input field that could not be parsed.
@@ -456,7 +458,101 @@ pub fn dpu_pb(d: &DpuInfo) -> pb::Dpu {
                 profile: caps_name(&p.caps).to_owned(),
             })
             .collect(),
+        ..pb::Dpu::default()
     }
+}
+
+fn boot_outcome_str(o: &BootOutcome) -> String {
+    match o {
+        BootOutcome::Normal => "normal".to_owned(),
+        BootOutcome::Committed(s) => format!("committed {s}"),
+        BootOutcome::Retry { slot, tries_left } => format!("retry {slot} ({tries_left} left)"),
+        BootOutcome::RolledBack { failed, to, reason } => {
+            format!("rolled back {failed} -> {to}: {reason}")
+        }
+    }
+}
+
+/// Adds a DPU's boot report to its API view.
+pub fn boot_into(d: &mut pb::Dpu, r: &BootReport) {
+    d.running_slot = r.running.to_string();
+    d.active_slot = r.active.to_string();
+    d.pending_slot = r.pending.map(|(s, _)| s.to_string()).unwrap_or_default();
+    d.tries_left = r.pending.map(|(_, t)| u32::from(t)).unwrap_or(0);
+    d.last_boot = boot_outcome_str(&r.last);
+    d.slot_images = r
+        .images
+        .iter()
+        .map(|(s, id)| (s.to_string(), images::hex::encode(id)))
+        .collect();
+}
+
+/// A flash event for the API.
+pub fn flash_event_pb(e: &FlashEvent) -> pb::FlashEvent {
+    let mut out = pb::FlashEvent {
+        dpu_id: e.dpu.clone(),
+        image_id: e.image_id.clone(),
+        chunk_server: e.chunk_server.clone(),
+        ..pb::FlashEvent::default()
+    };
+    match &e.step {
+        FlashStep::Queued => out.phase = "queued".into(),
+        FlashStep::Dpu(FlashPhase::Started {
+            slot,
+            total,
+            resumed,
+        }) => {
+            out.phase = "started".into();
+            out.slot = slot.to_string();
+            out.total = *total;
+            out.resumed = *resumed;
+        }
+        FlashStep::Dpu(FlashPhase::Progress { done, total }) => {
+            out.phase = "progress".into();
+            out.done = *done;
+            out.total = *total;
+        }
+        FlashStep::Dpu(FlashPhase::Flashed {
+            slot,
+            tries,
+            fetches,
+            refetches,
+            resumed,
+        }) => {
+            out.phase = "flashed".into();
+            out.slot = slot.to_string();
+            out.tries = u32::from(*tries);
+            out.fetches = *fetches;
+            out.refetches = *refetches;
+            out.resumed = *resumed;
+        }
+        FlashStep::Dpu(FlashPhase::Rebooting { slot }) => {
+            out.phase = "rebooting".into();
+            out.slot = slot.to_string();
+        }
+        FlashStep::Dpu(FlashPhase::Failed { failure, message }) => {
+            out.phase = "failed".into();
+            out.failure = crate::flashing::failure_str(*failure).into();
+            out.message = message.clone();
+        }
+        FlashStep::Booted(r) => {
+            out.phase = match r.last {
+                BootOutcome::Committed(_) => "committed",
+                BootOutcome::RolledBack { .. } => "rolled_back",
+                _ => "booted",
+            }
+            .into();
+            out.slot = r.running.to_string();
+            out.tries = r.pending.map(|(_, t)| u32::from(t)).unwrap_or(0);
+            out.message = boot_outcome_str(&r.last);
+        }
+        FlashStep::Lost(why) => {
+            out.phase = "failed".into();
+            out.failure = "link_lost".into();
+            out.message = why.clone();
+        }
+    }
+    out
 }
 
 /// The node from the API.

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Status};
 
+use crate::flashing::FlashHub;
 use crate::store::{Store, StoreError};
 use convert::FieldError;
 
@@ -78,13 +79,18 @@ pub fn bad_request(status: &Status) -> Option<pb::BadRequest> {
 
 /// `InvalidArgument` naming the field, with `BadRequest` details.
 pub fn invalid_argument(e: &FieldError) -> Status {
-    let message = e.to_string();
+    invalid_field(&e.object, &e.field, &e.problem.to_string(), e.to_string())
+}
+
+/// `InvalidArgument` for `object`'s `field`, with `BadRequest` details (`description`) and
+/// `message`.
+pub fn invalid_field(object: &str, field: &str, description: &str, message: String) -> Status {
     let detail = pb::BadRequest {
         field_violations: vec![pb::FieldViolation {
-            field: e.field.clone(),
-            description: e.problem.to_string(),
+            field: field.to_owned(),
+            description: description.to_owned(),
         }],
-        object: e.object.clone(),
+        object: object.to_owned(),
     };
     let status = RpcStatus {
         code: Code::InvalidArgument as i32,
@@ -152,12 +158,13 @@ pub async fn serve(
     addr: SocketAddr,
     store: Store,
     desired: Option<DesiredState>,
+    hub: Option<FlashHub>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ApiError::Bind { addr, source })?;
-    serve_on_with(listener, store, desired, shutdown).await
+    serve_on_with(listener, store, desired, hub, shutdown).await
 }
 
 /// The desired state the host agent pushes to its DPUs (configuration + FRR's routes), for
@@ -170,17 +177,20 @@ pub async fn serve_on(
     store: Store,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
-    serve_on_with(listener, store, None, shutdown).await
+    serve_on_with(listener, store, None, None, shutdown).await
 }
 
-/// As [`serve_on`], with the daemon's desired state for listings of FRR's routes.
+/// As [`serve_on`], with the daemon's desired state for listings of FRR's routes and its flash
+/// hub for image flashing (without it, `ImageService` answers `Unavailable`).
 pub async fn serve_on_with(
     listener: TcpListener,
     store: Store,
     desired: Option<DesiredState>,
+    hub: Option<FlashHub>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
     use pb::dpu_service_server::DpuServiceServer;
+    use pb::image_service_server::ImageServiceServer;
     use pb::meter_service_server::MeterServiceServer;
     use pb::nat_service_server::NatServiceServer;
     use pb::node_service_server::NodeServiceServer;
@@ -188,7 +198,7 @@ pub async fn serve_on_with(
     use pb::status_service_server::StatusServiceServer;
     use pb::vpc_service_server::VpcServiceServer;
 
-    let api = services::Api::new(store, desired);
+    let api = services::Api::new(store, desired, hub);
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<VpcServiceServer<services::Api>>()
@@ -211,6 +221,9 @@ pub async fn serve_on_with(
     health
         .set_serving::<NodeServiceServer<services::Api>>()
         .await;
+    health
+        .set_serving::<ImageServiceServer<services::Api>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -232,6 +245,7 @@ pub async fn serve_on_with(
         .add_service(MeterServiceServer::new(api.clone()))
         .add_service(StatusServiceServer::new(api.clone()))
         .add_service(NodeServiceServer::new(api.clone()))
+        .add_service(ImageServiceServer::new(api.clone()))
         .add_service(DpuServiceServer::new(api))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await?;

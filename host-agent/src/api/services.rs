@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, FieldError};
 use super::{invalid_argument, pb, store_status};
+use crate::flashing::{FlashHub, FlashRequest, FlashRequestError};
 use crate::store::{Guarded, Object, StatusChange, Store};
 
 /// The service state: the store.
@@ -15,11 +16,16 @@ use crate::store::{Guarded, Object, StatusChange, Store};
 pub struct Api {
     store: Store,
     desired: Option<super::DesiredState>,
+    hub: Option<FlashHub>,
 }
 
 impl Api {
-    pub fn new(store: Store, desired: Option<super::DesiredState>) -> Api {
-        Api { store, desired }
+    pub fn new(store: Store, desired: Option<super::DesiredState>, hub: Option<FlashHub>) -> Api {
+        Api {
+            store,
+            desired,
+            hub,
+        }
     }
 
     /// Creates one object (must not exist) and returns its stored revision.
@@ -424,9 +430,87 @@ impl pb::dpu_service_server::DpuService for Api {
         _: Request<pb::ListDpusRequest>,
     ) -> Result<Response<pb::ListDpusResponse>, Status> {
         let dpus = self.store.dpus().await.map_err(|e| store_status(&e))?;
-        Ok(Response::new(pb::ListDpusResponse {
-            dpus: dpus.iter().map(convert::dpu_pb).collect(),
-        }))
+        let dpus = dpus
+            .iter()
+            .map(|d| {
+                let mut out = convert::dpu_pb(d);
+                if let Some(r) = self.hub.as_ref().and_then(|h| h.boot_of(&out.id)) {
+                    convert::boot_into(&mut out, &r);
+                }
+                out
+            })
+            .collect();
+        Ok(Response::new(pb::ListDpusResponse { dpus }))
+    }
+}
+
+fn flash_field(field: &str, description: &str) -> Status {
+    super::invalid_field(
+        "flash",
+        field,
+        description,
+        format!("flash: field `{field}`: {description}"),
+    )
+}
+
+#[tonic::async_trait]
+impl pb::image_service_server::ImageService for Api {
+    type FlashStream = Pin<Box<dyn Stream<Item = Result<pb::FlashEvent, Status>> + Send>>;
+
+    async fn flash(
+        &self,
+        req: Request<pb::FlashRequest>,
+    ) -> Result<Response<Self::FlashStream>, Status> {
+        let Some(hub) = &self.hub else {
+            return Err(Status::unavailable("this server does not flash images"));
+        };
+        let r = req.into_inner();
+        let path = std::path::PathBuf::from(&r.image_path);
+        if !path.is_absolute() {
+            return Err(flash_field(
+                "image_path",
+                "an absolute path on the host agent's machine",
+            ));
+        }
+        if r.all != r.dpu_ids.is_empty() {
+            return Err(flash_field("dpu_ids", "name DPUs, or set all (not both)"));
+        }
+        let ranged = |field: &str, v: u32, default: u32, max: u32| {
+            if v > max {
+                Err(flash_field(field, &format!("at most {max}")))
+            } else if v == 0 {
+                Ok(default)
+            } else {
+                Ok(v)
+            }
+        };
+        let parallel = ranged("parallel", r.parallel, 4, 1024)?;
+        let streams = ranged("streams", r.streams, 4, 16)?;
+        let tries = ranged("tries", r.tries, 3, 10)?;
+        let request = FlashRequest {
+            image_path: path,
+            dpus: r.dpu_ids,
+            all: r.all,
+            parallel: parallel as usize,
+            streams: u8::try_from(streams).unwrap_or(4),
+            tries: u8::try_from(tries).unwrap_or(3),
+            activate: r.activate,
+        };
+        let events = hub.flash(request).await.map_err(|e| match &e {
+            FlashRequestError::Image(_) | FlashRequestError::Verify { .. } => {
+                super::invalid_field("flash", "image_path", &e.to_string(), e.to_string())
+            }
+            FlashRequestError::NotConnected(_) => Status::not_found(e.to_string()),
+            FlashRequestError::NoDpus | FlashRequestError::Busy(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+            FlashRequestError::Serve(_)
+            | FlashRequestError::Listen(_)
+            | FlashRequestError::Keys(_) => Status::internal(e.to_string()),
+        })?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(events)
+            .map(|e| Ok(convert::flash_event_pb(&e)));
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

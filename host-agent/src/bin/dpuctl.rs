@@ -13,6 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use pb::dpu_service_client::DpuServiceClient;
+use pb::image_service_client::ImageServiceClient;
 use pb::meter_service_client::MeterServiceClient;
 use pb::nat_service_client::NatServiceClient;
 use pb::node_service_client::NodeServiceClient;
@@ -67,6 +68,38 @@ enum Cmd {
     /// The node: the DPU's VTEP, router MAC and uplink ports.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// DPU images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Flash a signed image (built with `dpu-image build`) into the inactive slot of DPUs. The
+    /// host agent reads the file once and serves it to every DPU; each DPU verifies it against
+    /// its own trusted keys and target. Exit 1 if any DPU failed or rolled back.
+    Flash {
+        /// A DPU to flash (repeat for several).
+        #[arg(long = "dpu", required_unless_present = "all")]
+        dpus: Vec<String>,
+        /// Every connected DPU.
+        #[arg(long, conflicts_with = "dpus")]
+        all: bool,
+        /// DPUs flashed at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: u32,
+        /// Parallel fetch streams per DPU (1-16).
+        #[arg(long, default_value_t = 4)]
+        streams: u32,
+        /// Trial boots of the new slot before it rolls back (1-10).
+        #[arg(long, default_value_t = 3)]
+        tries: u32,
+        /// Restart each DPU agent into the new slot and wait until it commits or rolls back.
+        #[arg(long)]
+        activate: bool,
+        /// The image file (on the host agent's machine).
+        image: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -256,6 +289,8 @@ enum CliError {
     Usage(String),
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("{failed} of {total} DPUs did not flash")]
+    Flash { failed: usize, total: usize },
 }
 
 impl CliError {
@@ -263,7 +298,7 @@ impl CliError {
         match self {
             CliError::Unreachable { .. } | CliError::Gone { .. } => 3,
             CliError::Usage(_) => 2,
-            CliError::Refused { .. } | CliError::Json(_) => 1,
+            CliError::Refused { .. } | CliError::Json(_) | CliError::Flash { .. } => 1,
         }
     }
 }
@@ -548,9 +583,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| CliError::Usage(format!("--server {url}: {e}")))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(30));
+        .connect_timeout(Duration::from_secs(3));
+    // A flash streams for as long as it takes; everything else gets 30 s.
+    let long_channel = endpoint.connect_lazy();
     let channel = endpoint
+        .timeout(Duration::from_secs(30))
         .connect()
         .await
         .map_err(|e| CliError::Unreachable {
@@ -566,6 +603,41 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let refused = |s: Status| ctx.refused(s);
 
     match cli.cmd {
+        Cmd::Image(ImageCmd::Flash {
+            dpus,
+            all,
+            parallel,
+            streams,
+            tries,
+            activate,
+            image,
+        }) => {
+            let path = std::path::absolute(&image)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", image.display())))?;
+            let mut c = ImageServiceClient::new(long_channel);
+            let mut events = c
+                .flash(pb::FlashRequest {
+                    image_path: path.display().to_string(),
+                    dpu_ids: dpus,
+                    all,
+                    parallel,
+                    streams,
+                    tries,
+                    activate,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let mut view = FlashView::new(ctx.json);
+            loop {
+                match events.message().await {
+                    Ok(Some(e)) => view.event(e)?,
+                    Ok(None) => break,
+                    Err(s) => return Err(refused(s)),
+                }
+            }
+            view.finish()?;
+        }
         Cmd::Vpc(cmd) => {
             let mut c = VpcServiceClient::new(ch());
             match cmd {
@@ -922,18 +994,42 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .map_err(refused)?
                 .into_inner();
             ctx.print(&r.dpus, || {
-                let mut rows = vec![header(&["ID", "AGENT", "ALIVE", "PORTS"])];
+                let mut rows = vec![header(&[
+                    "ID",
+                    "AGENT",
+                    "ALIVE",
+                    "PORTS",
+                    "SLOT",
+                    "ACTIVE",
+                    "PENDING",
+                    "LAST BOOT",
+                ])];
                 for d in &r.dpus {
                     let ports: Vec<String> = d
                         .ports
                         .iter()
                         .map(|p| format!("{}:{}", p.port, p.profile))
                         .collect();
+                    let or_dash = |s: &str| {
+                        if s.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            s.to_owned()
+                        }
+                    };
                     rows.push(vec![
                         d.id.clone(),
                         d.agent_version.clone(),
                         if d.alive { "yes" } else { "DEAD" }.to_owned(),
                         ports.join(" "),
+                        or_dash(&d.running_slot),
+                        or_dash(&d.active_slot),
+                        if d.pending_slot.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            format!("{} ({} tries)", d.pending_slot, d.tries_left)
+                        },
+                        or_dash(&d.last_boot),
                     ]);
                 }
                 rows
@@ -941,6 +1037,130 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// What `dpuctl image flash` shows: JSON lines, a live bar per DPU on a terminal, or a line
+/// per step (and per quarter of progress) otherwise; then a summary.
+struct FlashView {
+    json: bool,
+    tty: bool,
+    order: Vec<String>,
+    last: std::collections::BTreeMap<String, pb::FlashEvent>,
+    drawn: usize,
+}
+
+fn flash_line(e: &pb::FlashEvent) -> String {
+    let bar = |done: u32, total: u32| {
+        let width = 30usize;
+        let filled = (done as usize * width)
+            .checked_div(total as usize)
+            .unwrap_or(0)
+            .min(width);
+        format!(
+            "[{}{}] {:>3}% {done}/{total} chunks",
+            "#".repeat(filled),
+            ".".repeat(width - filled),
+            (done * 100).checked_div(total).unwrap_or(0)
+        )
+    };
+    let what = match e.phase.as_str() {
+        "queued" => "queued".to_owned(),
+        "started" => format!(
+            "slot {}: {} chunks{}",
+            e.slot,
+            e.total,
+            if e.resumed > 0 {
+                format!(", {} resumed", e.resumed)
+            } else {
+                String::new()
+            }
+        ),
+        "progress" => bar(e.done, e.total),
+        "flashed" => format!(
+            "slot {} flashed and verified, {} trial boot(s) armed ({} fetches, {} re-fetched, {} resumed)",
+            e.slot, e.tries, e.fetches, e.refetches, e.resumed
+        ),
+        "rebooting" => format!("restarting into slot {}", e.slot),
+        "failed" => format!("FAILED ({}): {}", e.failure, e.message),
+        "committed" | "rolled_back" | "booted" => format!("{}: {}", e.phase, e.message),
+        other => other.to_owned(),
+    };
+    format!("{:<16} {what}", e.dpu_id)
+}
+
+impl FlashView {
+    fn new(json: bool) -> Self {
+        use std::io::IsTerminal;
+        FlashView {
+            json,
+            tty: std::io::stderr().is_terminal(),
+            order: Vec::new(),
+            last: std::collections::BTreeMap::new(),
+            drawn: 0,
+        }
+    }
+
+    fn event(&mut self, e: pb::FlashEvent) -> Result<(), CliError> {
+        if self.json {
+            println!("{}", serde_json::to_string(&e)?);
+        }
+        if !self.order.contains(&e.dpu_id) {
+            self.order.push(e.dpu_id.clone());
+        }
+        let prev = self.last.insert(e.dpu_id.clone(), e.clone());
+        if self.json {
+            return Ok(());
+        }
+        if self.tty {
+            // Redraw one line per DPU in place.
+            let mut out = String::new();
+            if self.drawn > 0 {
+                out.push_str(&format!("\x1b[{}A", self.drawn));
+            }
+            for d in &self.order {
+                if let Some(ev) = self.last.get(d) {
+                    out.push_str(&format!("\x1b[2K{}\n", flash_line(ev)));
+                }
+            }
+            self.drawn = self.order.len();
+            eprint!("{out}");
+        } else {
+            let quarter = |x: &pb::FlashEvent| (x.done * 4).checked_div(x.total).unwrap_or(0);
+            let show = e.phase != "progress"
+                || prev.is_none_or(|p| p.phase != "progress" || quarter(&p) != quarter(&e));
+            if show {
+                eprintln!("{}", flash_line(&e));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), CliError> {
+        let total = self.order.len();
+        let ok = |e: &pb::FlashEvent| matches!(e.phase.as_str(), "committed" | "flashed");
+        let failed = self
+            .order
+            .iter()
+            .filter(|d| !self.last.get(*d).is_some_and(ok))
+            .count();
+        if !self.json {
+            let mut rows = vec![header(&["DPU", "RESULT", "SLOT", "DETAILS"])];
+            for d in &self.order {
+                let Some(e) = self.last.get(d) else { continue };
+                let details = match e.phase.as_str() {
+                    "flashed" => format!("{} trial boot(s) armed; not restarted", e.tries),
+                    "failed" => format!("{}: {}", e.failure, e.message),
+                    _ => e.message.clone(),
+                };
+                rows.push(vec![d.clone(), e.phase.clone(), e.slot.clone(), details]);
+            }
+            print_table(&rows);
+        }
+        if failed > 0 {
+            return Err(CliError::Flash { failed, total });
+        }
+        Ok(())
+    }
 }
 
 fn nat_rows(rules: &[pb::NatRule]) -> Vec<Vec<String>> {

@@ -43,7 +43,7 @@ impl Dpu {
                 boot_id,
                 ports,
             };
-            serve(&listener, &mut agent, &mut target, &id, &s).unwrap();
+            serve(&listener, &mut agent, &mut target, &id, &s, None).unwrap();
         });
         Dpu {
             stop,
