@@ -238,8 +238,14 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
             }
         }
         if let Some(im) = images.as_deref_mut() {
+            let mut armed = false;
             for st in im.drain() {
+                armed |= matches!(st.phase, FlashPhase::Flashed { .. });
                 send(&mut stream, &codec, &Message::Flash(st))?;
+            }
+            if armed {
+                // A slot is now on trial: the host's view of the boot state changes.
+                send(&mut stream, &codec, &Message::Boot(im.report()))?;
             }
         }
         if last_tick.elapsed() >= TICK_EVERY {

@@ -104,6 +104,9 @@ fn reexec() -> ExitCode {
         .map(|a| CString::new(a.as_bytes()))
         .collect();
     let exe = CString::new("/proc/self/exe");
+    if let Err(e) = dpdk::cloexec_inherited_fds() {
+        tracing::warn!(error = %e, "could not mark inherited descriptors close-on-exec");
+    }
     if let (Ok(exe), Ok(argv)) = (exe, argv) {
         tracing::info!("restarting (boot into the slot the boot state names)");
         let err = nix::unistd::execv(&exe, &argv);
@@ -126,6 +129,7 @@ fn run(args: &Args) -> Result<Exit, StartError> {
     signals.add(Signal::SIGINT);
     signals.thread_block()?;
     let stop = AtomicBool::new(false);
+    let signalled = AtomicBool::new(false);
 
     let eal_args = config.eal_args();
     tracing::info!(args = ?eal_args, "starting EAL");
@@ -235,20 +239,23 @@ fn run(args: &Args) -> Result<Exit, StartError> {
         })?);
     }
     std::thread::scope(|s| {
-        // The signal waiter: the only thread with SIGTERM/SIGINT deliverable.
+        // The signal waiter: the only thread with SIGTERM/SIGINT deliverable. It always
+        // takes exactly one signal: a real one, or the wake-up sent below when we stop on our
+        // own. A wake-up left pending would survive the re-exec of a restart (pending signals
+        // do) and stop the next start.
         let stop_ref = &stop;
-        s.spawn(move || {
-            while !stop_ref.load(Ordering::Relaxed) {
-                match signals.wait() {
-                    Ok(sig) => {
-                        tracing::info!(signal = ?sig, "shutting down");
-                        stop_ref.store(true, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "sigwait failed; shutting down");
-                        stop_ref.store(true, Ordering::Relaxed);
-                    }
+        let signalled_ref = &signalled;
+        s.spawn(move || match signals.wait() {
+            Ok(sig) => {
+                if !stop_ref.swap(true, Ordering::SeqCst) {
+                    signalled_ref.store(true, Ordering::SeqCst);
+                    tracing::info!(signal = ?sig, "shutting down");
                 }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sigwait failed; shutting down");
+                signalled_ref.store(true, Ordering::SeqCst);
+                stop_ref.store(true, Ordering::SeqCst);
             }
         });
         let pipeline = agent.pipeline();
@@ -274,11 +281,15 @@ fn run(args: &Args) -> Result<Exit, StartError> {
                 exit = Exit::Restart;
             }
         }
-        stop.store(true, Ordering::Relaxed);
-        // Wake the signal waiter if it is still waiting (harmless: the signal is blocked and
-        // we are stopping anyway).
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
+        if !stop.swap(true, Ordering::SeqCst) {
+            // We stop on our own: wake the signal waiter, which takes this signal.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
+        }
     });
+    if signalled.load(Ordering::SeqCst) {
+        // An operator's SIGTERM wins over a restart.
+        exit = Exit::Stopped;
+    }
     tracing::info!(stats = %stats.summary(), "lcore counters");
     if let Target::Dpdk(t) = &mut target {
         for e in &t.clear() {

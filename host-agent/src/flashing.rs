@@ -434,6 +434,9 @@ impl FlashHub {
             return;
         }
         let mut rebooting = false;
+        // After a restart, only a boot report from the next session counts (the old session
+        // may still send one, for the slot just armed).
+        let mut restarted = false;
         loop {
             let wait = if rebooting {
                 self.inner.timeouts.boot
@@ -478,7 +481,7 @@ impl FlashHub {
                     }
                 }
                 LinkNews::Flash(_) => {}
-                LinkNews::Boot(r) if rebooting => {
+                LinkNews::Boot(r) if restarted => {
                     let _ = tx.send(ev(FlashStep::Booted(r))).await;
                     return;
                 }
@@ -493,7 +496,7 @@ impl FlashHub {
                         .await;
                     return;
                 }
-                LinkNews::Gone => {}
+                LinkNews::Gone => restarted = true,
             }
         }
     }

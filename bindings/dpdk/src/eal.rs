@@ -107,3 +107,27 @@ impl Drop for Eal {
         let _ = unsafe { sys::rte_eal_cleanup() };
     }
 }
+
+/// Marks every file descriptor from 3 up close-on-exec, for a process about to re-execute
+/// itself after EAL has been cleaned up.
+///
+/// DPDK opens some descriptors without `O_CLOEXEC`, the telemetry socket among them. Handed
+/// to the next incarnation, that listening socket is never accepted on, and the next EAL's
+/// telemetry init blocks connecting to it (its path is the same): measured here, the third
+/// start of a re-executing agent hung in `rte_telemetry_init`.
+pub fn cloexec_inherited_fds() -> std::io::Result<()> {
+    // SAFETY: close_range only changes descriptor flags (CLOSE_RANGE_CLOEXEC closes nothing);
+    // it takes plain integers and touches no memory of ours.
+    let rc = unsafe {
+        libc::close_range(
+            3,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -24,7 +24,7 @@ mod ring;
 mod rule;
 mod target;
 
-pub use eal::{Eal, EalError};
+pub use eal::{cloexec_inherited_fds, Eal, EalError};
 pub use errno::Errno;
 pub use flow::{
     flow_validate, FlowAction, FlowAttr, FlowErrorCause, FlowItem, FlowRefusal, ItemPart,
