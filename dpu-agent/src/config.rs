@@ -465,6 +465,26 @@ listen = "127.0.0.1:7700"
                 format!("{GOOD}\n[nic]\nbackend = \"reference\"\nmax_rules = 0\n"),
                 "nic.max_rules",
             ),
+            (
+                format!("{GOOD}\n{IMAGE}").replace("/s/b", "/s/a"),
+                "image.slot_b",
+            ),
+            (
+                format!("{GOOD}\n{IMAGE}").replace("[\"/k\"]", "[]"),
+                "image.trusted_keys",
+            ),
+            (
+                format!("{GOOD}\n{IMAGE}").replace("\"bf3\"", "\"\""),
+                "image.target",
+            ),
+            (
+                format!("{GOOD}\n{IMAGE}health_command = [\"\"]\n"),
+                "image.health_command[0]",
+            ),
+            (
+                format!("{GOOD}\n{IMAGE}health_timeout_secs = 0\n"),
+                "image.health_timeout_secs",
+            ),
         ];
         for (text, field) in cases {
             match err_of(&text) {
@@ -472,6 +492,18 @@ listen = "127.0.0.1:7700"
                 other => panic!("{field}: {other:?}"),
             }
         }
+    }
+
+    const IMAGE: &str = "[image]\nslot_a = \"/s/a\"\nslot_b = \"/s/b\"\nstate_dir = \"/s\"\ntrusted_keys = [\"/k\"]\ntarget = \"bf3\"\n";
+
+    #[test]
+    fn image_section_parses_with_defaults() {
+        let c = Config::parse(&format!("{GOOD}\n{IMAGE}")).unwrap();
+        let im = c.image.unwrap();
+        assert_eq!(im.slot_capacity, 4 << 30);
+        assert_eq!(im.health_timeout_secs, 30);
+        assert!(im.health_command.is_empty());
+        assert_eq!(im.target, "bf3");
     }
 
     #[test]
