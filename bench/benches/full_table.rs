@@ -18,6 +18,9 @@
 //!   zebra's table), i.e. acknowledged back over FPM.
 //!
 //! Between iterations the session is closed and the bench waits for zebra to drop the routes.
+//!
+//! Beside the wall time, each mode prints the CPU time every process spent per iteration
+//! (`/proc/PID/stat`, from the first UPDATE to the end condition): where the time goes.
 //! Needs root, the chroot (`scripts/frr-chroot`) and `etcd`; it says what is missing.
 
 use std::io::{Read, Write};
@@ -222,6 +225,66 @@ struct Lab {
     dir: String,
     children: Vec<Child>,
     frr_pids: Vec<PathBuf>,
+    /// Processes whose CPU time is reported, by name.
+    named: Vec<(String, u32)>,
+}
+
+/// CPU seconds (user + system) of a process so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+    let t = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (t(11) + t(12)) as f64 / 100.0 // utime + stime, 100 Hz ticks
+}
+
+/// CPU time per process over the measured part of each iteration.
+struct CpuMeter {
+    procs: Vec<(String, u32)>,
+    spent: Vec<f64>,
+    wall: Duration,
+    iterations: u32,
+}
+
+impl CpuMeter {
+    fn new(procs: Vec<(String, u32)>) -> CpuMeter {
+        let spent = vec![0.0; procs.len()];
+        CpuMeter {
+            procs,
+            spent,
+            wall: Duration::ZERO,
+            iterations: 0,
+        }
+    }
+
+    fn now(&self) -> Vec<f64> {
+        self.procs.iter().map(|(_, p)| cpu_secs(*p)).collect()
+    }
+
+    fn add(&mut self, before: &[f64], wall: Duration) {
+        for (i, b) in before.iter().enumerate() {
+            self.spent[i] += cpu_secs(self.procs[i].1) - b;
+        }
+        self.wall += wall;
+        self.iterations += 1;
+    }
+
+    fn report(&self, label: &str) {
+        let n = f64::from(self.iterations.max(1));
+        let mut parts = vec![format!(
+            "wall {:.0} ms",
+            self.wall.as_secs_f64() * 1000.0 / n
+        )];
+        for (i, (name, _)) in self.procs.iter().enumerate() {
+            parts.push(format!("{name} {:.0} ms", self.spent[i] * 1000.0 / n));
+        }
+        let total: f64 = self.spent.iter().sum();
+        parts.push(format!("all {:.0} ms", total * 1000.0 / n));
+        eprintln!(
+            "full_table cpu per iteration, {label} ({} iterations): {}",
+            self.iterations,
+            parts.join(", ")
+        );
+    }
 }
 
 impl Lab {
@@ -248,6 +311,7 @@ impl Lab {
             dir,
             children: Vec::new(),
             frr_pids: Vec::new(),
+            named: Vec::new(),
         };
         lab.start_frr()
     }
@@ -310,6 +374,14 @@ impl Lab {
             assert!(st.success(), "{d} did not start");
             self.frr_pids.push(host_dir.join(format!("{d}.pid")));
             std::thread::sleep(Duration::from_millis(500));
+            if d != "mgmtd" {
+                if let Some(pid) = std::fs::read_to_string(host_dir.join(format!("{d}.pid")))
+                    .ok()
+                    .and_then(|p| p.trim().parse().ok())
+                {
+                    self.named.push((d.to_owned(), pid));
+                }
+            }
         }
         let conf = format!(
             "fpm address 127.0.0.1 port {FPM_PORT}\n\
@@ -503,7 +575,7 @@ fn start_agents(lab: &mut Lab, n: u32) {
     let etcd_url = format!("http://127.0.0.1:{etcd_c}");
     let peer = format!("http://127.0.0.1:{etcd_p}");
     let data = work.join("etcd");
-    lab.spawn(
+    let etcd_pid = lab.spawn(
         Path::new("/usr/bin/etcd"),
         &[
             "--name",
@@ -537,7 +609,7 @@ fn start_agents(lab: &mut Lab, n: u32) {
         ),
     )
     .unwrap();
-    lab.spawn(
+    let dpu_pid = lab.spawn(
         &bin.join("dpu-agent"),
         &["--config", dpu_cfg.to_str().unwrap()],
         &work.join("dpu-agent.log"),
@@ -550,11 +622,14 @@ fn start_agents(lab: &mut Lab, n: u32) {
         ),
     )
     .unwrap();
-    lab.spawn(
+    let host_pid = lab.spawn(
         &bin.join("host-agent"),
         &["--config", host_cfg.to_str().unwrap()],
         &work.join("host-agent.log"),
     );
+    lab.named.push(("host-agent".into(), host_pid));
+    lab.named.push(("dpu-agent".into(), dpu_pid));
+    lab.named.push(("etcd".into(), etcd_pid));
     // The node, through dpuctl, once the API answers.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -611,6 +686,9 @@ fn bench(c: &mut Criterion) {
 
     {
         let sink = Sink::start(&lab.r);
+        let mut procs = lab.named.clone();
+        procs.push(("bench (speaker, sink)".into(), std::process::id()));
+        let mut meter = CpuMeter::new(procs);
         g.bench_function(format!("zebra_alone/{n}"), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -618,6 +696,7 @@ fn bench(c: &mut Criterion) {
                     let base = sink.seen.load(Ordering::Relaxed);
                     let del = sink.deleted.load(Ordering::Relaxed);
                     let mut s = Session::open(&lab.s);
+                    let before = meter.now();
                     let t0 = Instant::now();
                     s.send_all(&msgs);
                     let deadline = Instant::now() + Duration::from_secs(600);
@@ -626,6 +705,7 @@ fn bench(c: &mut Criterion) {
                         std::thread::sleep(Duration::from_millis(2));
                     }
                     total += t0.elapsed();
+                    meter.add(&before, t0.elapsed());
                     drop(s);
                     while sink.deleted.load(Ordering::Relaxed) < del + u64::from(n) {
                         std::thread::sleep(Duration::from_millis(20));
@@ -635,15 +715,20 @@ fn bench(c: &mut Criterion) {
                 total
             })
         });
+        meter.report("zebra alone");
     }
     // zebra reconnects to the host agent on the same port within its 3 s retry.
     start_agents(&mut lab, n);
     let poll = Duration::from_millis(20 + u64::from(n) / 10_000);
+    let mut procs = lab.named.clone();
+    procs.push(("bench (speaker, polls)".into(), std::process::id()));
+    let mut meter = CpuMeter::new(procs);
     g.bench_function(format!("through_agents/{n}"), |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let mut s = Session::open(&lab.s);
+                let before = meter.now();
                 let t0 = Instant::now();
                 s.send_all(&msgs);
                 let deadline = Instant::now() + Duration::from_secs(1200);
@@ -662,12 +747,14 @@ fn bench(c: &mut Criterion) {
                     std::thread::sleep(poll);
                 }
                 total += t0.elapsed();
+                meter.add(&before, t0.elapsed());
                 drop(s);
                 lab.wait_empty();
             }
             total
         })
     });
+    meter.report("through the agents");
     g.finish();
 }
 

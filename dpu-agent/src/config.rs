@@ -164,6 +164,14 @@ pub struct ImageConfig {
     /// Seconds the health command may take before it counts as failed.
     #[serde(default = "default_health_timeout")]
     pub health_timeout_secs: u64,
+    /// Bytes written between journal checkpoints (sync + journal): the most an interrupted
+    /// flash fetches again, against one sync per checkpoint.
+    #[serde(default = "default_checkpoint_bytes")]
+    pub checkpoint_bytes: u64,
+}
+
+fn default_checkpoint_bytes() -> u64 {
+    images::slot::DEFAULT_CHECKPOINT_BYTES
 }
 
 fn default_slot_capacity() -> u64 {
@@ -340,6 +348,9 @@ impl Config {
             if im.health_timeout_secs == 0 {
                 return Err(invalid("image.health_timeout_secs", "at least 1"));
             }
+            if im.checkpoint_bytes == 0 {
+                return Err(invalid("image.checkpoint_bytes", "at least 1"));
+            }
         }
         if let Some(n) = &self.nic {
             if n.backend != "dpdk" && n.backend != "reference" {
@@ -484,6 +495,10 @@ listen = "127.0.0.1:7700"
             (
                 format!("{GOOD}\n{IMAGE}health_timeout_secs = 0\n"),
                 "image.health_timeout_secs",
+            ),
+            (
+                format!("{GOOD}\n{IMAGE}checkpoint_bytes = 0\n"),
+                "image.checkpoint_bytes",
             ),
         ];
         for (text, field) in cases {

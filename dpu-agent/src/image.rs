@@ -95,6 +95,7 @@ pub struct Images {
     last: BootOutcome,
     health_command: Vec<String>,
     health_timeout: Duration,
+    checkpoint_bytes: u64,
     record_path: PathBuf,
     tx: mpsc::Sender<FlashStatus>,
     rx: mpsc::Receiver<FlashStatus>,
@@ -192,6 +193,7 @@ impl Images {
             last,
             health_command: cfg.health_command.clone(),
             health_timeout: Duration::from_secs(cfg.health_timeout_secs),
+            checkpoint_bytes: cfg.checkpoint_bytes,
             record_path,
             tx,
             rx,
@@ -384,13 +386,15 @@ impl Images {
             state = BootState::new(state.active);
             self.control.store(&state).map_err(boot_err)?;
         }
-        let writer = SlotWriter::open(&self.slots, &state, slot, vm.clone()).map_err(|e| {
-            let failure = match e {
-                SlotError::Busy(_) => FlashFailure::Busy,
-                _ => FlashFailure::Slot,
-            };
-            failed(failure, e.to_string())
-        })?;
+        let writer = SlotWriter::open(&self.slots, &state, slot, vm.clone())
+            .map_err(|e| {
+                let failure = match e {
+                    SlotError::Busy(_) => FlashFailure::Busy,
+                    _ => FlashFailure::Slot,
+                };
+                failed(failure, e.to_string())
+            })?
+            .with_checkpoint_bytes(self.checkpoint_bytes);
         let resumed = writer.done_count();
         let total = vm.manifest().chunk_count();
         tracing::info!(image = %vm.id(), %slot, total, resumed, server_port = order.server_port, "flash started");
@@ -420,11 +424,14 @@ impl Images {
         let job = std::thread::Builder::new()
             .name("flash".into())
             .spawn(move || {
-                let last_sent = std::sync::Mutex::new(Instant::now());
+                // The first chunk is reported at once (the flash is under way), then at most
+                // every PROGRESS_EVERY, and the last one.
+                let last_sent: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
                 let progress = |p: images::flash::FlashProgress| {
                     let mut last = last_sent.lock().unwrap_or_else(|e| e.into_inner());
-                    if p.done == p.total || last.elapsed() >= PROGRESS_EVERY {
-                        *last = Instant::now();
+                    let due = last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+                    if p.done == p.total || due {
+                        *last = Some(Instant::now());
                         let _ = tx.send(FlashStatus {
                             image_id,
                             phase: FlashPhase::Progress {

@@ -43,6 +43,7 @@ impl Scratch {
             target: "t1".into(),
             health_command: health.iter().map(|s| (*s).to_owned()).collect(),
             health_timeout_secs: 5,
+            checkpoint_bytes: 1 << 20,
         }
     }
 
