@@ -292,6 +292,8 @@ struct Frr {
     /// zebra's VRF ids by name (see [`FpmSection::vtysh`]), and when they were last asked.
     vrf_ids: BTreeMap<String, u32>,
     vrf_ids_asked: Option<tokio::time::Instant>,
+    /// Routes whose offload status went back to zebra.
+    feedback_sent: u64,
 }
 
 /// Parses `show vrf` output lines `vrf NAME id N netns PATH`.
@@ -417,13 +419,14 @@ impl Frr {
         if pairs.is_empty() {
             return;
         }
-        if let Err(e) = self
+        match self
             .server
             .feedback()
             .ack(pairs.iter().map(|(z, s)| (z, s)))
             .await
         {
-            tracing::warn!(error = %e, "cannot send offload status to zebra");
+            Ok(_) => self.feedback_sent += pairs.len() as u64,
+            Err(e) => tracing::warn!(error = %e, "cannot send offload status to zebra"),
         }
     }
 }
@@ -707,6 +710,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 vpc_tables: vpc_tables(&config_model),
                 vrf_ids: BTreeMap::new(),
                 vrf_ids_asked: None,
+                feedback_sent: 0,
             })
         }
         None => None,
@@ -797,6 +801,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         })
                         .collect();
                     f.ack(&these).await;
+                    metrics.set("dpucp_fpm_feedback_total", &[], f.feedback_sent as f64);
                 }
             }
             ev = async {
@@ -853,6 +858,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     let all = route_statuses(&statuses);
                     tracing::info!(routes = all.len(), "zebra replay over; re-acknowledging every route");
                     f.ack(&all).await;
+                    metrics.set("dpucp_fpm_feedback_total", &[], f.feedback_sent as f64);
                 }
             }
             _ = async {
@@ -895,6 +901,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
 }
 
 fn describe_metrics(m: &Metrics) {
+    m.describe(
+        "dpucp_fpm_feedback_total",
+        Kind::Counter,
+        "Routes whose offload status was sent back to zebra.",
+    );
     m.describe(
         "dpucp_etcd_up",
         Kind::Gauge,
@@ -959,23 +970,113 @@ enum StatusJob {
     },
 }
 
+/// Statuses pending at once above which the writer treats them as a burst.
+const STATUS_BURST: usize = 2048;
+/// In a burst, the writer waits for this much quiet before writing...
+const STATUS_QUIET: Duration = Duration::from_millis(200);
+/// ...but never holds a status longer than this.
+const STATUS_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// A DPU's statuses waiting for the writer: its lease, and per object a status to put or
+/// `None` to delete.
+type PendingStatus = (Option<i64>, BTreeMap<ObjectKey, Option<OffloadStatus>>);
+
+/// What the writer last stored for a DPU, under which lease.
+#[derive(Default)]
+struct Written {
+    lease: i64,
+    statuses: BTreeMap<ObjectKey, OffloadStatus>,
+}
+
+/// The etcd status mirror. Statuses are coalesced (the newest per object wins), and a status
+/// equal to the one already stored is not written again (re-acknowledgements after a
+/// reconnect). A burst (a full table) is held until it goes quiet, at most
+/// [`STATUS_MAX_DELAY`]: the DPUs' acknowledgements to zebra come first, and etcd's work on
+/// the same cores would only delay them. Small updates are written at once.
 fn status_writer(store: Store) -> mpsc::UnboundedSender<StatusJob> {
     let (tx, mut rx) = mpsc::unbounded_channel::<StatusJob>();
     tokio::spawn(async move {
-        while let Some(job) = rx.recv().await {
-            // Written in slices: one etcd transaction holds a bounded number of operations.
-            match job {
+        let mut written: BTreeMap<Name, Written> = BTreeMap::new();
+        while let Some(first) = rx.recv().await {
+            // dpu -> (lease, object -> Some(status) to put | None to delete)
+            let mut pending: BTreeMap<Name, PendingStatus> = BTreeMap::new();
+            let mut count = 0usize;
+            let mut add = |job: StatusJob, count: &mut usize| match job {
                 StatusJob::Put { dpu, lease, items } => {
-                    for chunk in items.chunks(100) {
-                        if let Err(e) = store.put_status(&dpu, chunk, Some(lease)).await {
+                    let e = pending.entry(dpu).or_default();
+                    e.0 = Some(lease);
+                    for (k, st) in items {
+                        if e.1.insert(k, Some(st)).is_none() {
+                            *count += 1;
+                        }
+                    }
+                }
+                StatusJob::Clear { dpu, keys } => {
+                    let e = pending.entry(dpu).or_default();
+                    for k in keys {
+                        if e.1.insert(k, None).is_none() {
+                            *count += 1;
+                        }
+                    }
+                }
+            };
+            add(first, &mut count);
+            let since = tokio::time::Instant::now();
+            loop {
+                while let Ok(job) = rx.try_recv() {
+                    add(job, &mut count);
+                }
+                if count < STATUS_BURST || since.elapsed() >= STATUS_MAX_DELAY {
+                    break;
+                }
+                let left = STATUS_MAX_DELAY.saturating_sub(since.elapsed());
+                match tokio::time::timeout(STATUS_QUIET.min(left), rx.recv()).await {
+                    Ok(Some(job)) => add(job, &mut count),
+                    Ok(None) | Err(_) => break, // closed, or quiet
+                }
+            }
+            for (dpu, (lease, items)) in pending {
+                let w = written.entry(dpu.clone()).or_default();
+                if let Some(l) = lease {
+                    if l != w.lease {
+                        // A new lease: what was stored under the old one is gone with it.
+                        *w = Written {
+                            lease: l,
+                            statuses: BTreeMap::new(),
+                        };
+                    }
+                }
+                let mut puts = Vec::new();
+                let mut deletes = Vec::new();
+                for (k, st) in items {
+                    match st {
+                        Some(st) if w.statuses.get(&k) != Some(&st) => puts.push((k, st)),
+                        Some(_) => {}
+                        None => deletes.push(k),
+                    }
+                }
+                // Written in slices: one etcd transaction holds a bounded number of operations.
+                for chunk in puts.chunks(100) {
+                    match store.put_status(&dpu, chunk, Some(w.lease)).await {
+                        Ok(_) => {
+                            for (k, st) in chunk {
+                                w.statuses.insert(k.clone(), st.clone());
+                            }
+                        }
+                        Err(e) => {
                             tracing::warn!(dpu = %dpu, error = %e, "cannot write status to etcd");
                             break;
                         }
                     }
                 }
-                StatusJob::Clear { dpu, keys } => {
-                    for chunk in keys.chunks(100) {
-                        if let Err(e) = store.clear_status(&dpu, chunk).await {
+                for chunk in deletes.chunks(100) {
+                    match store.clear_status(&dpu, chunk).await {
+                        Ok(_) => {
+                            for k in chunk {
+                                w.statuses.remove(k);
+                            }
+                        }
+                        Err(e) => {
                             tracing::warn!(dpu = %dpu, error = %e, "cannot clear status in etcd");
                             break;
                         }
