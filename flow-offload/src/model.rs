@@ -864,29 +864,48 @@ impl Model {
     /// whole target instead. Whether the batch validates is still up to `apply` (a VPC moved
     /// to another table while routes use the old one is refused; a full resync then works).
     pub fn changes_to(&self, target: &Model) -> Option<Vec<Change>> {
-        fn upserts<K: Ord, V: PartialEq + Clone>(
+        /// One merge-join pass over two ordered maps (no per-key lookups): upserts for keys
+        /// new or changed in `new`, deletes for keys gone from it, both in key order.
+        fn diff<K: Ord + Clone, V: PartialEq + Clone>(
             old: &BTreeMap<K, V>,
             new: &BTreeMap<K, V>,
-            make: impl Fn(V) -> Change,
-            out: &mut Vec<Change>,
-        ) {
-            for (k, v) in new {
-                if old.get(k) != Some(v) {
-                    out.push(make(v.clone()));
+            up: impl Fn(V) -> Change,
+            del: impl Fn(K) -> Change,
+        ) -> (Vec<Change>, Vec<Change>) {
+            let (mut ups, mut dels) = (Vec::new(), Vec::new());
+            let mut o = old.iter().peekable();
+            let mut n = new.iter().peekable();
+            loop {
+                match (o.peek(), n.peek()) {
+                    (None, None) => break,
+                    (Some((ok, _)), None) => {
+                        dels.push(del((*ok).clone()));
+                        o.next();
+                    }
+                    (None, Some((_, nv))) => {
+                        ups.push(up((*nv).clone()));
+                        n.next();
+                    }
+                    (Some((ok, ov)), Some((nk, nv))) => match ok.cmp(nk) {
+                        core::cmp::Ordering::Less => {
+                            dels.push(del((*ok).clone()));
+                            o.next();
+                        }
+                        core::cmp::Ordering::Greater => {
+                            ups.push(up((*nv).clone()));
+                            n.next();
+                        }
+                        core::cmp::Ordering::Equal => {
+                            if ov != nv {
+                                ups.push(up((*nv).clone()));
+                            }
+                            o.next();
+                            n.next();
+                        }
+                    },
                 }
             }
-        }
-        fn deletes<K: Ord + Clone, V>(
-            old: &BTreeMap<K, V>,
-            new: &BTreeMap<K, V>,
-            make: impl Fn(K) -> Change,
-            out: &mut Vec<Change>,
-        ) {
-            for k in old.keys() {
-                if !new.contains_key(k) {
-                    out.push(make(k.clone()));
-                }
-            }
+            (ups, dels)
         }
         let mut out = Vec::new();
         match (&self.node, &target.node) {
@@ -894,14 +913,30 @@ impl Model {
             (a, Some(b)) if a.as_ref() != Some(b) => out.push(Change::SetNode(b.clone())),
             _ => {}
         }
-        upserts(&self.vpcs, &target.vpcs, Change::UpsertVpc, &mut out);
-        upserts(&self.routes, &target.routes, Change::UpsertRoute, &mut out);
-        upserts(&self.nat, &target.nat, Change::UpsertNat, &mut out);
-        upserts(&self.meters, &target.meters, Change::UpsertMeter, &mut out);
-        deletes(&self.meters, &target.meters, Change::DeleteMeter, &mut out);
-        deletes(&self.nat, &target.nat, Change::DeleteNat, &mut out);
-        deletes(&self.routes, &target.routes, Change::DeleteRoute, &mut out);
-        deletes(&self.vpcs, &target.vpcs, Change::DeleteVpc, &mut out);
+        let (vpc_up, vpc_del) = diff(
+            &self.vpcs,
+            &target.vpcs,
+            Change::UpsertVpc,
+            Change::DeleteVpc,
+        );
+        let (route_up, route_del) = diff(
+            &self.routes,
+            &target.routes,
+            Change::UpsertRoute,
+            Change::DeleteRoute,
+        );
+        let (nat_up, nat_del) = diff(&self.nat, &target.nat, Change::UpsertNat, Change::DeleteNat);
+        let (meter_up, meter_del) = diff(
+            &self.meters,
+            &target.meters,
+            Change::UpsertMeter,
+            Change::DeleteMeter,
+        );
+        for part in [
+            vpc_up, route_up, nat_up, meter_up, meter_del, nat_del, route_del, vpc_del,
+        ] {
+            out.extend(part);
+        }
         Some(out)
     }
 }

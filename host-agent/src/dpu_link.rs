@@ -211,10 +211,14 @@ async fn next_batch(
 ) -> Result<Option<InFlight>, SessionEnd> {
     let changes = match (&known.acked, force_full) {
         (Some((_, acked)), false) => {
-            if Arc::ptr_eq(acked, desired) || **acked == **desired {
+            if Arc::ptr_eq(acked, desired) {
                 return Ok(None);
             }
-            acked.changes_to(desired).map(|c| (false, c))
+            // One ordered pass; an empty difference means the DPU is in step.
+            match acked.changes_to(desired) {
+                Some(c) if c.is_empty() => return Ok(None),
+                other => other.map(|c| (false, c)),
+            }
         }
         _ => None,
     };
