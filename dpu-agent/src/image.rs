@@ -128,6 +128,14 @@ fn slot_of(path: &Path, capacity: u64) -> Result<Slot, SlotError> {
     }
 }
 
+/// Replaces the slot record (temporary file, then rename).
+fn store_record(path: &Path, r: &SlotRecord) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 fn read_record(path: &Path) -> SlotRecord {
     std::fs::read(path)
         .ok()
@@ -207,14 +215,10 @@ impl Images {
     }
 
     fn write_record(&self, r: &SlotRecord) -> Result<(), ImageSetupError> {
-        let io = |source| ImageSetupError::Io {
+        store_record(&self.record_path, r).map_err(|source| ImageSetupError::Io {
             path: self.record_path.clone(),
             source,
-        };
-        let bytes = serde_json::to_vec_pretty(r).map_err(|e| io(std::io::Error::other(e)))?;
-        let tmp = self.record_path.with_extension("json.tmp");
-        std::fs::write(&tmp, bytes).map_err(io)?;
-        std::fs::rename(&tmp, &self.record_path).map_err(io)
+        })
     }
 
     /// The slot this start runs from.
@@ -446,11 +450,8 @@ impl Images {
                         Ok(_) => {
                             let mut r = read_record(&record_path);
                             r.images.insert(slot.to_string(), vm.id().to_hex());
-                            if let Ok(b) = serde_json::to_vec_pretty(&r) {
-                                let tmp = record_path.with_extension("json.tmp");
-                                if std::fs::write(&tmp, b).is_ok() {
-                                    let _ = std::fs::rename(&tmp, &record_path);
-                                }
+                            if let Err(e) = store_record(&record_path, &r) {
+                                tracing::warn!(error = %e, "cannot record the slot's image");
                             }
                             tracing::info!(%slot, tries, fetches = report.fetches, refetches = report.refetches, resumed = report.resumed, "flash verified and armed");
                             FlashPhase::Flashed {

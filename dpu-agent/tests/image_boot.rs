@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use dpu_agent::config::ImageConfig;
@@ -92,10 +92,6 @@ fn order(img: &Image, port: u16) -> FlashImage {
         tries: 2,
         activate: false,
     }
-}
-
-fn exists(p: &Path) -> bool {
-    p.exists()
 }
 
 #[test]
@@ -208,7 +204,7 @@ fn bad_orders_are_refused_before_anything_is_written() {
     let mut o = order(&good, 1);
     o.tries = 0;
     assert_eq!(refused(im.start_flash(&o, host)).0, FlashFailure::Refused);
-    assert!(!exists(&s.0.join("slot-a")) && !exists(&s.0.join("slot-b")));
+    assert!(!s.0.join("slot-a").exists() && !s.0.join("slot-b").exists());
     assert!(im.drain().is_empty(), "a refusal starts nothing");
 
     // A server that accepts and never answers keeps a flash running: a second one is busy.
@@ -229,7 +225,7 @@ fn bad_orders_are_refused_before_anything_is_written() {
     let (f, _) = refused(im.start_flash(&order(&good, port), host));
     assert_eq!(f, FlashFailure::Busy);
     assert!(
-        !exists(&s.0.join("slot-a")),
+        !s.0.join("slot-a").exists(),
         "the active slot is never opened"
     );
 }

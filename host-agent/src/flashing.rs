@@ -18,9 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use flow_offload::wire::{
-    BootOutcome, BootReport, FlashFailure, FlashImage, FlashPhase, FlashStatus, SlotName,
-};
+use flow_offload::wire::{BootReport, FlashFailure, FlashImage, FlashPhase, FlashStatus};
 use images::flash::ChunkServer;
 use images::format::Image;
 use images::keys::TrustedKeys;
@@ -150,17 +148,6 @@ pub enum FlashStep {
     Booted(BootReport),
     /// The host gave up on this DPU (link lost, timeout).
     Lost(String),
-}
-
-impl FlashStep {
-    /// Whether the DPU's flash ended badly.
-    pub fn is_failure(&self) -> bool {
-        match self {
-            FlashStep::Dpu(FlashPhase::Failed { .. }) | FlashStep::Lost(_) => true,
-            FlashStep::Booted(r) => !matches!(r.last, BootOutcome::Committed(_)),
-            _ => false,
-        }
-    }
 }
 
 /// What links report to the hub.
@@ -511,14 +498,6 @@ struct Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         lock(&self.hub.inner.busy).remove(&self.dpu);
-    }
-}
-
-/// A slot's name in the API.
-pub fn slot_str(s: SlotName) -> &'static str {
-    match s {
-        SlotName::A => "A",
-        SlotName::B => "B",
     }
 }
 

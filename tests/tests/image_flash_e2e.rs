@@ -15,6 +15,9 @@
 //! Needs root (EAL) and etcd; run by `scripts/test` after the binaries are built.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::{bin_dir, is_root};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -24,11 +27,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
 fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
@@ -37,14 +35,6 @@ fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 fn free_port() -> u16 {

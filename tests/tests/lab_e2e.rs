@@ -5,6 +5,9 @@
 //! DPU agents, two FRRs and two etcds on a two-core machine.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::{bin_dir, is_root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -21,26 +24,12 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `target/debug` (or whichever profile built this test): where the agents' binaries are.
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
 fn can_run() -> bool {
-    let root = nix_is_root();
+    let root = is_root();
     if !root {
         eprintln!("skipped: needs root");
     }
     root
-}
-
-fn nix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 /// One running lab; `scripts/lab down` on drop.
