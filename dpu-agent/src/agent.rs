@@ -5,8 +5,15 @@
 //! invalid (nothing changes), otherwise applied to the model, recompiled (route-only batches
 //! incrementally, anything else from scratch against the plan in force, so unchanged rules stay
 //! untouched), programmed through the [`FlowTarget`] (creates the NIC refuses fall back to
-//! software with the driver's reason), and mirrored into the software pipeline. Batches are
-//! idempotent by epoch: an epoch already applied is acknowledged again, not re-applied.
+//! software with the driver's reason), and mirrored into the software pipeline. A full batch
+//! is diffed against the model in force first, so a resync that changes nothing, or only
+//! routes, rebuilds nothing. A rebuild carries the NAT state of every NAT rule that survives
+//! unchanged into the new pipeline (established sessions keep their outside address and port)
+//! and keeps offloaded sessions in hardware where the new plan gives them the same rules.
+//!
+//! Every batch is applied, whatever its epoch: the epoch only pairs an answer with its batch.
+//! The host resumes numbering from the hello's `last_epoch`, so epochs increase across restarts
+//! of either side; a batch whose epoch does not is still applied, and counted and logged.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -53,6 +60,8 @@ pub struct Agent {
     seed: u64,
     roles: BTreeMap<PortId, Role>,
     last_epoch: Option<u64>,
+    /// Batches whose epoch did not increase (applied anyway, counted and logged).
+    epoch_regressions: u64,
     /// The plan's software placements as last reported.
     reported_sw: BTreeMap<ObjectKey, SwReason>,
     /// Objects the software pipeline could not take.
@@ -82,6 +91,7 @@ impl Agent {
             seed,
             roles,
             last_epoch: None,
+            epoch_regressions: 0,
             reported_sw: BTreeMap::new(),
             failed: BTreeMap::new(),
             sessions: SessionOffload::new(SessionOffloadConfig::default()),
@@ -135,6 +145,11 @@ impl Agent {
         self.last_epoch
     }
 
+    /// Batches applied whose epoch did not increase (a host that did not resume numbering).
+    pub fn epoch_regressions(&self) -> u64 {
+        self.epoch_regressions
+    }
+
     /// The target's capabilities the compiler uses.
     pub fn caps(&self) -> &Caps {
         self.compiler.caps()
@@ -179,14 +194,14 @@ impl Agent {
         let mut report = BatchReport::default();
         if let Some(last) = self.last_epoch {
             if batch.epoch <= last {
-                // Already applied: acknowledge again with the current status.
-                let status = self.status_of(batch.changes.iter().map(Change::object));
-                return (
-                    Message::Ack(Ack {
-                        epoch: batch.epoch,
-                        status,
-                    }),
-                    report,
+                // The host is the authority on desired state: a batch is applied whatever its
+                // epoch. A host resumes numbering from our hello's `last_epoch`, so this means
+                // a host that does not; acknowledging without applying would lose its changes.
+                self.epoch_regressions += 1;
+                tracing::warn!(
+                    epoch = batch.epoch,
+                    last,
+                    "batch epoch did not increase (host restarted without resuming from our last epoch); applying it"
                 );
             }
         }
@@ -199,11 +214,10 @@ impl Agent {
                 report,
             );
         }
-        let routes_only = !batch.full
-            && batch
-                .changes
-                .iter()
-                .all(|c| matches!(c, Change::UpsertRoute(_) | Change::DeleteRoute(_)));
+        // What the batch changes, against the model in force. A full batch (after a restart or
+        // reconnect of either side) is diffed, so that a model equal to the running one, or
+        // differing only in routes, takes the incremental path and rebuilds nothing.
+        let mut diff: Option<Vec<Change>> = None;
         if batch.full {
             let mut fresh = Model::new();
             if let Err(error) = fresh.apply(&batch.changes) {
@@ -215,6 +229,7 @@ impl Agent {
                     report,
                 );
             }
+            diff = self.model.changes_to(&fresh);
             self.model = fresh;
         } else if let Err(error) = self.model.apply(&batch.changes) {
             return (
@@ -225,13 +240,20 @@ impl Agent {
                 report,
             );
         }
-        report.changes = batch.changes.len();
+        report.changes = match &diff {
+            Some(d) => d.len(),
+            None => batch.changes.len(),
+        };
+        let effective: &[Change] = diff.as_deref().unwrap_or(&batch.changes);
+        let routes_only = (!batch.full || diff.is_some())
+            && effective
+                .iter()
+                .all(|c| matches!(c, Change::UpsertRoute(_) | Change::DeleteRoute(_)));
 
         // Compile and mirror into the software pipeline.
         let mut touched: BTreeSet<ObjectKey> = batch.changes.iter().map(Change::object).collect();
         if routes_only {
-            let keys: BTreeSet<RouteKey> = batch
-                .changes
+            let keys: BTreeSet<RouteKey> = effective
                 .iter()
                 .filter_map(|c| match c {
                     Change::UpsertRoute(r) => Some(r.key),
@@ -255,14 +277,8 @@ impl Agent {
             }
         } else {
             report.rebuilt = true;
-            // Session rules hold meters and paths the rebuild may remove.
-            let now = self.now_ns();
-            {
-                let mut pipe = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
-                self.sessions.flush(&mut pipe, target, now);
-            }
             self.compiler.rebuild(&self.model);
-            self.rebuild_pipeline(&mut touched);
+            self.rebuild_pipeline(target, &mut touched);
         }
         match program(&mut self.compiler, &self.model, target) {
             Ok(r) => {
@@ -297,12 +313,43 @@ impl Agent {
         )
     }
 
-    fn rebuild_pipeline(&mut self, touched: &mut BTreeSet<ObjectKey>) {
+    /// Replaces the software pipeline with one built from the model in force, carrying over
+    /// the NAT state (mappings and sessions) of every NAT rule that survives unchanged, and
+    /// keeping in hardware the offloaded sessions whose rules the new plan makes the same.
+    /// Call after the compiler rebuilt the plan and before programming it.
+    fn rebuild_pipeline<T: FlowTarget + CountQuery + ?Sized>(
+        &mut self,
+        target: &mut T,
+        touched: &mut BTreeSet<ObjectKey>,
+    ) {
         self.failed.clear();
+        let now = self.now_ns();
+        // Built outside the lock: the lcores keep forwarding on the old one meanwhile.
         match Pipeline::new(&self.model, self.limits, self.seed) {
-            Ok(p) => {
+            Ok(mut p) => {
                 let mut pipe = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
+                let carry = p.carry_nat_from(&mut pipe);
+                let (kept, removed) = self.sessions.retain_valid(
+                    &mut p,
+                    target,
+                    (self.compiler.plan(), self.compiler.caps(), &self.model),
+                    &carry.carried,
+                    now,
+                );
                 *pipe = p;
+                drop(pipe);
+                for (rule, sessions) in &carry.dropped {
+                    if *sessions > 0 {
+                        tracing::warn!(nat = %rule, sessions, "NAT rule removed or changed: its sessions are dropped");
+                    }
+                }
+                tracing::info!(
+                    nat_rules = carry.carried.len(),
+                    sessions = carry.sessions,
+                    offloaded_kept = kept,
+                    offloaded_removed = removed,
+                    "software pipeline rebuilt; NAT state carried over"
+                );
             }
             Err(e) => {
                 // The software tables cannot hold the model: the old pipeline keeps running.
@@ -316,6 +363,9 @@ impl Agent {
                     touched.insert(o.clone());
                     self.failed.insert(o, FailReason::SoftwareTableFull);
                 }
+                // The plan changed under the sessions' rules: take them all back.
+                let mut pipe = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
+                self.sessions.flush(&mut pipe, target, now);
             }
         }
     }

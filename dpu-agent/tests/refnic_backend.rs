@@ -214,7 +214,7 @@ fn table_limits_overflow_into_software_as_table_full() {
 }
 
 #[test]
-fn a_bad_batch_changes_nothing_and_epochs_are_idempotent() {
+fn a_bad_batch_changes_nothing_and_an_equal_resync_changes_nothing() {
     let (mut agent, mut nic) = setup(Caps::profile(Profile::Full));
     ack(apply(&mut agent, &mut nic, 1, true, base()));
     let rules = nic.inner.installed();
@@ -241,10 +241,66 @@ fn a_bad_batch_changes_nothing_and_epochs_are_idempotent() {
     assert_eq!(nic.inner.installed(), rules, "nothing programmed");
     assert_eq!(nic.creates, creates);
     assert_eq!(agent.last_epoch(), Some(1));
-    // Epoch 1 again: acknowledged, not re-applied.
+    // The same full state again (even under an old epoch): applied, and since it equals the
+    // model in force, nothing is rebuilt or reprogrammed.
     let again = ack(apply(&mut agent, &mut nic, 1, true, base()));
     assert_eq!(again.len(), 6);
     assert_eq!(nic.creates, creates);
+    assert_eq!(agent.epoch_regressions(), 1);
+}
+
+/// The bug this guards against: a restarted host numbers its batches from 1 again, and an agent
+/// that took "epoch ≤ last" for a replay acknowledged them without applying anything.
+#[test]
+fn batches_after_a_host_restart_are_applied_whatever_their_epoch() {
+    let (mut agent, mut nic) = setup(Caps::profile(Profile::Full));
+    ack(apply(&mut agent, &mut nic, 1, true, base()));
+    for e in 2..=14 {
+        ack(apply(
+            &mut agent,
+            &mut nic,
+            e,
+            false,
+            vec![underlay(e as u32 + 10)],
+        ));
+    }
+    assert_eq!(agent.last_epoch(), Some(14));
+    // The host restarts: a full resync with one more route, then an incremental NAT rule,
+    // numbered from 1 again.
+    let mut all = base();
+    all.extend((2..=14).map(|e| underlay(e + 10)));
+    all.push(underlay(99));
+    ack(apply(&mut agent, &mut nic, 1, true, all));
+    let nat = NatRule {
+        name: name("late"),
+        vpc: name("blue"),
+        kind: NatKind::Static44 {
+            inside: Ipv4Addr::new(10, 0, 0, 5),
+            outside: Ipv4Addr::new(203, 0, 113, 50),
+        },
+    };
+    let status = ack(apply(
+        &mut agent,
+        &mut nic,
+        2,
+        false,
+        vec![Change::UpsertNat(nat.clone())],
+    ));
+    let route99 = match underlay(99) {
+        Change::UpsertRoute(r) => r.key,
+        _ => unreachable!(),
+    };
+    assert!(agent.model().routes().contains_key(&route99));
+    assert_eq!(agent.model().nat_rules().get(&name("late")), Some(&nat));
+    assert!(
+        status
+            .iter()
+            .any(|(k, _)| *k == ObjectKey::Nat(name("late"))),
+        "{status:?}"
+    );
+    // Only the first batch after the restart went backwards (1 after 14).
+    assert_eq!(agent.epoch_regressions(), 1);
+    assert_eq!(agent.last_epoch(), Some(2));
 }
 
 #[test]

@@ -36,6 +36,7 @@ use std::ops::Bound::{Excluded, Unbounded};
 
 use crate::caps::Caps;
 use crate::compile::{session_rules, session_shape_refusal, Plan, RuleId, SwReason};
+use crate::ir::Rule;
 use crate::model::{Model, Name, RouteKey};
 use crate::program::{CountQuery, FlowTarget};
 use crate::soft::nat::{Proto, SessionId, TcpState};
@@ -126,6 +127,9 @@ struct Offloaded {
     offer: SessionOffer,
     /// Its rules, with the counters last read.
     rules: Vec<(RuleId, (u64, u64))>,
+    /// What those rules are, in the same order: a rebuild keeps the session in hardware only
+    /// if the new plan would give it exactly these.
+    shape: Vec<Rule>,
 }
 
 /// The driver of one pipeline's session offload (see the module documentation).
@@ -262,6 +266,49 @@ impl SessionOffload {
         self.scan = ScanCursor::default();
         self.polled = None;
         all.len()
+    }
+
+    /// Before a rebuild takes effect (a new plan compiled, a new pipeline that took the old
+    /// one's NAT tables with [`Pipeline::carry_nat_from`]): keeps in hardware every offloaded
+    /// session whose NAT rule was carried over and whose rules the new plan would make
+    /// exactly as installed; removes the others, as [`Self::flush`] would. `pipeline` is the
+    /// new pipeline. Call it before programming the new plan, so that no kept rule refers to
+    /// a meter or path the plan destroys. Returns (kept, removed).
+    pub fn retain_valid<T: FlowTarget + CountQuery + ?Sized>(
+        &mut self,
+        pipeline: &mut Pipeline,
+        target: &mut T,
+        ctx: (&Plan, &Caps, &Model),
+        carried: &[Name],
+        now_ns: u64,
+    ) -> (usize, usize) {
+        let (plan, caps, model) = ctx;
+        let shape = session_shape_refusal(caps);
+        let stale: Vec<(Name, SessionId)> = self
+            .sessions
+            .iter()
+            .filter(|((nat, _), o)| {
+                let same = shape.is_none()
+                    && carried.contains(nat)
+                    && match session_rules(&o.offer, self.cfg.shard, plan, caps, model) {
+                        Ok(rules) => {
+                            rules.len() == o.rules.len()
+                                && rules.iter().zip(o.rules.iter().zip(&o.shape)).all(
+                                    |((id, rule), ((held, _), shape))| id == held && rule == shape,
+                                )
+                        }
+                        Err(_) => false,
+                    };
+                !same
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &stale {
+            self.remove(pipeline, target, k, Removal::Flushed, now_ns);
+        }
+        self.scan = ScanCursor::default();
+        self.polled = None;
+        (self.sessions.len(), stale.len())
     }
 
     /// Destroys a session's rules after a last counter read, and unmarks it.
@@ -474,6 +521,7 @@ impl SessionOffload {
                 Offloaded {
                     offer,
                     rules: created,
+                    shape: rules.into_iter().map(|(_, r)| r).collect(),
                 },
             );
             self.stats.installed += 1;

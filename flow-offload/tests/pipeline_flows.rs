@@ -498,3 +498,95 @@ fn routes_count_what_they_forward_and_updates_apply_in_place() {
     let mut f = l4_v4((Ipv4Addr::new(10, 0, 0, 9), 1), (HOST, 2), None, 64);
     assert_eq!(p.process(&mut f, VPC_PORT, None, 0), Verdict::Tx(UPLINK));
 }
+
+/// A rebuild (a new VPC, meter or NAT rule elsewhere) must not cost established flows their
+/// bindings: the new pipeline takes the NAT tables of the rules that did not change.
+#[test]
+fn rebuild_carries_nat_sessions_of_unchanged_rules() {
+    let m1 = model(&[]);
+    let mut p1 = pipeline(&m1);
+    // A NAPT44 UDP flow and a NAT64 TCP flow, established on the old pipeline.
+    let mut out = l4_v4((HOST, 5000), (SERVER, 53), None, 64);
+    assert_eq!(p1.process(&mut out, VPC_PORT, None, 1), Verdict::Tx(UPLINK));
+    let (src, sport, ..) = v4_fields(&out);
+    let server6 = Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0xc633, 0x6407);
+    let mut syn = l4_v6((HOST6, 4000), (server6, 80), Some(0x02));
+    assert_eq!(p1.process(&mut syn, VPC_PORT, None, 1), Verdict::Tx(UPLINK));
+    let (src6, sport6, ..) = v4_fields(&syn);
+
+    // The model gains a VPC and changes the NAT64 rule's pool: a rebuild. NAPT44 "out" is
+    // unchanged and keeps its sessions; "six" changed and starts empty.
+    let m2 = model(&[
+        Change::UpsertVpc(Vpc {
+            name: n("green"),
+            vni: Vni::new(300).unwrap(),
+            table: TableId(30),
+            ports: BTreeSet::from([PortId(3)]),
+        }),
+        Change::UpsertNat(NatRule {
+            name: n("six"),
+            vpc: n("blue"),
+            kind: NatKind::Nat64 {
+                prefix: "64:ff9b::/96".parse().unwrap(),
+                pool: Ipv4Range::single(Ipv4Addr::new(203, 0, 113, 10)),
+                ports: (1024, 65535),
+            },
+        }),
+    ]);
+    let mut p2 = pipeline(&m2);
+    let carry = p2.carry_nat_from(&mut p1);
+    assert_eq!(carry.carried, vec![n("out")]);
+    assert_eq!(carry.sessions, 1);
+    assert_eq!(carry.dropped, vec![(n("six"), 1)]);
+
+    // The server's reply to the old binding reaches the host through the new pipeline.
+    let mut reply = l4_v4((SERVER, 53), (src, sport), None, 60);
+    assert_eq!(
+        p2.process(&mut reply, UPLINK, None, 2),
+        Verdict::Tx(VPC_PORT)
+    );
+    assert_eq!(v4_fields(&reply), (SERVER, 53, HOST, 5000, 59));
+    // The host's next packet keeps its outside address and port.
+    let mut again = l4_v4((HOST, 5000), (SERVER, 53), None, 64);
+    assert_eq!(
+        p2.process(&mut again, VPC_PORT, None, 3),
+        Verdict::Tx(UPLINK)
+    );
+    assert_eq!(v4_fields(&again).0, src);
+    assert_eq!(v4_fields(&again).1, sport);
+    // The changed NAT64 rule's old binding is gone (its address left the pool): the answer
+    // no longer reaches the VPC.
+    let mut synack = l4_v4((SERVER, 80), (src6, sport6), Some(0x12), 60);
+    assert_ne!(
+        p2.process(&mut synack, UPLINK, None, 2),
+        Verdict::Tx(VPC_PORT)
+    );
+    // The old pipeline was left with the empty tables.
+    let mut late = l4_v4((SERVER, 53), (src, sport), None, 60);
+    assert_eq!(
+        p1.process(&mut late, UPLINK, None, 4),
+        Verdict::Drop(DropReason::NoSession)
+    );
+}
+
+/// A rule that keeps its name but moves to another pool starts empty: its old bindings may be
+/// outside the new pool.
+#[test]
+fn rebuild_does_not_carry_a_rule_whose_pool_changed() {
+    let m1 = model(&[]);
+    let mut p1 = pipeline(&m1);
+    let mut out = l4_v4((HOST, 5000), (SERVER, 53), None, 64);
+    assert_eq!(p1.process(&mut out, VPC_PORT, None, 1), Verdict::Tx(UPLINK));
+    let m2 = model(&[Change::UpsertNat(NatRule {
+        name: n("out"),
+        vpc: n("blue"),
+        kind: NatKind::Napt44 {
+            pool: Ipv4Range::single(Ipv4Addr::new(203, 0, 113, 7)),
+            ports: (1024, 2047),
+        },
+    })]);
+    let mut p2 = pipeline(&m2);
+    let carry = p2.carry_nat_from(&mut p1);
+    assert_eq!(carry.carried, vec![n("six")]);
+    assert_eq!(carry.dropped, vec![(n("out"), 1)]);
+}

@@ -793,6 +793,93 @@ fn route_change_takes_dependent_sessions_back() {
     assert!(a.session_rules().is_empty());
 }
 
+impl Sys {
+    /// A rebuild as the DPU agent does it for a non-route change: new plan, new pipeline that
+    /// takes the old one's NAT tables, offloaded sessions kept where their rules are the same,
+    /// then the new plan programmed. Returns (kept, removed).
+    fn rebuild(&mut self, model: &Model, now: u64) -> (usize, usize) {
+        self.model = model.clone();
+        self.compiler.rebuild(model);
+        let mut fresh = Pipeline::new(model, limits(), 7).unwrap();
+        let carry = fresh.carry_nat_from(&mut self.pipe);
+        let r = self.offload.retain_valid(
+            &mut fresh,
+            &mut self.target,
+            (self.compiler.plan(), &self.caps, model),
+            &carry.carried,
+            now,
+        );
+        self.pipe = fresh;
+        program(&mut self.compiler, model, &mut self.target).unwrap();
+        r
+    }
+}
+
+/// A rebuild for an unrelated change (a new VPC) keeps an offloaded session in hardware, with
+/// its binding; one that changes the session's own path (its VPC gains a meter) takes it back
+/// to software, where the carried-over table still holds its binding.
+#[test]
+fn rebuild_keeps_offloaded_sessions_whose_rules_do_not_change() {
+    let model = world(false);
+    let mut a = Sys::new(&model, Caps::profile(Profile::Full), cfg());
+    let outside = handshake_single(&mut a, 1005, SEC);
+    assert_eq!(a.tick(3 * SEC).installed, 1);
+    let rules = a.session_rules();
+    assert!(!rules.is_empty());
+
+    let mut green = model.clone();
+    green
+        .apply(&[Change::UpsertVpc(Vpc {
+            name: nm("green"),
+            vni: Vni::new(300).unwrap(),
+            table: TableId(30),
+            ports: [PortId(11)].into_iter().collect(),
+        })])
+        .unwrap();
+    assert_eq!(a.rebuild(&green, 4 * SEC), (1, 0));
+    assert_eq!(
+        a.session_rules(),
+        rules,
+        "the session's rules stay in hardware"
+    );
+    // The remote's next segment is still answered by the NIC alone, to the same binding.
+    let (o, hw) = a.send(
+        UPLINK,
+        &frame((REMOTE, 80), outside, tcp(0x10, b"x"), 60),
+        5 * SEC,
+    );
+    assert!(hw, "still in hardware after the rebuild");
+    assert!(matches!(o, Out::Tx(VPC_PORT, _)), "{o:?}");
+
+    // A meter on the session's VPC changes its rules: taken back, binding kept in software.
+    let mut metered = green.clone();
+    metered
+        .apply(&[Change::UpsertMeter(Meter {
+            name: nm("blue-in"),
+            target: MeterTarget::Vpc(nm("blue")),
+            profile: MeterProfile::SrTcm {
+                cir: 1_000_000_000,
+                cbs: 1 << 20,
+                ebs: 1 << 20,
+            },
+        })])
+        .unwrap();
+    assert_eq!(a.rebuild(&metered, 6 * SEC), (0, 1));
+    assert!(a.session_rules().is_empty());
+    let (o, hw) = a.send(
+        UPLINK,
+        &frame((REMOTE, 80), outside, tcp(0x10, b"y"), 60),
+        7 * SEC,
+    );
+    assert!(!hw);
+    assert!(
+        matches!(o, Out::Tx(VPC_PORT, _)),
+        "software still has the binding: {o:?}"
+    );
+    // And it is offered again under the new plan.
+    assert_eq!(a.tick(8 * SEC).installed, 1);
+}
+
 /// A target that refuses a session rule's create: the rules created for that session are
 /// destroyed, the session stays in software, and installing pauses.
 #[test]

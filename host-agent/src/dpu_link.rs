@@ -6,6 +6,9 @@
 //!   reports no epoch), or when its last epoch is not the one we saw acknowledged;
 //! - otherwise only the difference between the acknowledged model and the desired one.
 //!
+//! Epochs increase across restarts of either side: the link continues from the larger of its
+//! own count and the `last_epoch` the agent reports in its hello.
+//!
 //! One batch is in flight at a time. Desired-state updates that arrive meanwhile are coalesced:
 //! the next batch is the difference from what was acknowledged to the newest desired model. A
 //! refused incremental batch is followed by a full one. A refused full batch is reported, and
@@ -300,6 +303,15 @@ async fn session_inner(
         known.acked = None;
     }
     known.boot_id = Some(hello.boot_id);
+    // Resume numbering after the DPU's last epoch: after a restart of this host agent the
+    // count starts again at zero, and a batch numbered at or below what the DPU last applied
+    // would look like one it already has.
+    if let Some(last) = hello.last_epoch {
+        if last > known.epoch {
+            tracing::info!(dpu = %hello.dpu_id, from = known.epoch, to = last, "resuming batch numbering after the DPU's last epoch");
+            known.epoch = last;
+        }
+    }
     tracing::info!(dpu = %hello.dpu_id, version = %hello.agent_version, restarted, "DPU agent connected");
     events
         .send(DpuEvent::Connected {

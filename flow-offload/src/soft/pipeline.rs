@@ -231,6 +231,18 @@ pub enum PipelineError {
     },
 }
 
+/// What [`Pipeline::carry_nat_from`] moved into a new pipeline, and what it could not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatCarry {
+    /// NAT rules whose tables (every mapping and session) were carried over.
+    pub carried: Vec<Name>,
+    /// Sessions carried over.
+    pub sessions: usize,
+    /// NAT rules of the old pipeline whose state was dropped (the rule is gone, or its pool,
+    /// ports, limits, VPC table or NAT64 prefix changed), with the sessions each held.
+    pub dropped: Vec<(Name, usize)>,
+}
+
 /// Per-route counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -366,6 +378,8 @@ struct Vrf {
 
 #[derive(Debug)]
 struct Nat64 {
+    /// The rule's name (matched by [`Pipeline::carry_nat_from`]).
+    name: Name,
     prefix: Prefix,
     table: NatTable<Ipv6Addr>,
     vrf: TableId,
@@ -716,6 +730,7 @@ impl Pipeline {
                             })?;
                     }
                     p.nat64.push(Nat64 {
+                        name: nat.name.clone(),
                         prefix: *prefix,
                         table: t,
                         vrf: table,
@@ -727,6 +742,64 @@ impl Pipeline {
             p.update_route(model, *key)?;
         }
         Ok(p)
+    }
+
+    /// Moves the NAT state of `old` into this pipeline, built from a newer model: for each
+    /// NAPT44 and NAT64 rule that both have under the same name, in the same VPC table, with
+    /// the same configuration (pool, port range, limits, timeouts; for NAT64 the prefix too),
+    /// this pipeline takes `old`'s table whole: every mapping and session, with its counters,
+    /// expiry and offload mark, so the session ids held elsewhere stay valid and established
+    /// flows keep their outside address and port. A rule whose configuration changed starts
+    /// empty: its old bindings might lie outside its new pool. O(NAT rules); `old` is left
+    /// with the empty tables.
+    pub fn carry_nat_from(&mut self, old: &mut Pipeline) -> NatCarry {
+        let mut out = NatCarry::default();
+        let mut taken = vec![false; old.napt.len()];
+        for (i, (table, t)) in self.napt.iter_mut().enumerate() {
+            let Some(name) = self.napt_names.get(i) else {
+                continue;
+            };
+            let found = old.napt_names.iter().position(|n| n == name);
+            let Some(j) = found else { continue };
+            let Some((old_table, old_t)) = old.napt.get_mut(j) else {
+                continue;
+            };
+            if old_table == table && old_t.config() == t.config() {
+                std::mem::swap(t, old_t);
+                out.sessions += t.session_count();
+                out.carried.push(name.clone());
+                if let Some(x) = taken.get_mut(j) {
+                    *x = true;
+                }
+            }
+        }
+        for ((j, (_, t)), name) in old.napt.iter().enumerate().zip(&old.napt_names) {
+            if !taken.get(j).copied().unwrap_or(true) {
+                out.dropped.push((name.clone(), t.session_count()));
+            }
+        }
+        let mut taken = vec![false; old.nat64.len()];
+        for n in &mut self.nat64 {
+            let found = old.nat64.iter().position(|o| o.name == n.name);
+            let Some(j) = found else { continue };
+            let Some(o) = old.nat64.get_mut(j) else {
+                continue;
+            };
+            if o.vrf == n.vrf && o.prefix == n.prefix && o.table.config() == n.table.config() {
+                std::mem::swap(&mut n.table, &mut o.table);
+                out.sessions += n.table.session_count();
+                out.carried.push(n.name.clone());
+                if let Some(x) = taken.get_mut(j) {
+                    *x = true;
+                }
+            }
+        }
+        for (j, o) in old.nat64.iter().enumerate() {
+            if !taken.get(j).copied().unwrap_or(true) {
+                out.dropped.push((o.name.clone(), o.table.session_count()));
+            }
+        }
+        out
     }
 
     fn empty_vrf(&self) -> Vrf {

@@ -4,8 +4,9 @@
 //! what each port can offload, the last epoch it applied — `None` after a restart, because it
 //! starts empty). The host agent answers with [`Message::Apply`] batches, each with a strictly
 //! increasing epoch; `full: true` means "this is the whole desired state, drop everything
-//! else" (sent after a hello). The DPU applies a batch atomically and idempotently (an epoch it
-//! has already applied is acknowledged again, not re-applied), then answers [`Message::Ack`]
+//! else" (sent after a hello). Epochs increase across restarts of either side: the host
+//! continues from the hello's `last_epoch`. The DPU applies every batch atomically (whatever its
+//! epoch: the epoch pairs an answer with its batch), then answers [`Message::Ack`]
 //! with the status of every object the batch touched, or [`Message::Refused`] naming the bad
 //! change. Counters and heartbeats flow on their own.
 
@@ -220,7 +221,8 @@ pub struct Hello {
 /// A batch of changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Apply {
-    /// Strictly increasing per connection lifetime of the host's desired state.
+    /// Strictly increasing, across restarts of either side (the host resumes after the
+    /// hello's `last_epoch`).
     pub epoch: u64,
     /// The whole desired state: the DPU replaces its model with exactly these changes applied to
     /// an empty one (and reconciles hardware against it, never flushing what is unchanged).
