@@ -48,6 +48,8 @@ pub struct BatchReport {
     pub nic_refusals: usize,
     /// Objects whose status changed.
     pub status_changes: usize,
+    /// Objects of the desired state held as refused after the batch.
+    pub refused: usize,
 }
 
 /// The agent's state over one hardware target.
@@ -66,6 +68,10 @@ pub struct Agent {
     reported_sw: BTreeMap<ObjectKey, SwReason>,
     /// Objects the software pipeline could not take.
     failed: BTreeMap<ObjectKey, FailReason>,
+    /// Objects of the host's desired state this DPU refused (not in `model`), with why and
+    /// the change that would put them in: retried whenever a batch changes what they depend
+    /// on, so that a VPC that gains a valid port brings its refused routes with it.
+    refused: BTreeMap<ObjectKey, (ModelError, Change)>,
     /// Established NAT sessions offloaded as exact-match rules (targets that can).
     sessions: SessionOffload,
     /// The agent's clock: the pipeline's time base (the lcores use the same).
@@ -94,6 +100,7 @@ impl Agent {
             epoch_regressions: 0,
             reported_sw: BTreeMap::new(),
             failed: BTreeMap::new(),
+            refused: BTreeMap::new(),
             sessions: SessionOffload::new(SessionOffloadConfig::default()),
             clock: Instant::now(),
         })
@@ -157,6 +164,11 @@ impl Agent {
 
     /// Where an object landed.
     pub fn status(&self, object: &ObjectKey) -> OffloadStatus {
+        if let Some((error, _)) = self.refused.get(object) {
+            return OffloadStatus::Failed {
+                reason: FailReason::Invalid(error.clone()),
+            };
+        }
         if let Some(reason) = self.failed.get(object) {
             return OffloadStatus::Failed {
                 reason: reason.clone(),
@@ -181,11 +193,13 @@ impl Agent {
         v.extend(m.routes().keys().map(|k| ObjectKey::Route(*k)));
         v.extend(m.nat_rules().keys().map(|n| ObjectKey::Nat(n.clone())));
         v.extend(m.meters().keys().map(|n| ObjectKey::Meter(n.clone())));
+        v.extend(self.refused.keys().cloned());
         v
     }
 
-    /// Applies one batch from the host and answers it ([`Message::Ack`] or
-    /// [`Message::Refused`]).
+    /// Applies one batch from the host and answers it with [`Message::Ack`]: every object it
+    /// could take is applied, every other one is reported `Failed` with the reason (the agent
+    /// no longer answers [`Message::Refused`]: one bad object must not block the rest).
     pub fn apply<T: FlowTarget + CountQuery + ?Sized>(
         &mut self,
         target: &mut T,
@@ -205,53 +219,52 @@ impl Agent {
                 );
             }
         }
-        if let Err(error) = self.check_ports(&batch.changes) {
-            return (
-                Message::Refused {
-                    epoch: batch.epoch,
-                    error,
-                },
-                report,
-            );
-        }
-        // What the batch changes, against the model in force. A full batch (after a restart or
-        // reconnect of either side) is diffed, so that a model equal to the running one, or
-        // differing only in routes, takes the incremental path and rebuilds nothing.
-        let mut diff: Option<Vec<Change>> = None;
-        if batch.full {
+        // Admission, object by object: an object this DPU cannot take (a port it lacks, a
+        // reference to an object it refused) is held as `Failed` and everything else applies.
+        // A full batch (after a restart or reconnect of either side) is then diffed against
+        // the model in force, so that a model equal to the running one, or differing only in
+        // routes, takes the incremental path and rebuilds nothing.
+        let refused_before: BTreeSet<ObjectKey> = self.refused.keys().cloned().collect();
+        let (effective, routes_only) = if batch.full {
             let mut fresh = Model::new();
-            if let Err(error) = fresh.apply(&batch.changes) {
-                return (
-                    Message::Refused {
-                        epoch: batch.epoch,
-                        error,
-                    },
-                    report,
-                );
-            }
-            diff = self.model.changes_to(&fresh);
+            self.refused.clear();
+            admit(&self.roles, &mut fresh, &mut self.refused, &batch.changes);
+            let diff = self.model.changes_to(&fresh);
             self.model = fresh;
-        } else if let Err(error) = self.model.apply(&batch.changes) {
-            return (
-                Message::Refused {
-                    epoch: batch.epoch,
-                    error,
-                },
-                report,
+            match diff {
+                Some(d) => {
+                    let routes_only = d.iter().all(is_route_change);
+                    (d, routes_only)
+                }
+                None => (batch.changes.clone(), false),
+            }
+        } else {
+            let applied = admit(
+                &self.roles,
+                &mut self.model,
+                &mut self.refused,
+                &batch.changes,
             );
-        }
-        report.changes = match &diff {
-            Some(d) => d.len(),
-            None => batch.changes.len(),
+            let routes_only = applied.iter().all(is_route_change);
+            (applied, routes_only)
         };
-        let effective: &[Change] = diff.as_deref().unwrap_or(&batch.changes);
-        let routes_only = (!batch.full || diff.is_some())
-            && effective
-                .iter()
-                .all(|c| matches!(c, Change::UpsertRoute(_) | Change::DeleteRoute(_)));
+        report.changes = effective.len();
+        report.refused = self.refused.len();
+        for (object, (error, _)) in &self.refused {
+            if !refused_before.contains(object) {
+                tracing::warn!(%object, %error, "object refused; held as failed until it or what it depends on changes");
+            }
+        }
 
         // Compile and mirror into the software pipeline.
         let mut touched: BTreeSet<ObjectKey> = batch.changes.iter().map(Change::object).collect();
+        touched.extend(effective.iter().map(Change::object));
+        // Objects that left or joined the refused set report their new status.
+        touched.extend(
+            refused_before
+                .symmetric_difference(&self.refused.keys().cloned().collect())
+                .cloned(),
+        );
         if routes_only {
             let keys: BTreeSet<RouteKey> = effective
                 .iter()
@@ -384,64 +397,15 @@ impl Agent {
         &self,
         objects: impl Iterator<Item = ObjectKey>,
     ) -> Vec<(ObjectKey, OffloadStatus)> {
-        let set: BTreeSet<ObjectKey> = objects.filter(|o| self.model_has(o)).collect();
+        let set: BTreeSet<ObjectKey> = objects
+            .filter(|o| self.model_has(o) || self.refused.contains_key(o))
+            .collect();
         set.into_iter()
             .map(|o| {
                 let s = self.status(&o);
                 (o, s)
             })
             .collect()
-    }
-
-    /// Refuses changes naming ports this DPU does not have in that role.
-    fn check_ports(&self, changes: &[Change]) -> Result<(), ModelError> {
-        let in_batch = |index: usize, e: ModelError| ModelError::InBatch {
-            index,
-            source: Box::new(e),
-        };
-        for (index, c) in changes.iter().enumerate() {
-            let object = c.object();
-            let bad = |field: String, problem: Problem| {
-                in_batch(
-                    index,
-                    ModelError::Invalid {
-                        object: object.clone(),
-                        field,
-                        problem,
-                    },
-                )
-            };
-            match c {
-                Change::SetNode(n) => {
-                    for (i, p) in n.uplinks.iter().enumerate() {
-                        if self.roles.get(p) != Some(&Role::Uplink) {
-                            return Err(bad(format!("uplinks[{i}]"), Problem::NotAnUplink(p.0)));
-                        }
-                    }
-                }
-                Change::UpsertVpc(v) => {
-                    for (i, p) in v.ports.iter().enumerate() {
-                        if self.roles.get(p) != Some(&Role::Vpc) {
-                            return Err(bad(format!("ports[{i}]"), Problem::NotAVpcPort(p.0)));
-                        }
-                    }
-                }
-                Change::UpsertRoute(r) => {
-                    for (i, nh) in r.nexthops.iter().enumerate() {
-                        if let Nexthop::Underlay { port, .. } = nh {
-                            if !self.roles.contains_key(port) {
-                                return Err(bad(
-                                    format!("nexthops[{i}].port"),
-                                    Problem::NotAnUplink(port.0),
-                                ));
-                            }
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(())
     }
 }
 
@@ -484,4 +448,142 @@ fn changed_keys(
         }
     }
     out
+}
+
+fn is_route_change(c: &Change) -> bool {
+    matches!(c, Change::UpsertRoute(_) | Change::DeleteRoute(_))
+}
+
+/// The error of a one-change `Model::apply`, without its batch index.
+fn unbatched(e: ModelError) -> ModelError {
+    match e {
+        ModelError::InBatch { source, .. } => *source,
+        other => other,
+    }
+}
+
+/// Applies `changes` to `model` object by object: a change naming a port this DPU does not
+/// have in that role, or one the model refuses (a route in a refused VPC's table, a NAT rule of
+/// a missing VPC), is held in `refused` instead; a deletion clears what is held for its object
+/// (deleting what this DPU does not have is done already). Then retries what is held, since
+/// the batch may have brought what it lacked. Returns the changes that took effect, in order.
+/// One `Model::apply` of the whole batch when everything is valid (the common case).
+fn admit(
+    roles: &BTreeMap<PortId, Role>,
+    model: &mut Model,
+    refused: &mut BTreeMap<ObjectKey, (ModelError, Change)>,
+    changes: &[Change],
+) -> Vec<Change> {
+    let ports_ok = changes.iter().all(|c| check_port(roles, c).is_ok());
+    let mut applied: Vec<Change> = Vec::new();
+    if ports_ok && model.apply(changes).is_ok() {
+        for c in changes {
+            refused.remove(&c.object());
+        }
+        applied.extend_from_slice(changes);
+    } else {
+        for c in changes {
+            let object = c.object();
+            let is_delete = matches!(
+                c,
+                Change::DeleteVpc(_)
+                    | Change::DeleteRoute(_)
+                    | Change::DeleteNat(_)
+                    | Change::DeleteMeter(_)
+            );
+            if is_delete {
+                refused.remove(&object);
+            }
+            let result = check_port(roles, c)
+                .and_then(|()| model.apply(std::slice::from_ref(c)).map_err(unbatched));
+            match result {
+                Ok(()) => {
+                    refused.remove(&object);
+                    applied.push(c.clone());
+                }
+                Err(ModelError::NotFound { .. }) if is_delete => {}
+                Err(e) => {
+                    refused.insert(object, (e, c.clone()));
+                }
+            }
+        }
+    }
+    // What is held may depend on what just applied; retry until nothing more goes in. Only
+    // after changes that others can depend on (routes depend on VPCs, NAT rules on VPCs,
+    // meters on VPCs, NAT rules and routes), so a large batch of plain routes pays nothing.
+    let enables = applied.iter().any(|c| {
+        !matches!(
+            c,
+            Change::DeleteRoute(_) | Change::DeleteNat(_) | Change::DeleteMeter(_)
+        )
+    });
+    if enables && !refused.is_empty() {
+        loop {
+            let mut progress = false;
+            let held: Vec<(ObjectKey, Change)> = refused
+                .iter()
+                .map(|(k, (_, c))| (k.clone(), c.clone()))
+                .collect();
+            for (object, c) in held {
+                let result = check_port(roles, &c)
+                    .and_then(|()| model.apply(std::slice::from_ref(&c)).map_err(unbatched));
+                match result {
+                    Ok(()) => {
+                        refused.remove(&object);
+                        applied.push(c);
+                        progress = true;
+                    }
+                    Err(e) => {
+                        if let Some(entry) = refused.get_mut(&object) {
+                            entry.0 = e;
+                        }
+                    }
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+    }
+    applied
+}
+
+/// Refuses a change naming a port this DPU does not have in that role.
+fn check_port(roles: &BTreeMap<PortId, Role>, c: &Change) -> Result<(), ModelError> {
+    let object = c.object();
+    let bad = |field: String, problem: Problem| ModelError::Invalid {
+        object: object.clone(),
+        field,
+        problem,
+    };
+    match c {
+        Change::SetNode(n) => {
+            for (i, p) in n.uplinks.iter().enumerate() {
+                if roles.get(p) != Some(&Role::Uplink) {
+                    return Err(bad(format!("uplinks[{i}]"), Problem::NotAnUplink(p.0)));
+                }
+            }
+        }
+        Change::UpsertVpc(v) => {
+            for (i, p) in v.ports.iter().enumerate() {
+                if roles.get(p) != Some(&Role::Vpc) {
+                    return Err(bad(format!("ports[{i}]"), Problem::NotAVpcPort(p.0)));
+                }
+            }
+        }
+        Change::UpsertRoute(r) => {
+            for (i, nh) in r.nexthops.iter().enumerate() {
+                if let Nexthop::Underlay { port, .. } = nh {
+                    if !roles.contains_key(port) {
+                        return Err(bad(
+                            format!("nexthops[{i}].port"),
+                            Problem::NotAnUplink(port.0),
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }

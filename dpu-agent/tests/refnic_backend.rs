@@ -18,7 +18,7 @@ use flow_offload::model::{
 use flow_offload::program::{CountQuery, FlowTarget, RefNicTarget};
 use flow_offload::refnic::RefNic;
 use flow_offload::soft::pipeline::PipelineLimits;
-use flow_offload::status::OffloadStatus;
+use flow_offload::status::{FailReason, OffloadStatus};
 use flow_offload::wire::{Apply, Message};
 
 const UP: PortId = PortId(0);
@@ -214,12 +214,11 @@ fn table_limits_overflow_into_software_as_table_full() {
 }
 
 #[test]
-fn a_bad_batch_changes_nothing_and_an_equal_resync_changes_nothing() {
+fn a_bad_object_fails_alone_and_an_equal_resync_changes_nothing() {
     let (mut agent, mut nic) = setup(Caps::profile(Profile::Full));
     ack(apply(&mut agent, &mut nic, 1, true, base()));
-    let rules = nic.inner.installed();
-    let creates = nic.creates;
-    // The second change names a VPC that does not exist: the whole batch is refused.
+    // The second change names a VPC that does not exist: that NAT rule fails, the route
+    // beside it applies.
     let bad = vec![
         underlay(7),
         Change::UpsertNat(NatRule {
@@ -231,22 +230,111 @@ fn a_bad_batch_changes_nothing_and_an_equal_resync_changes_nothing() {
             },
         }),
     ];
-    match apply(&mut agent, &mut nic, 2, false, bad) {
-        Message::Refused { epoch, error } => {
-            assert_eq!(epoch, 2);
-            assert!(error.to_string().contains("change 1"), "{error}");
-        }
+    let status: BTreeMap<_, _> = ack(apply(&mut agent, &mut nic, 2, false, bad))
+        .into_iter()
+        .collect();
+    match &status[&ObjectKey::Nat(name("ghost"))] {
+        OffloadStatus::Failed {
+            reason: FailReason::Invalid(e),
+        } => assert!(e.to_string().contains("nope"), "{e}"),
         other => panic!("{other:?}"),
     }
-    assert_eq!(nic.inner.installed(), rules, "nothing programmed");
-    assert_eq!(nic.creates, creates);
-    assert_eq!(agent.last_epoch(), Some(1));
+    let route7 = match underlay(7) {
+        Change::UpsertRoute(r) => ObjectKey::Route(r.key),
+        _ => unreachable!(),
+    };
+    assert_eq!(status[&route7], OffloadStatus::Offloaded);
+    assert!(agent.model().nat_rules().get(&name("ghost")).is_none());
+    assert_eq!(agent.last_epoch(), Some(2));
+    let creates = nic.creates;
     // The same full state again (even under an old epoch): applied, and since it equals the
     // model in force, nothing is rebuilt or reprogrammed.
-    let again = ack(apply(&mut agent, &mut nic, 1, true, base()));
-    assert_eq!(again.len(), 6);
+    let mut all = base();
+    all.push(underlay(7));
+    let again = ack(apply(&mut agent, &mut nic, 1, true, all));
+    assert_eq!(again.len(), 7);
     assert_eq!(nic.creates, creates);
     assert_eq!(agent.epoch_regressions(), 1);
+}
+
+/// Issue 17's case: a VPC naming a port this DPU lacks must not block the rest. It fails, its
+/// routes fail with it, later valid changes apply, and once the VPC is fixed its held routes
+/// go in without the host resending them.
+#[test]
+fn a_vpc_on_a_missing_port_fails_with_its_routes_and_blocks_nothing() {
+    let (mut agent, mut nic) = setup(Caps::profile(Profile::Full));
+    ack(apply(&mut agent, &mut nic, 1, true, base()));
+    let pv1 = |port: Option<PortId>| {
+        Change::UpsertVpc(Vpc {
+            name: name("pv1"),
+            vni: Vni::new(3001).unwrap(),
+            table: TableId(31),
+            ports: port.into_iter().collect(),
+        })
+    };
+    let pv1_route = Change::UpsertRoute(Route {
+        key: RouteKey {
+            table: TableId(31),
+            prefix: "10.31.0.0/16".parse().unwrap(),
+        },
+        nexthops: vec![Nexthop::Blackhole],
+    });
+    let status: BTreeMap<_, _> = ack(apply(
+        &mut agent,
+        &mut nic,
+        2,
+        false,
+        vec![pv1(Some(PortId(99)))],
+    ))
+    .into_iter()
+    .collect();
+    let failed = |s: &OffloadStatus, want: &str| match s {
+        OffloadStatus::Failed {
+            reason: FailReason::Invalid(e),
+        } => assert!(e.to_string().contains(want), "{e}"),
+        other => panic!("{other:?}"),
+    };
+    failed(&status[&ObjectKey::Vpc(name("pv1"))], "port 99");
+    // Its route, and an unrelated valid route in the same batch.
+    let status: BTreeMap<_, _> = ack(apply(
+        &mut agent,
+        &mut nic,
+        3,
+        false,
+        vec![pv1_route.clone(), underlay(8)],
+    ))
+    .into_iter()
+    .collect();
+    failed(&status[&pv1_route.object()], "31");
+    assert_eq!(status[&underlay(8).object()], OffloadStatus::Offloaded);
+    // A full resend (a reconnect) keeps both refused and everything else in force.
+    let mut all = base();
+    all.extend([underlay(8), pv1(Some(PortId(99))), pv1_route.clone()]);
+    let status: BTreeMap<_, _> = ack(apply(&mut agent, &mut nic, 4, true, all))
+        .into_iter()
+        .collect();
+    failed(&status[&ObjectKey::Vpc(name("pv1"))], "port 99");
+    failed(&status[&pv1_route.object()], "31");
+    assert_eq!(status[&underlay(8).object()], OffloadStatus::Offloaded);
+    // The operator fixes the VPC (no port for now): the held route goes in with it.
+    let status: BTreeMap<_, _> = ack(apply(&mut agent, &mut nic, 5, false, vec![pv1(None)]))
+        .into_iter()
+        .collect();
+    assert!(
+        !matches!(
+            status[&ObjectKey::Vpc(name("pv1"))],
+            OffloadStatus::Failed { .. }
+        ),
+        "{status:?}"
+    );
+    assert!(
+        !matches!(status[&pv1_route.object()], OffloadStatus::Failed { .. }),
+        "{status:?}"
+    );
+    assert!(agent.model().routes().contains_key(&RouteKey {
+        table: TableId(31),
+        prefix: "10.31.0.0/16".parse().unwrap(),
+    }));
 }
 
 /// The bug this guards against: a restarted host numbers its batches from 1 again, and an agent

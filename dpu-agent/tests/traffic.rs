@@ -595,10 +595,10 @@ fn meter_holds_a_udp_flood_to_its_rate() {
     lab.finish();
 }
 
-/// Port roles are enforced: a VPC on an uplink port is refused naming the field, and nothing
-/// changes.
+/// Port roles are enforced per object, through the real link: a VPC on an uplink port fails
+/// naming the field, and the valid route in the same batch applies.
 #[test]
-fn batches_naming_wrong_ports_are_refused_whole() {
+fn an_object_naming_a_wrong_port_fails_alone() {
     if !can_run() {
         return;
     }
@@ -612,19 +612,25 @@ fn batches_naming_wrong_ports_are_refused_whole() {
         ports: [lab.ports[2]].into_iter().collect(),
     });
     let ok = route(BLUE, "10.3.0.0/24", Nexthop::Blackhole);
+    let ok_key = ok.object();
     match lab.link.apply(2, false, vec![ok, bad]) {
-        Message::Refused { epoch, error } => {
-            assert_eq!(epoch, 2);
-            let text = error.to_string();
+        Message::Ack(a) => {
+            assert_eq!(a.epoch, 2);
+            let st: std::collections::BTreeMap<_, _> = a.status.into_iter().collect();
+            match &st[&ObjectKey::Vpc(name("red"))] {
+                OffloadStatus::Failed { reason } => {
+                    assert!(reason.to_string().contains("ports[0]"), "{reason}")
+                }
+                other => panic!("{other:?}"),
+            }
             assert!(
-                text.contains("change 1") && text.contains("ports[0]"),
-                "{text}"
+                !matches!(st[&ok_key], OffloadStatus::Failed { .. }),
+                "{st:?}"
             );
         }
         other => panic!("{other:?}"),
     }
-    // Nothing of the batch was applied: epoch 3 deleting the /24 that batch 2 would have
-    // added is refused as not found.
+    // The route of batch 2 is in force: deleting it is acknowledged, with no status left.
     match lab.link.apply(
         3,
         false,
@@ -633,9 +639,7 @@ fn batches_naming_wrong_ports_are_refused_whole() {
             prefix: pfx("10.3.0.0/24"),
         })],
     ) {
-        Message::Refused { error, .. } => {
-            assert!(error.to_string().contains("not found"), "{error}")
-        }
+        Message::Ack(a) => assert!(a.status.iter().all(|(k, _)| *k != ok_key), "{a:?}"),
         other => panic!("{other:?}"),
     }
     let keys: BTreeSet<u16> = lab.ports.iter().map(|p| p.0).collect();

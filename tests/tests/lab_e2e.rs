@@ -253,9 +253,65 @@ fn lab_evpn_type5_nat_meter_and_restarts() {
         || lab.route_statuses("b") == before,
     );
 
+    // Long-lived TCP and UDP flows through NAPT44 and NAT64 from site a's VPC host, a numbered
+    // message every 100 ms, across everything below: none may be reset, lose a message or
+    // change its outside address and port.
+    lab.ok(&["flows", "start", "40"]);
+
     // kill -9 the host agent of site a: zebra reconnects and replays, every route is
     // acknowledged again (nothing stays queued), traffic flows.
     lab.ok(&["restart", "a", "host-agent"]);
+    // Configuration made after the restart reaches the DPU (a restarted host agent numbers its
+    // batches after the DPU's last epoch; the DPU once took lower epochs for replays and
+    // acknowledged them without applying). Non-route changes rebuild the DPU's pipeline,
+    // which must carry the NAT sessions over.
+    eventually(
+        "site a's API after the restart",
+        Duration::from_secs(30),
+        || lab.run(&["dpuctl", "a", "status"]).status.success(),
+    );
+    lab.ok(&[
+        "dpuctl",
+        "a",
+        "nat",
+        "create",
+        "late",
+        "--vpc",
+        "blue",
+        "--kind",
+        "static44",
+        "--inside",
+        "10.1.1.50",
+        "--outside",
+        "198.51.100.60",
+    ]);
+    lab.ok(&[
+        "dpuctl", "a", "vpc", "create", "green", "--vni", "3000", "--table", "30",
+    ]);
+    // kill -9 of etcd: the flows keep going on the last state.
+    lab.ok(&["restart", "a", "etcd"]);
+    // Changed while the host agent is down (by another writer, here etcdctl): its full
+    // resync after the restart carries the change.
+    lab.ok(&["kill", "a", "host-agent"]);
+    lab.ok(&[
+        "exec", "a", "etcdctl", "--endpoints", "http://127.0.0.1:2379", "put",
+        "/dpucp/v1/nat/offline",
+        r#"{"name":"offline","vpc":"blue","kind":{"Static44":{"inside":"10.1.1.51","outside":"198.51.100.61"}}}"#,
+    ]);
+    lab.ok(&["start", "a", "host-agent"]);
+    eventually(
+        "the NAT rules and VPC made around the restarts on site a's DPU",
+        Duration::from_secs(30),
+        || {
+            let st = lab.dpuctl_json("a", &["status"]).to_string();
+            ["nat late", "nat offline", "vpc green"]
+                .iter()
+                .all(|o| st.contains(o))
+        },
+    );
+    let flows = lab.run(&["flows", "report"]);
+    assert!(flows.status.success(), "flows:\n{}", text(&flows));
+    eprintln!("{}", text(&flows));
     lab.traffic_passes_within(Duration::from_secs(60));
     eventually(
         "site a's routes re-acknowledged after the host agent restart",
