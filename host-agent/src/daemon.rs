@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::dpu_link::{self, DpuEvent, LinkConfig};
 use crate::fpm::{
-    ChangeBatch, FeedbackEncoder, FpmConfig, FpmServer, Rib, ServerEvent, StaticAttribution,
-    TableEncoding, ZebraRoute,
+    ChangeBatch, FeedbackEncoder, FpmConfig, FpmServer, ReplayEnd, ReplayTracker, Rib, ServerEvent,
+    StaticAttribution, TableEncoding, ZebraRoute,
 };
 use crate::metrics::{Kind, Metrics};
 use crate::store::{DpuLease, DpuRecord, PortCaps, Store, StoreConfig};
@@ -283,8 +283,10 @@ struct Frr {
     rib: Rib,
     section: FpmSection,
     attr: StaticAttribution,
-    /// While zebra replays after a (re)connect: when the replay is considered over.
-    resync_until: Option<tokio::time::Instant>,
+    /// zebra's replay after a (re)connect: when it is over, and whether it may remove
+    /// routes ([`crate::fpm::replay`]: only a connection that delivered a replay and went
+    /// quiet sweeps; one that sent nothing or garbage, or died, removes nothing).
+    replay: ReplayTracker,
     /// Feedback's table encoding.
     encoding: TableEncoding,
     /// VPC table → VPC name, from the configuration in force.
@@ -699,13 +701,14 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             })
             .await?;
             tracing::info!(%listen, ?encoding, "FPM server waiting for zebra");
+            metrics.add("dpucp_fpm_refused_connections_total", &[], 0.0);
             Some(Frr {
                 server,
                 events,
                 rib: Rib::new(),
                 attr: attribution(f, &config_model),
                 section: f.clone(),
-                resync_until: None,
+                replay: ReplayTracker::default(),
                 encoding,
                 vpc_tables: vpc_tables(&config_model),
                 vrf_ids: BTreeMap::new(),
@@ -733,7 +736,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let mut leases: BTreeMap<String, DpuLease> = BTreeMap::new();
     let mut statuses: BTreeMap<String, BTreeMap<ObjectKey, OffloadStatus>> = BTreeMap::new();
     loop {
-        let resync_at = frr.as_ref().and_then(|f| f.resync_until);
+        let resync_at = frr.as_ref().and_then(|f| f.replay.deadline());
         tokio::select! {
             u = watch.next() => match u {
                 Some(Ok(update)) => {
@@ -815,16 +818,14 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     Some(ServerEvent::Connected { peer, connection }) => {
                         tracing::info!(%peer, connection, "zebra connected; it replays its RIB");
                         metrics.add("dpucp_fpm_connections_total", &[], 1.0);
-                        f.rib.begin_resync();
-                        f.resync_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                        // Nothing is removed until this connection has delivered its replay.
+                        f.replay.connected(connection, &mut f.rib);
                     }
                     Some(ServerEvent::Events(evs)) => {
                         metrics.add("dpucp_fpm_messages_total", &[], evs.len() as f64);
                         f.rib.apply_all(&evs, &f.attr, &mut batch);
-                        if f.resync_until.is_some() {
-                            // The replay is over after a quiet second.
-                            f.resync_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-                        }
+                        // The replay's quiet timer starts at its first route or nexthop.
+                        f.replay.events(&evs, tokio::time::Instant::now());
                         if f.flush(&mut batch, &mut desired).await {
                             // A snapshot costs O(routes) and zebra streams thousands of small
                             // batches: publish at most every 10 ms, or 4× what the last copy
@@ -834,7 +835,20 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         }
                     }
                     Some(ServerEvent::Disconnected { connection, reason }) => {
-                        tracing::warn!(connection, ?reason, "zebra disconnected");
+                        match f.replay.disconnected(connection) {
+                            ReplayEnd::Complete => {
+                                tracing::warn!(connection, ?reason, "zebra disconnected");
+                            }
+                            ReplayEnd::NothingDelivered => tracing::warn!(connection, ?reason,
+                                "FPM connection closed before sending any route; routes kept"),
+                            ReplayEnd::Incomplete => tracing::warn!(connection, ?reason,
+                                "zebra disconnected mid-replay; routes kept, the next complete replay sweeps the stale ones"),
+                        }
+                    }
+                    Some(ServerEvent::Refused { peer, active }) => {
+                        // The server logged it at WARN; zebra's connection goes on.
+                        tracing::debug!(%peer, active, "FPM connection refused");
+                        metrics.add("dpucp_fpm_refused_connections_total", &[], 1.0);
                     }
                     None => {
                         tracing::error!("FPM server stopped");
@@ -849,8 +863,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 }
             } => {
                 if let Some(f) = frr.as_mut() {
-                    f.resync_until = None;
-                    f.rib.end_resync(&f.attr, &mut batch);
+                    // Events still queued are zebra talking: they push the deadline on.
+                    let queued = !f.events.is_empty();
+                    if !f.replay.quiet(tokio::time::Instant::now(), queued, &mut f.rib, &f.attr, &mut batch) {
+                        continue;
+                    }
                     if f.flush(&mut batch, &mut desired).await {
                         let _ = desired_tx.send(Arc::new(desired.model().clone()));
                     }
@@ -905,6 +922,16 @@ fn describe_metrics(m: &Metrics) {
         "dpucp_fpm_feedback_total",
         Kind::Counter,
         "Routes whose offload status was sent back to zebra.",
+    );
+    m.describe(
+        "dpucp_fpm_connections_total",
+        Kind::Counter,
+        "FPM connections accepted as zebra's.",
+    );
+    m.describe(
+        "dpucp_fpm_refused_connections_total",
+        Kind::Counter,
+        "FPM connections refused because zebra's connection was alive.",
     );
     m.describe(
         "dpucp_etcd_up",

@@ -6,16 +6,27 @@
 //!   through an [`Attribution`];
 //! - [`feedback`]: `RTM_F_OFFLOAD`/`TRAP`/`OFFLOAD_FAILED` frames from an
 //!   [`OffloadStatus`](flow_offload::status::OffloadStatus);
-//! - [`server`]: the tokio TCP server zebra connects to;
+//! - [`server`]: the tokio TCP server zebra connects to (one connection at a time);
+//! - [`replay`]: when zebra's replay is over, and the rule for removing what it did not replay;
 //! - [`build`]: zebra-shaped netlink messages (feedback, tests, benchmarks).
 //!
 //! # How the host agent uses it
-//! Start an [`FpmServer`]; on [`ServerEvent::Connected`] call [`Rib::begin_resync`] and
-//! re-acknowledge every route ([`Rib::routes`]); feed [`ServerEvent::Events`] to
-//! [`Rib::apply_all`] and send the [`ChangeBatch`] to the DPUs; when a status comes back for a
-//! model route, [`Rib::zebra_route`] gives what zebra must see and
-//! [`FeedbackSender::ack`] sends it. Call [`Rib::end_resync`] once the replay is over (e.g. after
-//! a quiet second) to drop routes zebra no longer has.
+//! Start an [`FpmServer`]; on [`ServerEvent::Connected`] call [`ReplayTracker::connected`]
+//! (which calls [`Rib::begin_resync`]); feed [`ServerEvent::Events`] to [`Rib::apply_all`] and
+//! [`ReplayTracker::events`], and send the [`ChangeBatch`] to the DPUs; on
+//! [`ServerEvent::Disconnected`] call [`ReplayTracker::disconnected`]. At
+//! [`ReplayTracker::deadline`] call [`ReplayTracker::quiet`]: when it returns true the replay
+//! is over, the routes zebra did not replay are in the batch as deletes, and every route must
+//! be acknowledged again ([`Rib::routes`]; zebra keeps old flags). When a status comes back
+//! for a model route, [`Rib::zebra_route`] gives what zebra must see and
+//! [`FeedbackSender::ack`] sends it.
+//!
+//! # Connections, and what a replay may remove
+//! One zebra connection at a time: while one is alive (its socket open), another is closed at
+//! once and reported as [`ServerEvent::Refused`]; it never replaces zebra's ([`server`]).
+//! A connection removes stale routes only after it delivered a replay (at least one valid
+//! route or nexthop message) and then went quiet for [`REPLAY_QUIET`]. A connection that
+//! sends nothing, sends garbage, or dies mid-replay removes nothing ([`replay`]).
 //!
 //! # What FRR does, measured here (tests `fpm_frr84`, `fpm_frr103`, `fpm_golden`)
 //! - 8.4 (Debian 12) and 10.3 (Debian 13) both send nexthop objects first and routes with
@@ -44,11 +55,15 @@ pub mod build;
 pub mod decode;
 pub mod feedback;
 pub mod frame;
+pub mod replay;
 pub mod rib;
 pub mod server;
 
 pub use decode::{decode_netlink, DecodeStats, FpmEvent};
 pub use feedback::{FeedbackEncoder, FrrVersion, TableEncoding};
 pub use frame::{FrameDecoder, FrameError};
+pub use replay::{ReplayEnd, ReplayState, ReplayTracker, REPLAY_QUIET};
 pub use rib::{Attribution, ChangeBatch, PathHint, Rib, StaticAttribution, ZebraRoute};
-pub use server::{FeedbackSender, FpmConfig, FpmCounters, FpmServer, ServerEvent};
+pub use server::{
+    DisconnectReason, FeedbackSender, FpmConfig, FpmCounters, FpmServer, ServerEvent,
+};

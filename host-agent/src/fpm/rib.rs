@@ -377,12 +377,16 @@ impl Rib {
     }
 
     /// zebra reconnected and replays everything: routes not replayed before
-    /// [`Rib::end_resync`] are removed then.
+    /// [`Rib::end_resync`] are removed then. Routes not replayed stay installed until then,
+    /// marked stale (an older generation); if this connection never ends its replay, the next
+    /// one's `end_resync` removes them too. When to call `end_resync` at all is
+    /// [`ReplayTracker`](super::replay::ReplayTracker)'s rule.
     pub fn begin_resync(&mut self) {
         self.generation += 1;
     }
 
-    /// Remove the routes zebra did not replay since [`Rib::begin_resync`].
+    /// Remove the routes zebra did not replay since [`Rib::begin_resync`] (and any left stale
+    /// by earlier connections that never completed a replay).
     pub fn end_resync(&mut self, attr: &dyn Attribution, out: &mut ChangeBatch) {
         let stale: Vec<ZKey> = self
             .routes

@@ -1,16 +1,37 @@
 //! The FPM server: zebra connects to us (it is the TCP client), sends frames, and reads our
 //! feedback frames on the same connection.
 //!
-//! One connection is active at a time: a new one replaces the old (zebra reconnecting after a
-//! restart must not wait for a dead socket to time out). Decoded events go to the consumer in
-//! batches through a bounded channel, which pushes back on zebra when the consumer is slow.
-//! Each new connection is announced first with [`ServerEvent::Connected`]: zebra then replays
-//! every route but keeps the offload flags it had, so the consumer must re-acknowledge all.
+//! # One zebra connection at a time
+//! A connection is *alive* while its socket is open: zebra has not closed it, no read
+//! failed, and its frames decode. While one is alive, any other connection is accepted
+//! and closed at once ([`ServerEvent::Refused`], a WARN log with the peer's address,
+//! [`FpmCounters::refused`]): it never replaces the live one, and it never reaches the
+//! consumer as a new zebra. This is safe because zebra (`dplane_fpm_nl`) reconnects only
+//! after it closed its previous socket (then retries every 3 s); when it restarts, the kernel
+//! closes the old socket for it. Before refusing, the server reads what the live socket
+//! already holds (without waiting, at most one receive buffer): a zebra whose last frames and
+//! close were still unread (the consumer held the server back) has them delivered in order
+//! and its close seen, and its reconnect is accepted, not refused. A peer that vanished
+//! without closing (a remote host gone) is detected by TCP keepalive ([`KEEPALIVE_IDLE`],
+//! then [`KEEPALIVE_PROBES`] probes [`KEEPALIVE_INTERVAL`] apart, about 25 s): until then
+//! zebra's reconnects are refused and the routes stay as they are. The cost of the rule: a
+//! local process that holds a connection open keeps zebra out (every attempt is logged and
+//! counted) but cannot remove a route.
+//!
+//! Decoded events go to the consumer in batches through a bounded channel, which pushes back
+//! on zebra when the consumer is slow. Each new connection is announced first with
+//! [`ServerEvent::Connected`]: zebra then replays every route but keeps the offload flags it
+//! had, so the consumer must re-acknowledge all. When the replay counts as over, and what it
+//! may remove, is [`super::replay`]'s rule.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use flow_offload::status::OffloadStatus;
+use nix::errno::Errno;
+use nix::sys::socket::{sockopt, MsgFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +45,13 @@ use super::rib::ZebraRoute;
 
 /// zebra's default FPM port.
 pub const DEFAULT_PORT: u16 = 2620;
+
+/// TCP keepalive on zebra's connection: idle time before the first probe...
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// ...time between probes...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// ...and unanswered probes after which the connection is dead.
+pub const KEEPALIVE_PROBES: u32 = 3;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -52,7 +80,8 @@ impl Default for FpmConfig {
 /// What the consumer receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerEvent {
-    /// zebra (re)connected: it will replay everything; re-acknowledge every route.
+    /// zebra (re)connected: it will replay everything; re-acknowledge every route. Sent only
+    /// when no other connection is alive.
     Connected {
         /// zebra's address.
         peer: SocketAddr,
@@ -68,6 +97,14 @@ pub enum ServerEvent {
         /// Why.
         reason: DisconnectReason,
     },
+    /// Another connection arrived while `active` was alive: it was closed at once, and
+    /// `active` goes on.
+    Refused {
+        /// Its address.
+        peer: SocketAddr,
+        /// The live connection's number.
+        active: u64,
+    },
 }
 
 /// Why a connection ended.
@@ -79,8 +116,6 @@ pub enum DisconnectReason {
     Io(String),
     /// The byte stream could not be framed any more.
     Framing(FrameError),
-    /// A newer connection replaced it.
-    Replaced,
 }
 
 /// Server errors.
@@ -105,8 +140,10 @@ pub enum FpmServerError {
 /// Counters, readable at any time for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FpmCounters {
-    /// Connections accepted.
+    /// Connections accepted as zebra's.
     pub connections: u64,
+    /// Connections refused because another one was alive.
+    pub refused: u64,
     /// Bytes received.
     pub bytes: u64,
     /// Netlink frames received.
@@ -274,6 +311,155 @@ fn count_frames(buf: &[u8]) -> u64 {
     n
 }
 
+/// The consumer dropped its receiver: the server stops.
+struct Stopped;
+
+/// The serving task's state (the listener and the feedback receiver are polled beside it).
+struct Serve {
+    batch_max: usize,
+    events: mpsc::Sender<ServerEvent>,
+    counters: Arc<Mutex<FpmCounters>>,
+    /// zebra's connection, while alive.
+    conn: Option<Conn>,
+    next_id: u64,
+    pending: Vec<FpmEvent>,
+}
+
+impl Serve {
+    async fn send(&self, ev: ServerEvent) -> Result<(), Stopped> {
+        self.events.send(ev).await.map_err(|_| Stopped)
+    }
+
+    /// A connection arrived: zebra's if none is alive, refused otherwise.
+    async fn accepted(&mut self, stream: TcpStream, peer: SocketAddr) -> Result<(), Stopped> {
+        self.end_if_closed().await?;
+        if let Some(c) = &self.conn {
+            let active = c.id;
+            // Dropping the stream closes it: nothing was read, nothing reaches the consumer.
+            drop(stream);
+            bump(&self.counters, |k| k.refused += 1);
+            tracing::warn!(%peer, active, "FPM: connection refused: zebra's connection is alive");
+            return self.send(ServerEvent::Refused { peer, active }).await;
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        self.conn = Some(open(stream, id, self.counters.clone()));
+        bump(&self.counters, |c| c.connections += 1);
+        tracing::info!(%peer, connection = id, "FPM: zebra connected");
+        self.send(ServerEvent::Connected {
+            peer,
+            connection: id,
+        })
+        .await
+    }
+
+    /// Ends the live connection now if its peer has closed it. Reads what the socket already
+    /// holds, without waiting and at most one receive buffer's worth, through the normal path
+    /// ([`Serve::received`]): frames a peer sent before closing are delivered in order, then
+    /// its close is seen. An open socket with nothing (more) buffered is alive; so is one
+    /// still streaming when the budget is spent.
+    async fn end_if_closed(&mut self) -> Result<(), Stopped> {
+        let Some(c) = &self.conn else { return Ok(()) };
+        let stream: &TcpStream = c.read.as_ref();
+        let fd = stream.as_raw_fd();
+        let mut budget = nix::sys::socket::getsockopt(stream, sockopt::RcvBuf).unwrap_or(READ);
+        loop {
+            let Some(c) = self.conn.as_mut() else {
+                return Ok(()); // ended (a framing error)
+            };
+            let read = match nix::sys::socket::recv(fd, &mut c.rbuf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => Ok(n),
+                // Open, nothing buffered: alive.
+                Err(Errno::EAGAIN) => return Ok(()),
+                Err(Errno::EINTR) => continue,
+                Err(e) => Err(std::io::Error::from(e)),
+            };
+            let got = match read {
+                Ok(n) if n > 0 => n,
+                // End of stream or an error: `received` ends the connection.
+                _ => return self.received(read).await,
+            };
+            self.received(read).await?;
+            budget = budget.saturating_sub(got);
+            if budget == 0 {
+                return Ok(()); // still streaming: alive
+            }
+        }
+    }
+
+    /// The result of a read on the live connection.
+    async fn received(&mut self, read: std::io::Result<usize>) -> Result<(), Stopped> {
+        let Some(c) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        let reason = match read {
+            Ok(0) => Some(DisconnectReason::Closed),
+            Err(e) => Some(DisconnectReason::Io(e.to_string())),
+            Ok(n) => {
+                c.decoder.extend(c.rbuf.get(..n).unwrap_or(&[]));
+                let mut stats = DecodeStats::default();
+                let mut frames = 0u64;
+                let mut failed = None;
+                loop {
+                    match c.decoder.next_frame() {
+                        Ok(Some(payload)) => {
+                            frames += 1;
+                            decode_netlink(payload, &mut self.pending, &mut stats);
+                            if self.pending.len() >= self.batch_max {
+                                let batch = std::mem::take(&mut self.pending);
+                                self.events
+                                    .send(ServerEvent::Events(batch))
+                                    .await
+                                    .map_err(|_| Stopped)?;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let skipped = c.decoder.skipped();
+                bump(&self.counters, |k| {
+                    k.bytes += n as u64;
+                    k.frames += frames;
+                    k.skipped_frames = skipped;
+                    k.messages.add(&stats);
+                    if failed.is_some() {
+                        k.frame_errors += 1;
+                    }
+                });
+                failed.map(|e| {
+                    tracing::warn!(error = %e, connection = c.id, "FPM: resetting the connection");
+                    DisconnectReason::Framing(e)
+                })
+            }
+        };
+        if !self.pending.is_empty() {
+            let batch = std::mem::take(&mut self.pending);
+            self.send(ServerEvent::Events(batch)).await?;
+        }
+        match reason {
+            Some(reason) => self.end(reason).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Closes the live connection (its writer stops when its channel is dropped).
+    async fn end(&mut self, reason: DisconnectReason) -> Result<(), Stopped> {
+        let Some(c) = self.conn.take() else {
+            return Ok(());
+        };
+        tracing::info!(connection = c.id, ?reason, "FPM: connection ended");
+        self.send(ServerEvent::Disconnected {
+            connection: c.id,
+            reason,
+        })
+        .await
+    }
+}
+
 async fn serve(
     listener: TcpListener,
     batch_max: usize,
@@ -281,108 +467,51 @@ async fn serve(
     mut feedback: mpsc::Receiver<Vec<u8>>,
     counters: Arc<Mutex<FpmCounters>>,
 ) {
-    let mut conn: Option<Conn> = None;
-    let mut next_id = 0u64;
-    let mut pending: Vec<FpmEvent> = Vec::new();
+    let mut s = Serve {
+        batch_max,
+        events,
+        counters,
+        conn: None,
+        next_id: 0,
+        pending: Vec::new(),
+    };
     let mut feedback_open = true;
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "FPM: accept failed");
-                        continue;
-                    }
-                };
-                if let Some(old) = conn.take() {
-                    tracing::info!(connection = old.id, "FPM: replaced by a new connection");
-                    if events.send(ServerEvent::Disconnected {
-                        connection: old.id, reason: DisconnectReason::Replaced,
-                    }).await.is_err() { return; }
+        let step = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => s.accepted(stream, peer).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "FPM: accept failed");
+                    Ok(())
                 }
-                next_id += 1;
-                conn = Some(open(stream, next_id, counters.clone()));
-                bump(&counters, |c| c.connections += 1);
-                tracing::info!(%peer, connection = next_id, "FPM: zebra connected");
-                if events.send(ServerEvent::Connected { peer, connection: next_id }).await.is_err() {
-                    return;
-                }
-            }
+            },
             read = async {
-                match conn.as_mut() {
+                match s.conn.as_mut() {
                     // Cancel-safe: bytes land in `rbuf` only when the read completes.
                     Some(c) => c.read.read(&mut c.rbuf).await,
                     None => std::future::pending().await,
                 }
-            } => {
-                let Some(c) = conn.as_mut() else { continue };
-                let reason = match read {
-                    Ok(0) => Some(DisconnectReason::Closed),
-                    Err(e) => Some(DisconnectReason::Io(e.to_string())),
-                    Ok(n) => {
-                        c.decoder.extend(c.rbuf.get(..n).unwrap_or(&[]));
-                        let mut stats = DecodeStats::default();
-                        let mut frames = 0u64;
-                        let mut failed = None;
-                        loop {
-                            match c.decoder.next_frame() {
-                                Ok(Some(payload)) => {
-                                    frames += 1;
-                                    decode_netlink(payload, &mut pending, &mut stats);
-                                    if pending.len() >= batch_max {
-                                        let batch = std::mem::take(&mut pending);
-                                        if events.send(ServerEvent::Events(batch)).await.is_err() {
-                                            return;
-                                        }
-                                    }
-                                }
-                                Ok(None) => break,
-                                Err(e) => { failed = Some(e); break; }
-                            }
-                        }
-                        let skipped = c.decoder.skipped();
-                        bump(&counters, |k| {
-                            k.bytes += n as u64;
-                            k.frames += frames;
-                            k.skipped_frames = skipped;
-                            k.messages.add(&stats);
-                            if failed.is_some() { k.frame_errors += 1; }
-                        });
-                        failed.map(|e| {
-                            tracing::warn!(error = %e, connection = c.id, "FPM: resetting the connection");
-                            DisconnectReason::Framing(e)
-                        })
-                    }
-                };
-                if !pending.is_empty() {
-                    let batch = std::mem::take(&mut pending);
-                    if events.send(ServerEvent::Events(batch)).await.is_err() {
-                        return;
-                    }
-                }
-                if let Some(reason) = reason {
-                    let id = c.id;
-                    conn = None;
-                    tracing::info!(connection = id, ?reason, "FPM: connection ended");
-                    if events.send(ServerEvent::Disconnected { connection: id, reason }).await.is_err() {
-                        return;
-                    }
-                }
-            }
+            } => s.received(read).await,
             fb = feedback.recv(), if feedback_open => {
-                let Some(buf) = fb else { feedback_open = false; continue };
-                match conn.as_ref() {
-                    Some(c) if c.writer.send(buf).is_ok() => {}
-                    _ => bump(&counters, |k| k.feedback_dropped += 1),
+                match fb {
+                    None => feedback_open = false,
+                    Some(buf) => match s.conn.as_ref() {
+                        Some(c) if c.writer.send(buf).is_ok() => {}
+                        _ => bump(&s.counters, |k| k.feedback_dropped += 1),
+                    },
                 }
+                Ok(())
             }
+        };
+        if step.is_err() {
+            return;
         }
     }
 }
 
 fn open(stream: TcpStream, id: u64, counters: Arc<Mutex<FpmCounters>>) -> Conn {
     let _ = stream.set_nodelay(true);
+    keepalive(&stream);
     let (read, write) = stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(write_loop(write, rx, counters));
@@ -392,6 +521,19 @@ fn open(stream: TcpStream, id: u64, counters: Arc<Mutex<FpmCounters>>) -> Conn {
         writer: tx,
         decoder: FrameDecoder::new(),
         rbuf: vec![0u8; READ].into_boxed_slice(),
+    }
+}
+
+/// TCP keepalive, so that a peer gone without closing stops counting as alive.
+fn keepalive(stream: &TcpStream) {
+    use nix::sys::socket::setsockopt;
+    let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    let set = setsockopt(stream, sockopt::KeepAlive, &true)
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepIdle, &secs(KEEPALIVE_IDLE)))
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepInterval, &secs(KEEPALIVE_INTERVAL)))
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES));
+    if let Err(e) = set {
+        tracing::warn!(error = %e, "FPM: cannot enable TCP keepalive on zebra's connection");
     }
 }
 
@@ -445,7 +587,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unit_fake_zebra_events_feedback_and_replacement() {
+    async fn unit_fake_zebra_events_feedback_and_refusal_of_a_second_connection() {
         let (server, mut rx) = start().await;
         let mut a = TcpStream::connect(server.local_addr()).await.unwrap();
         assert!(matches!(
@@ -479,28 +621,165 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(buf, [1, 1, 0, 48]);
-        // A second client replaces the first, which is closed.
-        let _b = TcpStream::connect(server.local_addr()).await.unwrap();
+        let mut rest = [0u8; 44];
+        tokio::time::timeout(Duration::from_secs(5), a.read_exact(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        // A second client, while the first is alive, is closed at once; the first goes on.
+        let mut b = TcpStream::connect(server.local_addr()).await.unwrap();
+        let peer = b.local_addr().unwrap();
+        assert_eq!(
+            next(&mut rx).await,
+            ServerEvent::Refused { peer, active: 1 }
+        );
+        let mut sink = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut sink))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0, "refused: closed without a byte");
+        a.write_all(&route_frame("10.3.0.0/24")).await.unwrap();
+        match next(&mut rx).await {
+            ServerEvent::Events(e) => assert_eq!(e.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        // Once the first has closed, the next connection is zebra's.
+        drop(a);
         assert_eq!(
             next(&mut rx).await,
             ServerEvent::Disconnected {
                 connection: 1,
-                reason: DisconnectReason::Replaced
+                reason: DisconnectReason::Closed
             }
         );
+        let _c = TcpStream::connect(server.local_addr()).await.unwrap();
         assert!(matches!(
             next(&mut rx).await,
             ServerEvent::Connected { connection: 2, .. }
         ));
-        let mut rest = Vec::new();
-        let n = tokio::time::timeout(Duration::from_secs(5), a.read_to_end(&mut rest))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 44, "the rest of the ack, then EOF");
         let c = server.counters();
-        assert_eq!((c.connections, c.frames, c.messages.new_route), (2, 2, 2));
+        assert_eq!((c.connections, c.refused), (2, 1));
+        assert_eq!((c.frames, c.messages.new_route), (3, 3));
         assert_eq!(c.feedback_frames, 1);
+    }
+
+    /// zebra closes and reconnects before the server has read the close (as after a restart
+    /// while the consumer held the server back): the new connection is not refused.
+    #[tokio::test]
+    async fn unit_fake_zebra_reconnect_before_the_close_is_read_is_accepted() {
+        let (server, mut rx) = FpmServer::start(FpmConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            channel_depth: 1,
+            batch_max: 1,
+            ..FpmConfig::default()
+        })
+        .await
+        .unwrap();
+        let mut a = TcpStream::connect(server.local_addr()).await.unwrap();
+        assert!(matches!(next(&mut rx).await, ServerEvent::Connected { .. }));
+        // Three events and a close, with nobody consuming: the server blocks on the channel.
+        let mut bytes = route_frame("10.1.0.0/24");
+        bytes.extend(route_frame("10.2.0.0/24"));
+        bytes.extend(route_frame("10.3.0.0/24"));
+        a.write_all(&bytes).await.unwrap();
+        drop(a);
+        let _b = TcpStream::connect(server.local_addr()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut seen = Vec::new();
+        loop {
+            match next(&mut rx).await {
+                ServerEvent::Connected { connection, .. } => {
+                    assert_eq!(connection, 2);
+                    break;
+                }
+                ServerEvent::Refused { .. } => panic!("refused: {seen:?}"),
+                other => seen.push(other),
+            }
+        }
+        assert_eq!(
+            seen.last(),
+            Some(&ServerEvent::Disconnected {
+                connection: 1,
+                reason: DisconnectReason::Closed
+            })
+        );
+        assert_eq!(server.counters().refused, 0);
+    }
+
+    /// The liveness check itself: an open socket is alive (what it held is delivered, in
+    /// order), one its peer closed is ended at once, without waiting for the read loop.
+    #[tokio::test]
+    async fn unit_liveness_check_delivers_what_is_buffered_then_sees_the_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let counters = Arc::new(Mutex::new(FpmCounters::default()));
+        let mut s = Serve {
+            batch_max: 16,
+            events: tx,
+            counters: counters.clone(),
+            conn: None,
+            next_id: 1,
+            pending: Vec::new(),
+        };
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        s.conn = Some(open(stream, 1, counters.clone()));
+        let sock: &TcpStream = s.conn.as_ref().unwrap().read.as_ref();
+        assert!(nix::sys::socket::getsockopt(sock, sockopt::KeepAlive).unwrap());
+        assert_eq!(
+            nix::sys::socket::getsockopt(sock, sockopt::TcpKeepIdle).unwrap(),
+            10
+        );
+        // Open and idle: alive, nothing sent to the consumer.
+        assert!(s.end_if_closed().await.is_ok());
+        assert!(s.conn.is_some());
+        assert!(rx.try_recv().is_err());
+        // Open with a frame buffered: alive, and the frame is delivered.
+        client.write_all(&route_frame("10.1.0.0/24")).await.unwrap();
+        let mut got = 0;
+        for _ in 0..500 {
+            assert!(s.end_if_closed().await.is_ok());
+            assert!(s.conn.is_some());
+            if let Ok(ServerEvent::Events(e)) = rx.try_recv() {
+                got = e.len();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(got, 1);
+        // A frame and the close, both unread: the frame, then the end.
+        client.write_all(&route_frame("10.2.0.0/24")).await.unwrap();
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..500 {
+            let _ = s.end_if_closed().await;
+            if s.conn.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(s.conn.is_none(), "a closed socket is not alive");
+        let mut after = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            after.push(ev);
+        }
+        assert!(
+            matches!(
+                &after[..],
+                [
+                    ..,
+                    ServerEvent::Events(_),
+                    ServerEvent::Disconnected {
+                        connection: 1,
+                        reason: DisconnectReason::Closed
+                    }
+                ]
+            ),
+            "{after:?}"
+        );
+        assert_eq!(counters.lock().unwrap().messages.new_route, 2);
     }
 
     #[tokio::test]
