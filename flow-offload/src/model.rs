@@ -720,6 +720,51 @@ pub enum Problem {
     /// A RFC 6052 prefix length other than 32, 40, 48, 56, 64 or 96.
     #[error("NAT64 prefix length must be 32, 40, 48, 56, 64 or 96")]
     Nat64PrefixLength,
+    // New variants go last: the wire encodes the variant index.
+    /// A table id the kernel or the underlay reserves.
+    #[error("table {0} is reserved (253 default, 254 main/underlay, 255 local)")]
+    ReservedTable(u32),
+    /// A range whose first element is above its last.
+    #[error("reversed range: first {first} is above last {last}")]
+    Reversed {
+        /// The first element, as written.
+        first: String,
+        /// The last element, as written.
+        last: String,
+    },
+    /// The same next hop twice in one ECMP set.
+    #[error("duplicates next hop {index} of the same route")]
+    DuplicateNexthop {
+        /// The index of the first occurrence.
+        index: usize,
+    },
+    /// An IPv6 route through an IPv4 gateway (the reverse, an IPv4 route through an IPv6
+    /// gateway, is RFC 8950 / BGP unnumbered, and is accepted).
+    #[error("an IPv6 route cannot have an IPv4 gateway")]
+    WrongFamily,
+    /// A VXLAN next hop carrying the VNI of a VPC other than the route's own: it would put
+    /// this VPC's traffic into another tenant's network.
+    #[error("VNI {vni} belongs to vpc {owner}, not to this route's vpc {vpc}")]
+    ForeignVni {
+        /// The VNI.
+        vni: u32,
+        /// The VPC that owns it.
+        owner: Name,
+        /// The route's VPC.
+        vpc: Name,
+    },
+    /// A remote VTEP equal to this node's own VTEP.
+    #[error("is this node's own VTEP")]
+    OwnVtep,
+    /// RFC 6052 §2.2: bits 64 to 71 of a NAT64 prefix (the "u" octet) must be zero.
+    #[error("bits 64-71 of a NAT64 prefix must be zero (RFC 6052 section 2.2)")]
+    Nat64UOctet,
+    /// A VRF next hop in the underlay table, which can only lead to itself.
+    #[error("a VRF next hop leads from a VPC table to the underlay table; it cannot be used in the underlay table itself")]
+    VrfInUnderlay,
+    /// An uplink used as the port of a next hop in a VPC table.
+    #[error("port {0} is an uplink; next hops in a VPC table leave through the VPC's own ports")]
+    UplinkInVpc(u16),
 }
 
 /// What an unknown reference named.
@@ -1190,7 +1235,10 @@ impl Model {
                 },
             ));
         }
-        if v.table == UNDERLAY_TABLE || v.table.0 == 0 || v.table.0 > TableId::MAX {
+        if matches!(v.table.0, 253..=255) {
+            return Err(invalid(o(), "table", Problem::ReservedTable(v.table.0)));
+        }
+        if v.table.0 == 0 || v.table.0 > TableId::MAX {
             return Err(invalid(
                 o(),
                 "table",
@@ -1262,20 +1310,23 @@ impl Model {
         if r.nexthops.iter().any(|nh| kind(nh) != kind(first)) || (alone && r.nexthops.len() > 1) {
             return Err(invalid(o(), "nexthops", Problem::MixedNexthops));
         }
-        let mut seen = BTreeSet::new();
+        let mut seen = BTreeMap::new();
         for (i, nh) in r.nexthops.iter().enumerate() {
             let field = |f: &str| format!("nexthops[{i}].{f}");
-            if !seen.insert(nh) {
+            if let Some(first) = seen.insert(nh, i) {
                 return Err(invalid(
                     o(),
                     format!("nexthops[{i}]"),
-                    Problem::Duplicate { other: o() },
+                    Problem::DuplicateNexthop { index: first },
                 ));
             }
             match *nh {
                 Nexthop::Underlay { gateway, port, mac } => {
                     if gateway.is_unspecified() || gateway.is_multicast() {
                         return Err(invalid(o(), field("gateway"), Problem::BadAddress));
+                    }
+                    if r.key.prefix.addr().is_ipv6() && gateway.is_ipv4() {
+                        return Err(invalid(o(), field("gateway"), Problem::WrongFamily));
                     }
                     if mac.is_multicast() || mac == MacAddr::default() {
                         return Err(invalid(o(), field("mac"), Problem::BadAddress));
@@ -1291,11 +1342,16 @@ impl Model {
                             .is_some_and(|v| v.ports.contains(&port))
                     };
                     if !ok {
-                        return Err(invalid(
-                            o(),
-                            field("port"),
-                            Problem::Unknown(ObjectKeyOrTable::Uplink(port)),
-                        ));
+                        let uplink = self
+                            .node
+                            .as_ref()
+                            .is_some_and(|n| n.uplinks.contains(&port));
+                        let problem = if table != UNDERLAY_TABLE && uplink {
+                            Problem::UplinkInVpc(port.0)
+                        } else {
+                            Problem::Unknown(ObjectKeyOrTable::Uplink(port))
+                        };
+                        return Err(invalid(o(), field("port"), problem));
                     }
                 }
                 Nexthop::Vxlan {
@@ -1303,12 +1359,30 @@ impl Model {
                     remote_vtep,
                     router_mac,
                 } => {
-                    if self.vpc_by_vni(vni).is_none() {
+                    let Some(owner) = self.vpc_by_vni(vni) else {
                         return Err(invalid(
                             o(),
                             field("vni"),
                             Problem::Unknown(ObjectKeyOrTable::Vni(vni.get())),
                         ));
+                    };
+                    // A VPC's routes may only encapsulate into its own VNI: another VPC's
+                    // would deliver this tenant's packets into that tenant's network.
+                    if let Some(vpc) = self.vpc_by_table(table) {
+                        if vpc.name != owner.name {
+                            return Err(invalid(
+                                o(),
+                                field("vni"),
+                                Problem::ForeignVni {
+                                    vni: vni.get(),
+                                    owner: owner.name.clone(),
+                                    vpc: vpc.name.clone(),
+                                },
+                            ));
+                        }
+                    }
+                    if self.node.as_ref().is_some_and(|n| n.vtep == remote_vtep) {
+                        return Err(invalid(o(), field("remote_vtep"), Problem::OwnVtep));
                     }
                     if remote_vtep.is_unspecified()
                         || remote_vtep.is_multicast()
@@ -1321,7 +1395,10 @@ impl Model {
                     }
                 }
                 Nexthop::Vrf { table: target } => {
-                    if target != UNDERLAY_TABLE || table == UNDERLAY_TABLE {
+                    if table == UNDERLAY_TABLE {
+                        return Err(invalid(o(), field("table"), Problem::VrfInUnderlay));
+                    }
+                    if target != UNDERLAY_TABLE {
                         return Err(invalid(
                             o(),
                             field("table"),
@@ -1362,7 +1439,17 @@ impl Model {
         let others = || self.nat.values().filter(|x| x.name != n.name);
         let v4_usable = |a: Ipv4Addr| !(a.is_unspecified() || a.is_multicast() || a.is_broadcast());
         let check_pool = |pool: Ipv4Range, ports: (u16, u16)| -> Result<(), ModelError> {
-            if pool.first > pool.last || !v4_usable(pool.first) || !v4_usable(pool.last) {
+            if pool.first > pool.last {
+                return Err(invalid(
+                    o(),
+                    "pool",
+                    Problem::Reversed {
+                        first: pool.first.to_string(),
+                        last: pool.last.to_string(),
+                    },
+                ));
+            }
+            if !v4_usable(pool.first) || !v4_usable(pool.last) {
                 return Err(invalid(o(), "pool", Problem::BadAddress));
             }
             if pool.size() > u64::from(Ipv4Range::MAX_ADDRESSES) {
@@ -1374,7 +1461,17 @@ impl Model {
                     },
                 ));
             }
-            if ports.0 == 0 || ports.0 > ports.1 {
+            if ports.0 > ports.1 {
+                return Err(invalid(
+                    o(),
+                    "ports",
+                    Problem::Reversed {
+                        first: ports.0.to_string(),
+                        last: ports.1.to_string(),
+                    },
+                ));
+            }
+            if ports.0 == 0 {
                 return Err(invalid(
                     o(),
                     "ports",
@@ -1452,6 +1549,12 @@ impl Model {
                 check_pool(*pool, *ports)?;
                 if prefix.is_v4() || ![32, 40, 48, 56, 64, 96].contains(&prefix.len()) {
                     return Err(invalid(o(), "prefix", Problem::Nat64PrefixLength));
+                }
+                if let IpAddr::V6(a) = prefix.addr() {
+                    // Shorter prefixes have these bits as host bits, refused already.
+                    if a.octets()[8] != 0 {
+                        return Err(invalid(o(), "prefix", Problem::Nat64UOctet));
+                    }
                 }
                 if let Some(x) =
                     others().find(|x| x.vpc == n.vpc && matches!(x.kind, NatKind::Nat64 { .. }))

@@ -394,3 +394,135 @@ fn ranges_split_into_exact_prefixes() {
     };
     assert_eq!(all.to_prefixes(), vec![p("0.0.0.0/0")]);
 }
+
+/// Input that was once accepted and should not have been (issue 17), each refused with a
+/// problem that says what is wrong.
+#[test]
+fn cross_tenant_vnis_own_vtep_reserved_tables_and_families_are_refused() {
+    let mut m = base();
+    m.apply(&[vpc("red", 200, 20, 2)]).unwrap();
+    // A route of blue encapsulating into red's VNI would leak blue's traffic into red.
+    let into_red = Nexthop::Vxlan {
+        vni: Vni::new(200).unwrap(),
+        remote_vtep: Ipv4Addr::new(192, 0, 2, 2),
+        router_mac: mac(2),
+    };
+    let (field, problem) = refused(&mut m, upsert_route(10, "10.9.0.0/16", vec![into_red]));
+    assert_eq!(field, "nexthops[0].vni");
+    assert_eq!(
+        problem,
+        Problem::ForeignVni {
+            vni: 200,
+            owner: n("red"),
+            vpc: n("blue")
+        }
+    );
+    // Its own VNI is fine, unless the remote VTEP is this node's.
+    let own = |vtep: Ipv4Addr| Nexthop::Vxlan {
+        vni: Vni::new(100).unwrap(),
+        remote_vtep: vtep,
+        router_mac: mac(2),
+    };
+    let (field, problem) = refused(
+        &mut m,
+        upsert_route(10, "10.9.0.0/16", vec![own(Ipv4Addr::new(192, 0, 2, 1))]),
+    );
+    assert_eq!(
+        (field.as_str(), problem),
+        ("nexthops[0].remote_vtep", Problem::OwnVtep)
+    );
+    m.apply(&[upsert_route(
+        10,
+        "10.9.0.0/16",
+        vec![own(Ipv4Addr::new(192, 0, 2, 2))],
+    )])
+    .unwrap();
+    // Tables the kernel reserves.
+    for t in [253, 254, 255] {
+        let (field, problem) = refused(&mut m, vpc("green", 300, t, 3));
+        assert_eq!(
+            (field.as_str(), problem),
+            ("table", Problem::ReservedTable(t))
+        );
+    }
+    // An IPv6 route through an IPv4 gateway; an IPv4 route through an IPv6 gateway is RFC 8950
+    // (BGP unnumbered) and accepted.
+    let v4gw = Nexthop::Underlay {
+        gateway: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254)),
+        port: PortId(0),
+        mac: mac(0xfe),
+    };
+    let (field, problem) = refused(&mut m, upsert_route(254, "2001:db8::/32", vec![v4gw]));
+    assert_eq!(
+        (field.as_str(), problem),
+        ("nexthops[0].gateway", Problem::WrongFamily)
+    );
+    let v6gw = Nexthop::Underlay {
+        gateway: IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
+        port: PortId(0),
+        mac: mac(0xfe),
+    };
+    m.apply(&[upsert_route(254, "198.18.0.0/15", vec![v6gw])])
+        .unwrap();
+    // Clear messages for what was misleading.
+    let (_, problem) = refused(
+        &mut m,
+        upsert_route(
+            254,
+            "10.0.0.0/8",
+            vec![Nexthop::Vrf {
+                table: TableId(254),
+            }],
+        ),
+    );
+    assert_eq!(problem, Problem::VrfInUnderlay);
+    let (field, problem) = refused(&mut m, upsert_route(10, "10.8.0.0/16", vec![gw(0)]));
+    assert_eq!(
+        (field.as_str(), problem),
+        ("nexthops[0].port", Problem::UplinkInVpc(0))
+    );
+    let (field, problem) = refused(&mut m, upsert_route(254, "10.0.0.0/8", vec![gw(0), gw(0)]));
+    assert_eq!(
+        (field.as_str(), problem),
+        ("nexthops[1]", Problem::DuplicateNexthop { index: 0 })
+    );
+    let (field, problem) = refused(&mut m, napt("rev", [203, 0, 113, 9], [203, 0, 113, 1]));
+    assert_eq!(field, "pool");
+    assert!(matches!(problem, Problem::Reversed { .. }), "{problem}");
+    let backwards = Change::UpsertNat(NatRule {
+        name: n("ports"),
+        vpc: n("blue"),
+        kind: NatKind::Napt44 {
+            pool: Ipv4Range::single(Ipv4Addr::new(203, 0, 113, 20)),
+            ports: (2000, 1000),
+        },
+    });
+    let (field, problem) = refused(&mut m, backwards);
+    assert_eq!(field, "ports");
+    assert!(
+        problem
+            .to_string()
+            .contains("reversed range: first 2000 is above last 1000"),
+        "{problem}"
+    );
+}
+
+/// RFC 6052 §2.2: the "u" octet (bits 64-71) of a NAT64 prefix must be zero.
+#[test]
+fn nat64_prefixes_with_the_u_octet_set_are_refused() {
+    let mut m = base();
+    let nat64 = |prefix: &str| {
+        Change::UpsertNat(NatRule {
+            name: n("six"),
+            vpc: n("blue"),
+            kind: NatKind::Nat64 {
+                prefix: p(prefix),
+                pool: Ipv4Range::single(Ipv4Addr::new(203, 0, 113, 9)),
+                ports: (1024, 65535),
+            },
+        })
+    };
+    let (field, problem) = refused(&mut m, nat64("2001:db8:0:0:ff00::/96"));
+    assert_eq!((field.as_str(), problem), ("prefix", Problem::Nat64UOctet));
+    m.apply(&[nat64("64:ff9b::/96")]).unwrap();
+}
