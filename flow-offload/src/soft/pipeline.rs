@@ -820,6 +820,7 @@ impl Pipeline {
             pool,
             port_range: ports,
             timeouts: Timeouts::default(),
+            block: crate::soft::nat::AllocBlock::WHOLE,
         }
     }
 
@@ -2116,6 +2117,134 @@ impl Pipeline {
             ],
             expires_at_ns: v.expires_at_ns,
         })
+    }
+}
+
+// --- NAT session sync: thin pass-throughs to the rules' tables (see crate::soft::nat) --------
+
+use crate::soft::nat::{ExportCursor, NatSyncError, SessionRecord};
+
+impl Pipeline {
+    /// The NAT64 rules, by name, in the pipeline's order.
+    pub fn nat64_rules(&self) -> impl Iterator<Item = &Name> {
+        self.nat64.iter().map(|n| &n.name)
+    }
+
+    fn napt_table(&self, nat: &Name) -> Result<&NatTable<Ipv4Addr>, NatSyncError> {
+        let i = self.napt_index(nat).ok_or(NatSyncError::UnknownRule)?;
+        self.napt
+            .get(i)
+            .map(|(_, t)| t)
+            .ok_or(NatSyncError::UnknownRule)
+    }
+
+    fn napt_table_mut(&mut self, nat: &Name) -> Result<&mut NatTable<Ipv4Addr>, NatSyncError> {
+        let i = self.napt_index(nat).ok_or(NatSyncError::UnknownRule)?;
+        self.napt
+            .get_mut(i)
+            .map(|(_, t)| t)
+            .ok_or(NatSyncError::UnknownRule)
+    }
+
+    fn nat64_table(&self, nat: &Name) -> Result<&NatTable<Ipv6Addr>, NatSyncError> {
+        self.nat64
+            .iter()
+            .find(|n| n.name == *nat)
+            .map(|n| &n.table)
+            .ok_or(NatSyncError::UnknownRule)
+    }
+
+    fn nat64_table_mut(&mut self, nat: &Name) -> Result<&mut NatTable<Ipv6Addr>, NatSyncError> {
+        self.nat64
+            .iter_mut()
+            .find(|n| n.name == *nat)
+            .map(|n| &mut n.table)
+            .ok_or(NatSyncError::UnknownRule)
+    }
+
+    /// [`NatTable::export`] of a session of the NAPT44 rule `nat` (`None` also for an unknown
+    /// rule).
+    pub fn napt_export(
+        &self,
+        nat: &Name,
+        id: SessionId,
+        now_ns: u64,
+    ) -> Option<SessionRecord<Ipv4Addr>> {
+        self.napt_table(nat).ok()?.export(id, now_ns)
+    }
+
+    /// [`NatTable::export_batch`] of the NAPT44 rule `nat`.
+    pub fn napt_export_batch(
+        &self,
+        nat: &Name,
+        cursor: ExportCursor,
+        budget: usize,
+        now_ns: u64,
+        out: &mut Vec<SessionRecord<Ipv4Addr>>,
+    ) -> Result<Option<ExportCursor>, NatSyncError> {
+        Ok(self
+            .napt_table(nat)?
+            .export_batch(cursor, budget, now_ns, out))
+    }
+
+    /// [`NatTable::import`] into the NAPT44 rule `nat`.
+    pub fn napt_import(
+        &mut self,
+        nat: &Name,
+        rec: &SessionRecord<Ipv4Addr>,
+        now_ns: u64,
+    ) -> Result<SessionId, NatSyncError> {
+        Ok(self.napt_table_mut(nat)?.import(rec, now_ns)?)
+    }
+
+    /// [`NatTable::remove_session`] in the NAPT44 rule `nat` (`None` also for an unknown rule).
+    pub fn napt_remove_session(
+        &mut self,
+        nat: &Name,
+        proto: Proto,
+        inside: (Ipv4Addr, u16),
+        remote: (Ipv4Addr, u16),
+    ) -> Option<SessionView<Ipv4Addr>> {
+        self.napt_table_mut(nat)
+            .ok()?
+            .remove_session(proto, inside, remote)
+    }
+
+    /// [`NatTable::export_batch`] of the NAT64 rule `nat`.
+    pub fn nat64_export_batch(
+        &self,
+        nat: &Name,
+        cursor: ExportCursor,
+        budget: usize,
+        now_ns: u64,
+        out: &mut Vec<SessionRecord<Ipv6Addr>>,
+    ) -> Result<Option<ExportCursor>, NatSyncError> {
+        Ok(self
+            .nat64_table(nat)?
+            .export_batch(cursor, budget, now_ns, out))
+    }
+
+    /// [`NatTable::import`] into the NAT64 rule `nat`.
+    pub fn nat64_import(
+        &mut self,
+        nat: &Name,
+        rec: &SessionRecord<Ipv6Addr>,
+        now_ns: u64,
+    ) -> Result<SessionId, NatSyncError> {
+        Ok(self.nat64_table_mut(nat)?.import(rec, now_ns)?)
+    }
+
+    /// [`NatTable::remove_session`] in the NAT64 rule `nat` (`None` also for an unknown rule).
+    pub fn nat64_remove_session(
+        &mut self,
+        nat: &Name,
+        proto: Proto,
+        inside: (Ipv6Addr, u16),
+        remote: (Ipv4Addr, u16),
+    ) -> Option<SessionView<Ipv6Addr>> {
+        self.nat64_table_mut(nat)
+            .ok()?
+            .remove_session(proto, inside, remote)
     }
 }
 
