@@ -99,6 +99,17 @@ pub struct FpmSection {
     /// which nothing on the FPM connection carries.
     #[serde(default)]
     pub vtysh: Vec<String>,
+    /// After a start, the DPU links wait this long for zebra's first replay (or until it is
+    /// over, whichever comes first) before sending the DPUs anything: a restarted host agent
+    /// knows none of FRR's routes yet, and a full resync without them would withdraw every
+    /// FRR route from the DPUs until zebra replays. The DPUs forward on their last state
+    /// meanwhile. 0 starts the links at once.
+    #[serde(default = "default_startup_hold_secs")]
+    pub startup_hold_secs: u64,
+}
+
+fn default_startup_hold_secs() -> u64 {
+    10
 }
 
 /// A configuration error naming the field.
@@ -673,21 +684,50 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     // Sent before any link starts: links never see the empty placeholder.
     let _ = desired_tx.send(Arc::new(desired.model().clone()));
 
-    // DPU links.
+    // DPU links. With FRR configured they wait for zebra's first replay (bounded by
+    // `startup_hold_secs`), so that the first resync of a DPU carries FRR's routes.
     let (ev_tx, mut ev_rx) = mpsc::channel::<DpuEvent>(1024);
-    let mut links = Vec::new();
+    let mut link_addrs = Vec::new();
     for (i, d) in config.dpus.iter().enumerate() {
-        let a = addr(&format!("dpus[{i}].link"), &d.link)?;
-        links.push(tokio::spawn(dpu_link::run(
-            a,
-            LinkConfig::default(),
-            desired_rx.clone(),
-            ev_tx.clone(),
-            shutdown.clone(),
-            Some(hub.clone()),
-        )));
+        link_addrs.push(addr(&format!("dpus[{i}].link"), &d.link)?);
     }
-    drop(ev_tx);
+    let (link_desired, link_shutdown, link_hub) =
+        (desired_rx.clone(), shutdown.clone(), hub.clone());
+    let start_links = move |addrs: Vec<SocketAddr>, ev_tx: mpsc::Sender<DpuEvent>| {
+        addrs
+            .into_iter()
+            .map(|a| {
+                tokio::spawn(dpu_link::run(
+                    a,
+                    LinkConfig::default(),
+                    link_desired.clone(),
+                    ev_tx.clone(),
+                    link_shutdown.clone(),
+                    Some(link_hub.clone()),
+                ))
+            })
+            .collect::<Vec<_>>()
+    };
+    let hold = config
+        .fpm
+        .as_ref()
+        .map(|f| Duration::from_secs(f.startup_hold_secs))
+        .filter(|d| !d.is_zero() && !link_addrs.is_empty());
+    let mut links = Vec::new();
+    let mut held_links: Option<(Vec<SocketAddr>, mpsc::Sender<DpuEvent>)> = None;
+    let mut hold_until: Option<tokio::time::Instant> = None;
+    match hold {
+        Some(d) => {
+            tracing::info!(hold_secs = d.as_secs(), dpus = link_addrs.len(),
+                "DPU links wait for zebra's replay (the DPUs forward on their last state meanwhile)");
+            hold_until = Some(tokio::time::Instant::now() + d);
+            held_links = Some((link_addrs, ev_tx));
+        }
+        None => {
+            links = start_links(link_addrs, ev_tx.clone());
+            drop(ev_tx);
+        }
+    }
 
     // zebra, over FPM.
     let mut frr = match &config.fpm {
@@ -871,6 +911,12 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     if f.flush(&mut batch, &mut desired).await {
                         let _ = desired_tx.send(Arc::new(desired.model().clone()));
                     }
+                    if let Some((addrs, tx)) = held_links.take() {
+                        hold_until = None;
+                        tracing::info!("zebra's replay is over; starting the DPU links");
+                        let _ = desired_tx.send(Arc::new(desired.model().clone()));
+                        links = start_links(addrs, tx);
+                    }
                     // zebra keeps old flags across reconnects: acknowledge everything again.
                     let all = route_statuses(&statuses);
                     tracing::info!(routes = all.len(), "zebra replay over; re-acknowledging every route");
@@ -888,6 +934,19 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 let t = std::time::Instant::now();
                 let _ = desired_tx.send(Arc::new(desired.model().clone()));
                 publish_cost = t.elapsed();
+            }
+            _ = async {
+                match hold_until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                hold_until = None;
+                if let Some((addrs, tx)) = held_links.take() {
+                    tracing::warn!("zebra's replay did not complete within the startup hold; starting the DPU links without it");
+                    let _ = desired_tx.send(Arc::new(desired.model().clone()));
+                    links = start_links(addrs, tx);
+                }
             }
             _ = sweep.tick() => {
                 sweep_statuses(&mut statuses, desired.model(), &metrics, &writer);
