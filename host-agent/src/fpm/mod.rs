@@ -55,6 +55,7 @@ pub mod build;
 pub mod decode;
 pub mod feedback;
 pub mod frame;
+pub mod fuzz;
 pub mod replay;
 pub mod rib;
 pub mod server;
