@@ -167,6 +167,21 @@ fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A log without its ANSI colours.
+fn plain(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut esc = false;
+    for c in s.chars() {
+        match (esc, c) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
 fn route_flags(v: &Value, prefix: &str) -> (bool, bool, bool) {
     let r = &v[prefix][0];
     (
@@ -260,7 +275,22 @@ fn lab_evpn_type5_nat_meter_and_restarts() {
 
     // kill -9 the host agent of site a: zebra reconnects and replays, every route is
     // acknowledged again (nothing stays queued), traffic flows.
+    let dpu_log = Path::new("/run/dpucp-lab/e2e1/a/dpu-agent.log");
+    let seen = std::fs::read_to_string(dpu_log).unwrap().len();
     lab.ok(&["restart", "a", "host-agent"]);
+    // Its DPU links wait for zebra's replay, so its first resync equals what the DPU has:
+    // FRR's routes are not withdrawn meanwhile.
+    eventually(
+        "the restarted host agent's resync",
+        Duration::from_secs(30),
+        || plain(&std::fs::read_to_string(dpu_log).unwrap()[seen..]).contains("full=true"),
+    );
+    let after = plain(&std::fs::read_to_string(dpu_log).unwrap()[seen..]);
+    let resync = after
+        .lines()
+        .find(|l| l.contains("batch applied") && l.contains("full=true"))
+        .unwrap();
+    assert!(resync.contains(" changes=0 "), "{resync}");
     // Configuration made after the restart reaches the DPU (a restarted host agent numbers its
     // batches after the DPU's last epoch; the DPU once took lower epochs for replays and
     // acknowledged them without applying). Non-route changes rebuild the DPU's pipeline,
