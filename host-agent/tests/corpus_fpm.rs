@@ -7,15 +7,19 @@ use std::path::PathBuf;
 
 use host_agent::fpm::fuzz::fuzz_stream;
 
-fn seeds() -> Vec<Vec<u8>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/fpm_stream");
-    let mut files = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter(|p| p.is_file())
-        .collect::<Vec<_>>();
-    files.sort();
-    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+/// The seeds, read once (a fuzzer running beside the tests adds and removes files).
+fn seeds() -> &'static [Vec<u8>] {
+    static SEEDS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    SEEDS.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/fpm_stream");
+        let mut files = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+            .map(|entry| entry.unwrap().path())
+            .filter(|p| p.is_file())
+            .collect::<Vec<_>>();
+        files.sort();
+        files.iter().filter_map(|p| std::fs::read(p).ok()).collect()
+    })
 }
 
 #[test]
@@ -26,7 +30,7 @@ fn corpus_files_and_prefixes_do_not_panic() {
         "expected at least 8 seeds, found {}",
         seeds.len()
     );
-    for data in &seeds {
+    for data in seeds {
         for end in 0..=data.len() {
             fuzz_stream(&data[..end]);
         }
@@ -50,14 +54,14 @@ proptest::proptest! {
         ),
     ) {
         let seeds = seeds();
-        let mut data = a.get(&seeds).clone();
+        let mut data = a.get(seeds).clone();
         for (at, byte) in &edits {
             if !data.is_empty() {
                 let i = at.index(data.len());
                 data[i] = *byte;
             }
         }
-        let tail: &Vec<u8> = b.get(&seeds);
+        let tail: &Vec<u8> = b.get(seeds);
         data.extend_from_slice(tail);
         fuzz_stream(&data);
     }
