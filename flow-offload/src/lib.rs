@@ -13,6 +13,7 @@
 
 pub mod caps;
 pub mod compile;
+pub mod ha;
 pub mod ir;
 pub mod lpm;
 pub mod model;
