@@ -17,5 +17,6 @@
 //! acquires the leader key with a newer epoch and becomes active with whatever the stream had
 //! delivered. Bindings created but not yet acknowledged are lost (the sync lag is the bound).
 
+pub mod fuzz;
 pub mod role;
 pub mod sync;
