@@ -153,8 +153,8 @@ async fn full_then_incremental_then_resend_after_restart() {
         e => panic!("{e:?}"),
     }
 
-    // A desired model this DPU cannot take (a VPC on a port it does not have): the batch is
-    // refused, then the full one; the DPU keeps what it had.
+    // A desired model with an object this DPU cannot take (a VPC on a port it does not have):
+    // that object fails alone, the batch is acknowledged, nothing is resent in a loop.
     let mut bad = more.clone();
     bad.push(Change::UpsertVpc(Vpc {
         name: Name::new("red").unwrap(),
@@ -163,28 +163,64 @@ async fn full_then_incremental_then_resend_after_restart() {
         ports: [PortId(7)].into_iter().collect(),
     }));
     desired_tx.send(model(&bad)).unwrap();
-    match next_state(&mut ev).await {
-        DpuEvent::Refused { full, error, .. } => {
+    let last_epoch = match next_state(&mut ev).await {
+        DpuEvent::Acked {
+            full,
+            status,
+            epoch,
+            ..
+        } => {
             assert!(!full);
-            assert!(
-                error.to_string().contains("not a VPC-facing port"),
-                "{error}"
-            );
+            assert_eq!(status.len(), 1, "{status:?}");
+            match &status[0] {
+                (ObjectKey::Vpc(n), OffloadStatus::Failed { reason }) => {
+                    assert_eq!(n.as_str(), "red");
+                    assert!(
+                        reason.to_string().contains("not a VPC-facing port"),
+                        "{reason}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+            epoch
         }
         e => panic!("{e:?}"),
-    }
-    match next_state(&mut ev).await {
-        DpuEvent::Refused { full, .. } => assert!(full),
-        e => panic!("{e:?}"),
-    }
-    // Fixing the desired state converges again, incrementally from what the DPU acknowledged.
+    };
+    // Fixing the desired state converges, incrementally from what the DPU acknowledged.
     let mut fixed = more.clone();
     fixed.push(route("10.0.4.0/24"));
     desired_tx.send(model(&fixed)).unwrap();
     match next_state(&mut ev).await {
         DpuEvent::Acked { full, status, .. } => {
             assert!(!full);
-            assert_eq!(status.len(), 1);
+            assert_eq!(status.len(), 1, "{status:?}");
+            assert!(matches!(status[0].0, ObjectKey::Route(_)));
+        }
+        e => panic!("{e:?}"),
+    }
+
+    // The host side restarts (a new link, knowing nothing): it resumes numbering after the
+    // DPU's last epoch, so its resync is never mistaken for a replay.
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), link)
+        .await
+        .expect("link stops on shutdown")
+        .unwrap();
+    let (ev_tx, mut ev) = mpsc::channel(64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (_desired_tx2, desired_rx) = watch::channel(model(&fixed));
+    let link = tokio::spawn(run(addr, cfg, desired_rx, ev_tx, stop_rx, None));
+    match next_state(&mut ev).await {
+        DpuEvent::Connected { hello, restarted } => {
+            assert!(restarted);
+            assert!(hello.last_epoch >= Some(last_epoch + 1), "{hello:?}");
+        }
+        e => panic!("{e:?}"),
+    }
+    match next_state(&mut ev).await {
+        DpuEvent::Acked { full, epoch, .. } => {
+            assert!(full);
+            assert!(epoch > last_epoch + 1, "epoch {epoch} after {last_epoch}");
         }
         e => panic!("{e:?}"),
     }
