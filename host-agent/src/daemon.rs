@@ -6,7 +6,16 @@
 //! prefix). The links start only after the first successful load from etcd: a host agent that
 //! restarts while etcd is down must not tell its DPUs "nothing is desired" (they keep
 //! forwarding on what they have). Status acknowledged by DPUs goes to etcd (per DPU and object,
-//! bound to the DPU's lease), to Prometheus, and back to zebra for the routes it sent.
+//! bound to the DPU's lease), to Prometheus, and back to zebra for the routes it sent: once
+//! per status change (the RIB records what zebra was told on its current connection).
+//!
+//! zebra's routes that are on no DPU (not ours, waiting, or refused by the model) are kept in
+//! a registry ([`RefusedRoutes`]) that `dpuctl status` lists and `dpucp_frr_routes_refused`
+//! counts; new ones are logged at WARN, a few examples and then one summary line per second.
+//!
+//! Health metrics follow reality within a couple of seconds: `dpucp_etcd_up` from an active
+//! probe ([`ETCD_PROBE_EVERY`], [`ETCD_PROBE_TIMEOUT`]), `dpucp_fpm_connected` from the FPM
+//! server's own view of zebra's socket, `dpucp_dpu_link_up` from each link's events.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,18 +24,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flow_offload::model::{
-    Change, Model, Name, ObjectKey, PortId, Route, RouteKey, TableId, UNDERLAY_TABLE,
+    Change, Model, ModelError, Name, ObjectKey, PortId, Route, RouteKey, TableId, UNDERLAY_TABLE,
 };
-use flow_offload::status::OffloadStatus;
+use flow_offload::status::{FailReason, OffloadStatus};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::dpu_link::{self, DpuEvent, LinkConfig};
+use crate::fpm::feedback::status_flags;
 use crate::fpm::{
-    ChangeBatch, FeedbackEncoder, FpmConfig, FpmServer, ReplayEnd, ReplayTracker, Rib, ServerEvent,
-    StaticAttribution, TableEncoding, ZebraRoute,
+    ChangeBatch, FeedbackEncoder, FpmConfig, FpmServer, Refusal, RefusedRoutes, ReplayEnd,
+    ReplayTracker, Rib, ServerEvent, StaticAttribution, TableEncoding, ZebraRoute,
 };
-use crate::metrics::{Kind, Metrics};
+use crate::metrics::{Kind, Metrics, WarnLimiter};
 use crate::store::{DpuLease, DpuRecord, PortCaps, Store, StoreConfig};
 
 /// One DPU this host supervises.
@@ -307,7 +317,16 @@ struct Frr {
     vrf_ids_asked: Option<tokio::time::Instant>,
     /// Routes whose offload status went back to zebra.
     feedback_sent: u64,
+    /// zebra's routes on no DPU, and why (shared with the API).
+    refused: RefusedRoutes,
+    /// The WARN budget of new refusals.
+    refusal_log: WarnLimiter,
 }
+
+/// New refusals logged in full per [`REFUSAL_LOG_WINDOW`]; the rest go in one summary line.
+const REFUSAL_LOG_EXAMPLES: u32 = 5;
+/// The window of the refusals' WARN budget.
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(1);
 
 /// Parses `show vrf` output lines `vrf NAME id N netns PATH`.
 fn parse_show_vrf(out: &str) -> BTreeMap<String, u32> {
@@ -323,8 +342,10 @@ fn parse_show_vrf(out: &str) -> BTreeMap<String, u32> {
 }
 
 impl Frr {
-    /// Feeds zebra's route changes into the desired state; answers refused ones as failed.
+    /// Feeds zebra's route changes into the desired state; records the routes left on no DPU
+    /// (the RIB's and the model's), and answers the model's refusals as failed.
     async fn flush(&mut self, batch: &mut ChangeBatch, desired: &mut Desired) -> bool {
+        self.note_not_taken();
         if batch.is_empty() {
             return false;
         }
@@ -337,26 +358,74 @@ impl Frr {
                 _ => {}
             }
         }
-        let refused = desired.frr_routes(upserts, deletes);
-        if !refused.is_empty() {
-            let failed = OffloadStatus::Failed {
-                reason: flow_offload::status::FailReason::Invalid(
-                    flow_offload::model::ModelError::NotFound {
-                        object: ObjectKey::Node,
-                    },
-                ),
-            };
-            let zr: Vec<ZebraRoute> = refused
-                .iter()
-                .filter_map(|k| self.feedback_route(k))
-                .collect();
-            let _ = self
-                .server
-                .feedback()
-                .ack(zr.iter().map(|z| (z, &failed)))
-                .await;
-        }
+        let verdicts = desired.frr_routes(upserts, deletes);
+        self.model_verdicts(verdicts).await;
         true
+    }
+
+    /// The RIB's changes of the routes it did not take, into the registry (new ones logged).
+    fn note_not_taken(&mut self) {
+        for (z, why) in self.rib.take_not_taken() {
+            if self.refused.set_not_taken(z, why) {
+                if let Some(n) = why {
+                    self.log_refusal(&z, None, &Refusal::NotTaken(n));
+                }
+            }
+        }
+    }
+
+    /// The model's verdicts on FRR routes, into the registry (new ones logged); the refused
+    /// routes are acknowledged to zebra as failed.
+    async fn model_verdicts(&mut self, v: Verdicts) {
+        for k in &v.cleared {
+            self.refused.set_model(*k, None, None);
+        }
+        if v.refused.is_empty() {
+            return;
+        }
+        let mut failed = Vec::with_capacity(v.refused.len());
+        for (k, e) in v.refused {
+            let z = self.rib.zebra_route(&k);
+            if self.refused.set_model(k, z, Some(e.clone())) {
+                let zr = z.unwrap_or(ZebraRoute {
+                    table: k.table.0,
+                    prefix: k.prefix,
+                    protocol: 0,
+                });
+                self.log_refusal(&zr, Some(k), &Refusal::Model(e.clone()));
+            }
+            failed.push((
+                k,
+                OffloadStatus::Failed {
+                    reason: FailReason::Invalid(e),
+                },
+            ));
+        }
+        self.ack(&failed).await;
+    }
+
+    /// A new refusal at WARN, within the budget (counted for the summary otherwise).
+    fn log_refusal(&mut self, z: &ZebraRoute, model: Option<RouteKey>, why: &Refusal) {
+        if self
+            .refusal_log
+            .allow(std::time::Instant::now(), why.code())
+        {
+            match model {
+                Some(k) => tracing::warn!(prefix = %z.prefix, zebra_table = z.table,
+                    table = k.table.0, reason = why.code(), "FRR route on no DPU: {why}"),
+                None => tracing::warn!(prefix = %z.prefix, zebra_table = z.table,
+                    reason = why.code(), "FRR route on no DPU: {why}"),
+            }
+        }
+    }
+
+    /// The summary of the refusals not logged in full, once their window is over.
+    fn refusal_summary(&mut self) {
+        if let Some(counts) = self.refusal_log.summary(std::time::Instant::now()) {
+            tracing::warn!(window = ?self.refusal_log.window(), more = %crate::metrics::format_counts(&counts),
+                refused_now = self.refused.len(),
+                "more FRR routes on no DPU than logged (dpuctl status lists them all)");
+        }
     }
 
     /// The zebra route to acknowledge for model route `k`: as zebra sent it, except that a netns
@@ -422,15 +491,25 @@ impl Frr {
         }
     }
 
-    /// Acknowledges routes to zebra.
-    async fn ack(&mut self, statuses: &[(RouteKey, OffloadStatus)]) {
+    /// Acknowledges routes to zebra: only those whose status zebra was not already told on
+    /// this connection (since it last sent the route). Returns how many were sent.
+    async fn ack(&mut self, statuses: &[(RouteKey, OffloadStatus)]) -> usize {
         self.refresh_vrf_ids().await;
+        let mut sent = Vec::new();
         let pairs: Vec<(ZebraRoute, OffloadStatus)> = statuses
             .iter()
-            .filter_map(|(k, s)| self.feedback_route(k).map(|z| (z, s.clone())))
+            .filter_map(|(k, s)| {
+                let flags = status_flags(s);
+                if !self.rib.feedback_due(k, flags) {
+                    return None;
+                }
+                let z = self.feedback_route(k)?;
+                sent.push((*k, flags));
+                Some((z, s.clone()))
+            })
             .collect();
         if pairs.is_empty() {
-            return;
+            return 0;
         }
         match self
             .server
@@ -438,8 +517,17 @@ impl Frr {
             .ack(pairs.iter().map(|(z, s)| (z, s)))
             .await
         {
-            Ok(_) => self.feedback_sent += pairs.len() as u64,
-            Err(e) => tracing::warn!(error = %e, "cannot send offload status to zebra"),
+            Ok(_) => {
+                self.feedback_sent += pairs.len() as u64;
+                for (k, flags) in &sent {
+                    self.rib.note_feedback(k, *flags);
+                }
+                pairs.len()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot send offload status to zebra");
+                0
+            }
         }
     }
 }
@@ -523,75 +611,136 @@ impl Interfaces {
     }
 }
 
+/// The model's verdicts on FRR routes after a change: the routes it now refuses, with why
+/// (new refusals, and refusals whose reason changed), and the routes it no longer refuses
+/// (accepted, shadowed by a configured route, or deleted).
+#[derive(Debug, Default, PartialEq)]
+pub struct Verdicts {
+    /// Refused now, and why.
+    pub refused: Vec<(RouteKey, ModelError)>,
+    /// No longer refused.
+    pub cleared: Vec<RouteKey>,
+}
+
 /// The merged desired state: configuration plus FRR's routes.
+///
+/// Every route zebra sent that the RIB took is kept in `frr`, also those the model refuses
+/// (with why, in `refused`): a configuration change may make them valid (a node's uplink,
+/// a VPC), and a change may make an accepted one invalid; either way the verdict changes and
+/// is reported ([`Verdicts`]). A refused update of a route withdraws the version in force:
+/// zebra no longer has it.
 #[derive(Debug, Default)]
 pub struct Desired {
     config: Model,
     frr: BTreeMap<RouteKey, Route>,
+    refused: BTreeMap<RouteKey, ModelError>,
     model: Model,
+}
+
+/// The error of a one-change batch, without the batch wrapper.
+fn single(e: ModelError) -> ModelError {
+    match e {
+        ModelError::InBatch { source, .. } => *source,
+        e => e,
+    }
 }
 
 impl Desired {
     /// Replaces the configuration.
-    pub fn set_config(&mut self, config: Model) {
+    pub fn set_config(&mut self, config: Model) -> Verdicts {
         self.config = config;
-        self.rebuild();
+        self.rebuild()
     }
 
     /// Applies configuration changes (from the etcd watch).
-    pub fn config_changes(&mut self, changes: &[Change]) {
+    pub fn config_changes(&mut self, changes: &[Change]) -> Verdicts {
         if self.config.apply(changes).is_err() {
             tracing::warn!("configuration changes do not apply to the cached model; reloading");
         }
-        // Static routes of the configuration shadow FRR's: applying the batch to the merged
-        // model directly could get that wrong, so rebuild when the batch is not only routes
-        // that FRR does not have.
+        // Static routes of the configuration shadow FRR's, and the configuration decides
+        // which FRR routes are valid: apply the batch to the merged model directly only when
+        // it is nothing but routes that FRR does not have; otherwise rebuild.
         let simple = changes.iter().all(|c| match c {
             Change::UpsertRoute(r) => !self.frr.contains_key(&r.key),
             Change::DeleteRoute(k) => !self.frr.contains_key(k),
             _ => false,
         });
         if simple && self.model.apply(changes).is_ok() {
-            return;
+            return Verdicts::default();
         }
-        self.rebuild();
+        self.rebuild()
     }
 
-    /// Sets or removes FRR routes; returns the routes the model refused (bad table, ...).
-    pub fn frr_routes(&mut self, upserts: Vec<Route>, deletes: Vec<RouteKey>) -> Vec<RouteKey> {
-        let mut refused = Vec::new();
+    /// Sets or removes FRR routes; returns the model's verdicts on them.
+    pub fn frr_routes(&mut self, upserts: Vec<Route>, deletes: Vec<RouteKey>) -> Verdicts {
+        let mut v = Verdicts::default();
         for k in deletes {
-            if self.frr.remove(&k).is_some() && !self.config.routes().contains_key(&k) {
+            if self.frr.remove(&k).is_none() {
+                continue;
+            }
+            if self.refused.remove(&k).is_some() {
+                v.cleared.push(k);
+            } else if !self.config.routes().contains_key(&k) {
                 let _ = self.model.apply(&[Change::DeleteRoute(k)]);
             }
         }
         for r in upserts {
             let key = r.key;
             if self.config.routes().contains_key(&key) {
+                // Shadowed by the configuration: not refused, not in force.
                 self.frr.insert(key, r);
+                if self.refused.remove(&key).is_some() {
+                    v.cleared.push(key);
+                }
                 continue;
             }
             match self.model.apply(&[Change::UpsertRoute(r.clone())]) {
                 Ok(()) => {
-                    self.frr.insert(key, r);
+                    if self.refused.remove(&key).is_some() {
+                        v.cleared.push(key);
+                    }
                 }
                 Err(e) => {
-                    tracing::debug!(route = ?key, error = %e, "FRR route refused by the model");
-                    refused.push(key);
+                    let e = single(e);
+                    if self.frr.contains_key(&key) && !self.refused.contains_key(&key) {
+                        // zebra replaced a route in force with one the model refuses.
+                        let _ = self.model.apply(&[Change::DeleteRoute(key)]);
+                    }
+                    self.refused.insert(key, e.clone());
+                    v.refused.push((key, e));
                 }
             }
+            self.frr.insert(key, r);
         }
-        refused
+        v
     }
 
-    fn rebuild(&mut self) {
+    /// The merged model again, from the configuration and every FRR route (O(model)).
+    fn rebuild(&mut self) -> Verdicts {
         let mut m = self.config.clone();
+        let mut refused = BTreeMap::new();
         for (k, r) in &self.frr {
             if !m.routes().contains_key(k) {
-                let _ = m.apply(&[Change::UpsertRoute(r.clone())]);
+                if let Err(e) = m.apply(&[Change::UpsertRoute(r.clone())]) {
+                    refused.insert(*k, single(e));
+                }
             }
         }
         self.model = m;
+        let mut v = Verdicts::default();
+        for (k, e) in &refused {
+            if self.refused.get(k) != Some(e) {
+                v.refused.push((*k, e.clone()));
+            }
+        }
+        v.cleared = self
+            .refused
+            .keys()
+            .filter(|k| !refused.contains_key(k))
+            .copied()
+            .collect();
+        self.refused = refused;
+        v
     }
 
     /// The merged model.
@@ -602,6 +751,52 @@ impl Desired {
     /// The configuration part.
     pub fn config(&self) -> &Model {
         &self.config
+    }
+
+    /// The FRR routes the model refuses, and why.
+    pub fn refused(&self) -> &BTreeMap<RouteKey, ModelError> {
+        &self.refused
+    }
+}
+
+/// The health metrics' etcd probe: a linearizable read of one key (count only) every
+/// [`ETCD_PROBE_EVERY`], bounded by [`ETCD_PROBE_TIMEOUT`]. It needs a leader, as writes do,
+/// and costs etcd almost nothing.
+pub const ETCD_PROBE_EVERY: Duration = Duration::from_secs(2);
+/// How long the etcd probe waits for an answer.
+pub const ETCD_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Sets `dpucp_etcd_up` from [`ETCD_PROBE_EVERY`] probes until `shutdown` turns true (a
+/// change is logged): the metric falls within [`ETCD_PROBE_EVERY`] +
+/// [`ETCD_PROBE_TIMEOUT`] of etcd going away, whether or not anything else asked it.
+async fn etcd_probe(store: Store, metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(ETCD_PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let mut client = store.client();
+        let probe = client.get(
+            crate::store::keys::GENERATION,
+            Some(etcd_client::GetOptions::new().with_count_only()),
+        );
+        let up = match tokio::time::timeout(ETCD_PROBE_TIMEOUT, probe).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {ETCD_PROBE_TIMEOUT:?}")),
+        };
+        metrics.set("dpucp_etcd_up", &[], if up.is_ok() { 1.0 } else { 0.0 });
+        let now = up.is_ok();
+        if last != Some(now) {
+            match &up {
+                Ok(()) => tracing::info!("etcd probe: etcd answers"),
+                Err(e) => tracing::warn!(error = %e, "etcd probe: etcd does not answer"),
+            }
+        }
+        last = Some(now);
     }
 }
 
@@ -645,19 +840,28 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         crate::flashing::FlashTimeouts::default(),
     );
     let api_hub = hub.clone();
+    // zebra's routes on no DPU: the FRR side writes, `ListStatus` reads.
+    let refused = RefusedRoutes::new();
+    let views = crate::api::DaemonViews {
+        desired: Some(api_desired),
+        hub: Some(api_hub),
+        refused: config.fpm.as_ref().map(|_| refused.clone()),
+    };
     let api_task = tokio::spawn(async move {
-        crate::api::serve(
-            api_addr,
-            api_store,
-            Some(api_desired),
-            Some(api_hub),
-            async move {
-                let _ = api_shutdown.wait_for(|s| *s).await;
-            },
-        )
+        crate::api::serve(api_addr, api_store, views, async move {
+            let _ = api_shutdown.wait_for(|s| *s).await;
+        })
         .await
     });
     tracing::info!(%api_addr, "gRPC API");
+    // etcd's health, probed whether or not anything else asks it.
+    metrics.set("dpucp_etcd_up", &[], 0.0);
+    let probe_task = tokio::spawn(etcd_probe(store.clone(), metrics.clone(), shutdown.clone()));
+    // Each configured DPU's link, down until its agent says hello.
+    for d in &config.dpus {
+        metrics.set("dpucp_dpu_link_up", &[("dpu", &d.id)], 0.0);
+        metrics.set("dpucp_dpu_up", &[("dpu", &d.id)], 0.0);
+    }
 
     // The first load: retried until etcd answers.
     let (config_model, revision) = loop {
@@ -680,7 +884,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         "desired state loaded from etcd"
     );
     let mut desired = Desired::default();
-    desired.set_config(config_model.clone());
+    // No FRR route yet: nothing to refuse.
+    let _ = desired.set_config(config_model.clone());
     // Sent before any link starts: links never see the empty placeholder.
     let _ = desired_tx.send(Arc::new(desired.model().clone()));
 
@@ -742,10 +947,14 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             .await?;
             tracing::info!(%listen, ?encoding, "FPM server waiting for zebra");
             metrics.add("dpucp_fpm_refused_connections_total", &[], 0.0);
+            metrics.add("dpucp_fpm_messages_total", &[], 0.0);
+            fpm_health(&metrics, &server.counters());
+            let mut rib = Rib::new();
+            rib.track_not_taken();
             Some(Frr {
                 server,
                 events,
-                rib: Rib::new(),
+                rib,
                 attr: attribution(f, &config_model),
                 section: f.clone(),
                 replay: ReplayTracker::default(),
@@ -754,6 +963,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 vrf_ids: BTreeMap::new(),
                 vrf_ids_asked: None,
                 feedback_sent: 0,
+                refused,
+                refusal_log: WarnLimiter::new(REFUSAL_LOG_EXAMPLES, REFUSAL_LOG_WINDOW),
             })
         }
         None => None,
@@ -770,6 +981,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let writer = status_writer(store.clone());
     let mut sweep = tokio::time::interval(Duration::from_secs(2));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Health metrics read from their owners, and the refusal log's summary line.
+    let mut health = tokio::time::interval(Duration::from_secs(1));
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut publish_at: Option<tokio::time::Instant> = None;
     let mut publish_cost = Duration::ZERO;
     let mut links_running = true;
@@ -780,14 +994,16 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         tokio::select! {
             u = watch.next() => match u {
                 Some(Ok(update)) => {
-                    metrics.set("dpucp_etcd_up", &[], 1.0);
+                    // `dpucp_etcd_up` is the probe's (`etcd_probe`): one writer, no flapping.
                     metrics.set("dpucp_etcd_revision", &[], update.revision as f64);
                     tracing::info!(revision = update.revision, changes = update.changes.len(), resync = update.resync, "configuration changed");
-                    desired.config_changes(&update.changes);
+                    let verdicts = desired.config_changes(&update.changes);
                     if let Some(i) = interfaces.as_mut() {
                         i.reconcile(desired.config(), false).await;
                     }
                     if let Some(f) = frr.as_mut() {
+                        // The configuration decides which FRR routes the model takes.
+                        f.model_verdicts(verdicts).await;
                         // VPC tables and VNIs may have changed: attribute zebra's routes again.
                         f.attr = attribution(&f.section, desired.config());
                         f.vpc_tables = vpc_tables(desired.config());
@@ -797,7 +1013,6 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     let _ = desired_tx.send(Arc::new(desired.model().clone()));
                 }
                 Some(Err(e)) => {
-                    metrics.set("dpucp_etcd_up", &[], 0.0);
                     tracing::warn!(error = %e, "etcd watch error; forwarding continues on the last state");
                 }
                 None => {
@@ -826,9 +1041,14 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 on_dpu_event(ev, &store, &metrics, &mut leases, &mut statuses, desired.model(), &writer).await;
                 if let (Some(f), true) = (frr.as_mut(), is_ack) {
                     // Acknowledge to zebra the worst status over all DPUs of the routes
-                    // this batch touched.
+                    // this batch touched, except routes the model refuses since (zebra was
+                    // told they failed; a late acknowledgement of their old version must not
+                    // undo that). Deleted routes are not zebra's any more: `ack` skips them,
+                    // and sends only what zebra was not told yet.
+                    let refused = desired.refused();
                     let these: Vec<(RouteKey, OffloadStatus)> = touched
                         .into_iter()
+                        .filter(|k| !refused.contains_key(k))
                         .filter_map(|k| {
                             let o = ObjectKey::Route(k);
                             statuses
@@ -858,8 +1078,12 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     Some(ServerEvent::Connected { peer, connection }) => {
                         tracing::info!(%peer, connection, "zebra connected; it replays its RIB");
                         metrics.add("dpucp_fpm_connections_total", &[], 1.0);
+                        fpm_health(&metrics, &f.server.counters());
                         // Nothing is removed until this connection has delivered its replay.
                         f.replay.connected(connection, &mut f.rib);
+                        // A new connection: zebra keeps old flags, but which ones we cannot
+                        // know; what was acknowledged on the last one counts for nothing.
+                        f.rib.forget_feedback();
                     }
                     Some(ServerEvent::Events(evs)) => {
                         metrics.add("dpucp_fpm_messages_total", &[], evs.len() as f64);
@@ -875,6 +1099,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         }
                     }
                     Some(ServerEvent::Disconnected { connection, reason }) => {
+                        fpm_health(&metrics, &f.server.counters());
                         match f.replay.disconnected(connection) {
                             ReplayEnd::Complete => {
                                 tracing::warn!(connection, ?reason, "zebra disconnected");
@@ -917,10 +1142,18 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         let _ = desired_tx.send(Arc::new(desired.model().clone()));
                         links = start_links(addrs, tx);
                     }
-                    // zebra keeps old flags across reconnects: acknowledge everything again.
-                    let all = route_statuses(&statuses);
-                    tracing::info!(routes = all.len(), "zebra replay over; re-acknowledging every route");
-                    f.ack(&all).await;
+                    // zebra keeps old flags across reconnects: acknowledge again every route it
+                    // replayed, except what this connection was already told (`ack` skips it).
+                    let refused = desired.refused();
+                    let mut all: Vec<(RouteKey, OffloadStatus)> = route_statuses(&statuses)
+                        .into_iter()
+                        .filter(|(k, _)| !refused.contains_key(k))
+                        .collect();
+                    all.extend(desired.refused().iter().map(|(k, e)| {
+                        (*k, OffloadStatus::Failed { reason: FailReason::Invalid(e.clone()) })
+                    }));
+                    let sent = f.ack(&all).await;
+                    tracing::info!(routes = all.len(), sent, "zebra replay over; acknowledged again the routes not yet acknowledged on this connection");
                     metrics.set("dpucp_fpm_feedback_total", &[], f.feedback_sent as f64);
                 }
             }
@@ -951,6 +1184,15 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             _ = sweep.tick() => {
                 sweep_statuses(&mut statuses, desired.model(), &metrics, &writer);
             }
+            _ = health.tick() => {
+                if let Some(f) = frr.as_mut() {
+                    fpm_health(&metrics, &f.server.counters());
+                    for (code, n) in f.refused.counts() {
+                        metrics.set("dpucp_frr_routes_refused", &[("reason", code)], n as f64);
+                    }
+                    f.refusal_summary();
+                }
+            }
             _ = drift.tick(), if interfaces.is_some() => {
                 if let Some(i) = interfaces.as_mut() {
                     i.reconcile(desired.config(), true).await;
@@ -968,6 +1210,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     for (_, lease) in leases {
         let _ = lease.revoke(&store).await;
     }
+    let _ = probe_task.await;
     let _ = metrics_task.await;
     match api_task.await {
         Ok(r) => r?,
@@ -976,11 +1219,53 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     Ok(())
 }
 
+/// The FPM health metrics, from the server's own counters: whether zebra's socket is open,
+/// and the framing and decode errors by kind.
+fn fpm_health(metrics: &Metrics, c: &crate::fpm::FpmCounters) {
+    metrics.set(
+        "dpucp_fpm_connected",
+        &[],
+        if c.live.is_some() { 1.0 } else { 0.0 },
+    );
+    for (kind, n) in c.decode_errors() {
+        metrics.set(
+            "dpucp_fpm_decode_errors_total",
+            &[("kind", kind.as_str())],
+            n as f64,
+        );
+    }
+}
+
 fn describe_metrics(m: &Metrics) {
     m.describe(
         "dpucp_fpm_feedback_total",
         Kind::Counter,
-        "Routes whose offload status was sent back to zebra.",
+        "Offload statuses sent back to zebra (one per route and status change, and after a reconnect one per route not yet acknowledged on the new connection).",
+    );
+    m.describe(
+        "dpucp_fpm_connected",
+        Kind::Gauge,
+        "Whether zebra's FPM connection is up (its socket open), as the FPM server sees it.",
+    );
+    m.describe(
+        "dpucp_fpm_messages_total",
+        Kind::Counter,
+        "Netlink messages from zebra decoded into route, nexthop or neighbour events (dropped ones are not counted).",
+    );
+    m.describe(
+        "dpucp_fpm_decode_errors_total",
+        Kind::Counter,
+        "FPM input errors by kind: frame (the stream could not be framed; the connection is reset), message (an undecodable netlink message, dropped), attribute (an undecodable attribute; its message is dropped).",
+    );
+    m.describe(
+        "dpucp_frr_routes_refused",
+        Kind::Gauge,
+        "Routes zebra sent that are on no DPU now, by reason code (connected, no_port, no_table, ..., invalid: refused by the model). dpuctl status lists them.",
+    );
+    m.describe(
+        "dpucp_dpu_link_up",
+        Kind::Gauge,
+        "Whether the link to the DPU agent is up (0 from the start for every configured DPU).",
     );
     m.describe(
         "dpucp_fpm_connections_total",
@@ -995,7 +1280,7 @@ fn describe_metrics(m: &Metrics) {
     m.describe(
         "dpucp_etcd_up",
         Kind::Gauge,
-        "Whether the last etcd request succeeded.",
+        "Whether etcd answered the last probe (a linearizable read every 2 s, 1 s timeout).",
     );
     m.describe(
         "dpucp_etcd_revision",
@@ -1005,7 +1290,7 @@ fn describe_metrics(m: &Metrics) {
     m.describe(
         "dpucp_dpu_up",
         Kind::Gauge,
-        "Whether the DPU agent's link is up.",
+        "Same as dpucp_dpu_link_up (the older name, kept for existing dashboards).",
     );
     m.describe(
         "dpucp_objects",
@@ -1225,6 +1510,7 @@ async fn on_dpu_event(
 ) {
     match ev {
         DpuEvent::Connected { hello, restarted } => {
+            metrics.set("dpucp_dpu_link_up", &[("dpu", &hello.dpu_id)], 1.0);
             metrics.set("dpucp_dpu_up", &[("dpu", &hello.dpu_id)], 1.0);
             let Ok(id) = Name::new(&hello.dpu_id) else {
                 tracing::warn!(dpu = %hello.dpu_id, "DPU id is not a valid name; not registered");
@@ -1305,6 +1591,7 @@ async fn on_dpu_event(
         }
         DpuEvent::Disconnected { dpu, reason } => {
             if let Some(d) = dpu {
+                metrics.set("dpucp_dpu_link_up", &[("dpu", &d)], 0.0);
                 metrics.set("dpucp_dpu_up", &[("dpu", &d)], 0.0);
                 tracing::warn!(dpu = %d, %reason, "DPU link down");
                 if let Some(lease) = leases.remove(&d) {
@@ -1320,6 +1607,117 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+
+    fn via_port0(prefix: &str) -> Route {
+        Route {
+            key: RouteKey {
+                table: UNDERLAY_TABLE,
+                prefix: prefix.parse().unwrap(),
+            },
+            nexthops: vec![flow_offload::model::Nexthop::Underlay {
+                gateway: "192.0.2.2".parse().unwrap(),
+                port: PortId(0),
+                mac: flow_offload::model::MacAddr([2, 0, 0, 0, 0, 2]),
+            }],
+        }
+    }
+
+    fn node_with_uplink0() -> Change {
+        Change::SetNode(flow_offload::model::Node {
+            vtep: "192.0.2.1".parse().unwrap(),
+            router_mac: flow_offload::model::MacAddr([2, 0, 0, 0, 0, 1]),
+            uplinks: [PortId(0)].into_iter().collect(),
+        })
+    }
+
+    /// The model's refusals are reported with the model's own error, and cleared when the
+    /// configuration makes the route valid, when a configured route shadows it, or when zebra
+    /// deletes it.
+    #[test]
+    fn unit_desired_reports_refusals_with_the_models_reason_and_clears_them() {
+        let mut d = Desired::default();
+        let _ = d.set_config(Model::default());
+        let r = via_port0("10.5.0.0/24");
+        let k = r.key;
+        let v = d.frr_routes(vec![r.clone()], vec![]);
+        assert_eq!(v.refused.len(), 1);
+        let (key, e) = &v.refused[0];
+        assert_eq!(*key, k);
+        assert!(
+            e.to_string().contains("port 0 (not an uplink)"),
+            "the model's reason, not a made-up one: {e}"
+        );
+        assert!(!d.model().contains(&ObjectKey::Route(k)));
+        assert_eq!(d.refused().len(), 1);
+        // The same route again: still refused, the same reason.
+        let v = d.frr_routes(vec![r.clone()], vec![]);
+        assert_eq!(v.refused.len(), 1);
+        // The node gets its uplink: the route is valid now.
+        let v = d.config_changes(&[node_with_uplink0()]);
+        assert_eq!(
+            v,
+            Verdicts {
+                refused: vec![],
+                cleared: vec![k]
+            }
+        );
+        assert!(d.model().contains(&ObjectKey::Route(k)));
+        // A refused update withdraws the version in force.
+        let mut bad = r.clone();
+        bad.nexthops = vec![flow_offload::model::Nexthop::Underlay {
+            gateway: "192.0.2.2".parse().unwrap(),
+            port: PortId(7),
+            mac: flow_offload::model::MacAddr([2, 0, 0, 0, 0, 2]),
+        }];
+        let v = d.frr_routes(vec![bad], vec![]);
+        assert_eq!(v.refused.len(), 1);
+        assert!(!d.model().contains(&ObjectKey::Route(k)));
+        // zebra deletes it: no longer refused.
+        let v = d.frr_routes(vec![], vec![k]);
+        assert_eq!(v.cleared, vec![k]);
+        assert!(d.refused().is_empty());
+        // A configured route for the prefix shadows FRR's: not refused.
+        let _ = d.config_changes(&[Change::UpsertRoute(via_port0("10.6.0.0/24"))]);
+        let mut shadowed = via_port0("10.6.0.0/24");
+        shadowed.nexthops = vec![flow_offload::model::Nexthop::Blackhole];
+        let v = d.frr_routes(vec![shadowed], vec![]);
+        assert_eq!(v, Verdicts::default());
+        // The configuration loses its node: the FRR route in force is refused now.
+        let _ = d.frr_routes(vec![via_port0("10.7.0.0/24")], vec![]);
+        let mut config = d.config().clone();
+        config
+            .apply(&[Change::DeleteRoute(RouteKey {
+                table: UNDERLAY_TABLE,
+                prefix: "10.6.0.0/24".parse().unwrap(),
+            })])
+            .unwrap();
+        let mut no_uplink = config.clone();
+        no_uplink
+            .apply(&[Change::SetNode(flow_offload::model::Node {
+                vtep: "192.0.2.1".parse().unwrap(),
+                router_mac: flow_offload::model::MacAddr([2, 0, 0, 0, 0, 1]),
+                uplinks: Default::default(),
+            })])
+            .unwrap();
+        let v = d.set_config(no_uplink);
+        let refused: Vec<String> = v
+            .refused
+            .iter()
+            .map(|(k, _)| k.prefix.to_string())
+            .collect();
+        assert_eq!(refused, vec!["10.7.0.0/24"]);
+        // Unshadowed, FRR's blackhole for 10.6.0.0/24 is in force (it needs no uplink).
+        assert_eq!(
+            d.model()
+                .routes()
+                .get(&RouteKey {
+                    table: UNDERLAY_TABLE,
+                    prefix: "10.6.0.0/24".parse().unwrap(),
+                })
+                .map(|r| r.nexthops.clone()),
+            Some(vec![flow_offload::model::Nexthop::Blackhole])
+        );
+    }
 
     #[test]
     fn show_vrf_output_gives_vrf_ids() {

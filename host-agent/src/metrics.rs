@@ -135,6 +135,102 @@ fn escape_help(s: &str) -> String {
     s.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
+/// A budget for WARN lines that go with a counter: the first [`WarnLimiter::examples`]
+/// occurrences of a window are logged in full, the rest only counted per reason code, and
+/// [`WarnLimiter::summary`] hands those counts back once the window is over (for one summary
+/// line). A replay of a million bad routes thus logs a handful of examples and one line per
+/// window, while the counter metric counts every one.
+#[derive(Debug, Clone)]
+pub struct WarnLimiter {
+    window: std::time::Duration,
+    examples: u32,
+    started: Option<std::time::Instant>,
+    shown: u32,
+    suppressed: BTreeMap<&'static str, u64>,
+}
+
+impl WarnLimiter {
+    /// At most `examples` full lines per `window`.
+    pub fn new(examples: u32, window: std::time::Duration) -> WarnLimiter {
+        WarnLimiter {
+            window,
+            examples,
+            started: None,
+            shown: 0,
+            suppressed: BTreeMap::new(),
+        }
+    }
+
+    /// One occurrence with reason `code` at `now`: true if it is to be logged in full, false if
+    /// it is only counted for the summary.
+    pub fn allow(&mut self, now: std::time::Instant, code: &'static str) -> bool {
+        match self.started {
+            Some(t) if now.duration_since(t) < self.window => {}
+            // A new window; counts of the last one not yet summarised stay for the summary.
+            _ => {
+                self.started = Some(now);
+                self.shown = 0;
+            }
+        }
+        if self.shown < self.examples {
+            self.shown += 1;
+            true
+        } else {
+            *self.suppressed.entry(code).or_insert(0) += 1;
+            false
+        }
+    }
+
+    /// Occurrences counted for the summary without being offered for a full line (their
+    /// details were not kept).
+    pub fn suppressed(&mut self, code: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if self.started.is_none() {
+            self.started = Some(std::time::Instant::now());
+        }
+        *self.suppressed.entry(code).or_insert(0) += n;
+    }
+
+    /// When a summary is due (the end of the current window), if anything was suppressed.
+    pub fn due(&self) -> Option<std::time::Instant> {
+        if self.suppressed.is_empty() {
+            return None;
+        }
+        Some(
+            self.started
+                .map_or_else(std::time::Instant::now, |t| t + self.window),
+        )
+    }
+
+    /// The occurrences not logged, per reason code, once their window is over (then reset).
+    pub fn summary(&mut self, now: std::time::Instant) -> Option<BTreeMap<&'static str, u64>> {
+        let due = self.due()?;
+        if now < due {
+            return None;
+        }
+        Some(std::mem::take(&mut self.suppressed))
+    }
+
+    /// The window.
+    pub fn window(&self) -> std::time::Duration {
+        self.window
+    }
+}
+
+/// `a=1 b=2` from per-code counts, for summary lines.
+pub fn format_counts(counts: &BTreeMap<&'static str, u64>) -> String {
+    let mut out = String::new();
+    for (i, (k, n)) in counts.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        let _ = write!(out, "{k}={n}");
+    }
+    out
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` turns true.
 pub async fn serve(listener: TcpListener, metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
     loop {
@@ -219,6 +315,27 @@ mod tests {
         );
         m.remove_matching("dpucp_routes", "dpu", "a");
         assert!(!m.render().contains("dpucp_routes{"));
+    }
+
+    #[test]
+    fn warn_limiter_shows_examples_then_summarises_per_window() {
+        let t0 = std::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        let mut l = WarnLimiter::new(2, ms(1000));
+        assert_eq!(l.due(), None);
+        assert!(l.allow(t0, "a"));
+        assert!(l.allow(t0, "a"));
+        assert!(!l.allow(t0 + ms(10), "a"));
+        assert!(!l.allow(t0 + ms(20), "b"));
+        assert!(!l.allow(t0 + ms(30), "b"));
+        assert_eq!(l.due(), Some(t0 + ms(1000)));
+        assert_eq!(l.summary(t0 + ms(999)), None);
+        let s = l.summary(t0 + ms(1000)).unwrap();
+        assert_eq!(format_counts(&s), "a=1 b=2");
+        assert_eq!(l.due(), None);
+        // The next window shows examples again.
+        assert!(l.allow(t0 + ms(1500), "a"));
+        assert_eq!(l.summary(t0 + ms(5000)), None);
     }
 
     #[tokio::test]

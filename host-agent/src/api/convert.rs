@@ -432,6 +432,20 @@ pub fn status_pb(e: &StatusEntry) -> pb::ObjectStatus {
     }
 }
 
+/// A route zebra sent that is on no DPU: no DPU, placement failed, its reason code and text
+/// (`connected`, `no_port`, ..., or `invalid` with the model's error).
+pub fn refused_pb(r: &crate::fpm::RefusedRoute) -> pb::ObjectStatus {
+    let object = r.object();
+    pb::ObjectStatus {
+        dpu: String::new(),
+        object: Some(object_ref(&object)),
+        object_text: format!("{object} (from zebra)"),
+        placement: pb::Placement::Failed.into(),
+        reason_code: r.why.code().to_owned(),
+        reason: r.why.to_string(),
+    }
+}
+
 /// The API name of a capability profile.
 pub fn caps_name(c: &CapsSource) -> &'static str {
     match c {

@@ -153,18 +153,31 @@ pub enum ApiError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// What the daemon shares with the API beside etcd: the desired state it pushes to its DPUs
+/// (listings of FRR's routes), its flash hub (image flashing), and zebra's routes that are
+/// on no DPU (`ListStatus`). Each is optional: without it, the matching calls list nothing
+/// more than etcd holds (or, for flashing, answer `Unavailable`).
+#[derive(Debug, Clone, Default)]
+pub struct DaemonViews {
+    /// The desired state pushed to the DPUs.
+    pub desired: Option<DesiredState>,
+    /// The flash hub.
+    pub hub: Option<FlashHub>,
+    /// zebra's routes on no DPU, and why.
+    pub refused: Option<crate::fpm::RefusedRoutes>,
+}
+
 /// Binds `addr` and serves the API until `shutdown` completes.
 pub async fn serve(
     addr: SocketAddr,
     store: Store,
-    desired: Option<DesiredState>,
-    hub: Option<FlashHub>,
+    views: DaemonViews,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ApiError::Bind { addr, source })?;
-    serve_on_with(listener, store, desired, hub, shutdown).await
+    serve_on_with(listener, store, views, shutdown).await
 }
 
 /// The desired state the host agent pushes to its DPUs (configuration + FRR's routes), for
@@ -177,16 +190,14 @@ pub async fn serve_on(
     store: Store,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
-    serve_on_with(listener, store, None, None, shutdown).await
+    serve_on_with(listener, store, DaemonViews::default(), shutdown).await
 }
 
-/// As [`serve_on`], with the daemon's desired state for listings of FRR's routes and its flash
-/// hub for image flashing (without it, `ImageService` answers `Unavailable`).
+/// As [`serve_on`], with the daemon's views ([`DaemonViews`]).
 pub async fn serve_on_with(
     listener: TcpListener,
     store: Store,
-    desired: Option<DesiredState>,
-    hub: Option<FlashHub>,
+    views: DaemonViews,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
     use pb::dpu_service_server::DpuServiceServer;
@@ -198,7 +209,7 @@ pub async fn serve_on_with(
     use pb::status_service_server::StatusServiceServer;
     use pb::vpc_service_server::VpcServiceServer;
 
-    let api = services::Api::new(store, desired, hub);
+    let api = services::Api::new(store, views);
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<VpcServiceServer<services::Api>>()

@@ -17,14 +17,16 @@ pub struct Api {
     store: Store,
     desired: Option<super::DesiredState>,
     hub: Option<FlashHub>,
+    refused: Option<crate::fpm::RefusedRoutes>,
 }
 
 impl Api {
-    pub fn new(store: Store, desired: Option<super::DesiredState>, hub: Option<FlashHub>) -> Api {
+    pub fn new(store: Store, views: super::DaemonViews) -> Api {
         Api {
             store,
-            desired,
-            hub,
+            desired: views.desired,
+            hub: views.hub,
+            refused: views.refused,
         }
     }
 
@@ -365,10 +367,13 @@ impl pb::status_service_server::StatusService for Api {
             .status(dpu.as_ref())
             .await
             .map_err(|e| store_status(&e))?;
-        Ok(Response::new(pb::ListStatusResponse {
-            statuses: entries.iter().map(convert::status_pb).collect(),
-            revision,
-        }))
+        let mut statuses: Vec<pb::ObjectStatus> = entries.iter().map(convert::status_pb).collect();
+        // zebra's routes on no DPU (kept in the daemon's memory, not in etcd): listed with no
+        // DPU, unless the request names one.
+        if let (None, Some(r)) = (&dpu, &self.refused) {
+            statuses.extend(r.list().iter().map(convert::refused_pb));
+        }
+        Ok(Response::new(pb::ListStatusResponse { statuses, revision }))
     }
 
     type WatchStream = StatusStream;

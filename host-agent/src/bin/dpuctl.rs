@@ -949,8 +949,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     } else {
                         format!("{}: {}", s.reason_code, s.reason)
                     };
+                    // zebra's routes on no DPU come with no DPU.
+                    let dpu = if s.dpu.is_empty() { "-" } else { &s.dpu };
                     rows.push(vec![
-                        s.dpu.clone(),
+                        dpu.to_owned(),
                         s.object_text.clone(),
                         placement_name(s.placement).to_owned(),
                         why,

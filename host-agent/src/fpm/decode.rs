@@ -2,8 +2,11 @@
 //!
 //! Routes and neighbours are parsed with `netlink-packet-route`; nexthop objects
 //! (`RTM_NEWNEXTHOP`, absent from that crate's 0.34) are walked with `netlink-packet-core`'s
-//! attribute iterator. A malformed message is counted and logged; the messages after it in the
-//! same frame are still read when its length field can be trusted.
+//! attribute iterator. A message that cannot be decoded is dropped and counted, as an
+//! undecodable message ([`DecodeStats::malformed`]) or an undecodable attribute
+//! ([`DecodeStats::bad_attributes`]), and never as received; the messages after it in the
+//! same frame are still read when its length field can be trusted. Each error also goes to the
+//! caller's sink ([`decode_netlink_with`]): the FPM server logs them at WARN, rate-limited.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -180,10 +183,12 @@ pub enum FpmEvent {
     NeighbourDeleted(NeighbourUpdate),
 }
 
-/// Per-kind counters of what the decoder saw.
+/// Per-kind counters of what the decoder saw. Every netlink message is counted exactly once:
+/// as received (`messages`: decoded, or well-formed and ignored) or as dropped (`malformed`,
+/// `bad_attributes`). The per-type counters count decoded messages only.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DecodeStats {
-    /// Netlink messages read (including malformed and ignored ones).
+    /// Netlink messages received: decoded, or well-formed and ignored (not the dropped ones).
     pub messages: u64,
     /// `RTM_NEWROUTE`.
     pub new_route: u64,
@@ -199,8 +204,12 @@ pub struct DecodeStats {
     pub del_neigh: u64,
     /// Well-formed messages of other kinds or families (MPLS routes, ...).
     pub ignored: u64,
-    /// Messages that could not be parsed.
+    /// Messages dropped because the message itself could not be decoded (its length, its
+    /// header, a bad prefix, a required attribute missing).
     pub malformed: u64,
+    /// Messages dropped because one of their attributes could not be decoded (a length that
+    /// does not fit, a value of the wrong size).
+    pub bad_attributes: u64,
 }
 
 impl DecodeStats {
@@ -215,6 +224,34 @@ impl DecodeStats {
         self.del_neigh += o.del_neigh;
         self.ignored += o.ignored;
         self.malformed += o.malformed;
+        self.bad_attributes += o.bad_attributes;
+    }
+
+    /// Messages dropped, for either reason.
+    pub fn dropped(&self) -> u64 {
+        self.malformed + self.bad_attributes
+    }
+}
+
+/// What could not be decoded: the metric label of `dpucp_fpm_decode_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DecodeErrorKind {
+    /// The FPM byte stream could not be framed (the connection is reset).
+    Frame,
+    /// A netlink message could not be decoded (dropped).
+    Message,
+    /// An attribute of a netlink message could not be decoded (the message is dropped).
+    Attribute,
+}
+
+impl DecodeErrorKind {
+    /// The label: `frame`, `message` or `attribute`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecodeErrorKind::Frame => "frame",
+            DecodeErrorKind::Message => "message",
+            DecodeErrorKind::Attribute => "attribute",
+        }
     }
 }
 
@@ -248,10 +285,38 @@ pub enum MessageError {
     /// A required attribute is missing.
     #[error("{0} without {1}")]
     Missing(&'static str, &'static str),
+    /// An attribute's length does not fit, or its value has the wrong size.
+    #[error("bad attribute {what}: {detail}")]
+    Attribute {
+        /// Which attribute.
+        what: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Bytes after the last message of a frame that do not make a message.
+    #[error("{0} trailing bytes after the last netlink message")]
+    Trailing(usize),
+}
+
+impl MessageError {
+    /// Whether the message or one of its attributes could not be decoded.
+    pub fn kind(&self) -> DecodeErrorKind {
+        match self {
+            MessageError::Attribute { .. } => DecodeErrorKind::Attribute,
+            _ => DecodeErrorKind::Message,
+        }
+    }
 }
 
 fn parse_err(what: &'static str, e: impl std::fmt::Display) -> MessageError {
     MessageError::Parse {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn attr_err(what: &'static str, e: impl std::fmt::Display) -> MessageError {
+    MessageError::Attribute {
         what,
         detail: e.to_string(),
     }
@@ -271,76 +336,92 @@ fn read_u32(b: &[u8], at: usize) -> u32 {
     }
 }
 
-/// Decode every netlink message of one frame's payload, appending events to `out`.
+/// Decode every netlink message of one frame's payload, appending events to `out`. Errors are
+/// counted in `stats` and logged at DEBUG; [`decode_netlink_with`] hands them to the caller.
 pub fn decode_netlink(payload: &[u8], out: &mut Vec<FpmEvent>, stats: &mut DecodeStats) {
+    decode_netlink_with(payload, out, stats, |e, nlmsg_type| {
+        tracing::debug!(error = %e, nlmsg_type, "FPM: netlink message dropped");
+    });
+}
+
+/// As [`decode_netlink`], calling `on_error(error, nlmsg_type)` for every message dropped.
+pub fn decode_netlink_with(
+    payload: &[u8],
+    out: &mut Vec<FpmEvent>,
+    stats: &mut DecodeStats,
+    mut on_error: impl FnMut(&MessageError, u16),
+) {
     let mut rest = payload;
+    let mut dropped = |e: MessageError, kind: u16, stats: &mut DecodeStats| {
+        match e.kind() {
+            DecodeErrorKind::Attribute => stats.bad_attributes += 1,
+            _ => stats.malformed += 1,
+        }
+        on_error(&e, kind);
+    };
     while rest.len() >= NLMSG_HDR_LEN {
-        stats.messages += 1;
         let len = read_u32(rest, 0);
         let kind = read_u16(rest, 4);
         let flags = read_u16(rest, 6);
         let ulen = len as usize;
         if ulen < NLMSG_HDR_LEN || ulen > rest.len() {
             // Nothing after this message can be located: drop the rest of the frame.
-            stats.malformed += 1;
-            tracing::warn!(error = %MessageError::BadLength { len, left: rest.len() },
-                "FPM: dropping the rest of a frame");
+            dropped(
+                MessageError::BadLength {
+                    len,
+                    left: rest.len(),
+                },
+                kind,
+                stats,
+            );
             return;
         }
         let body = &rest[NLMSG_HDR_LEN..ulen];
-        match decode_message(kind, flags, body, stats) {
-            Ok(Some(ev)) => out.push(ev),
-            Ok(None) => stats.ignored += 1,
-            Err(e) => {
-                stats.malformed += 1;
-                tracing::warn!(error = %e, nlmsg_type = kind, "FPM: malformed netlink message");
+        match decode_message(kind, flags, body) {
+            Ok(Some(ev)) => {
+                stats.messages += 1;
+                count(stats, kind);
+                out.push(ev);
             }
+            Ok(None) => {
+                stats.messages += 1;
+                stats.ignored += 1;
+            }
+            Err(e) => dropped(e, kind, stats),
         }
         // Messages are 4-byte aligned; the last one may omit its padding.
         let next = (ulen + 3) & !3;
         rest = rest.get(next..).unwrap_or(&[]);
     }
     if !rest.is_empty() {
-        stats.malformed += 1;
-        tracing::warn!(
-            bytes = rest.len(),
-            "FPM: trailing bytes after the last netlink message"
-        );
+        dropped(MessageError::Trailing(rest.len()), 0, stats);
     }
 }
 
-fn decode_message(
-    kind: u16,
-    flags: u16,
-    body: &[u8],
-    stats: &mut DecodeStats,
-) -> Result<Option<FpmEvent>, MessageError> {
+/// Counts a decoded message by type.
+fn count(stats: &mut DecodeStats, kind: u16) {
     match kind {
-        RTM_NEWROUTE => {
-            stats.new_route += 1;
-            decode_route(body, flags, true)
-        }
-        RTM_DELROUTE => {
-            stats.del_route += 1;
-            decode_route(body, flags, false)
-        }
-        RTM_NEWNEXTHOP => {
-            stats.new_nexthop += 1;
-            decode_nexthop(body).map(|n| Some(FpmEvent::Nexthop(n)))
-        }
+        RTM_NEWROUTE => stats.new_route += 1,
+        RTM_DELROUTE => stats.del_route += 1,
+        RTM_NEWNEXTHOP => stats.new_nexthop += 1,
+        RTM_DELNEXTHOP => stats.del_nexthop += 1,
+        RTM_NEWNEIGH => stats.new_neigh += 1,
+        RTM_DELNEIGH => stats.del_neigh += 1,
+        _ => {}
+    }
+}
+
+fn decode_message(kind: u16, flags: u16, body: &[u8]) -> Result<Option<FpmEvent>, MessageError> {
+    match kind {
+        RTM_NEWROUTE => decode_route(body, flags, true),
+        RTM_DELROUTE => decode_route(body, flags, false),
+        RTM_NEWNEXTHOP => decode_nexthop(body).map(|n| Some(FpmEvent::Nexthop(n))),
         RTM_DELNEXTHOP => {
-            stats.del_nexthop += 1;
             let id = nexthop_id(body)?;
             Ok(Some(FpmEvent::NexthopDeleted(id)))
         }
-        RTM_NEWNEIGH => {
-            stats.new_neigh += 1;
-            decode_neigh(body).map(|n| Some(FpmEvent::Neighbour(n)))
-        }
-        RTM_DELNEIGH => {
-            stats.del_neigh += 1;
-            decode_neigh(body).map(|n| Some(FpmEvent::NeighbourDeleted(n)))
-        }
+        RTM_NEWNEIGH => decode_neigh(body).map(|n| Some(FpmEvent::Neighbour(n))),
+        RTM_DELNEIGH => decode_neigh(body).map(|n| Some(FpmEvent::NeighbourDeleted(n))),
         _ => Ok(None),
     }
 }
@@ -356,7 +437,7 @@ fn attrs(mut buf: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), MessageErr
         let kind = read_u16(buf, 2) & 0x3fff;
         let Some(value) = buf.get(4..len).filter(|_| len >= 4) else {
             buf = &[];
-            return Some(Err(parse_err("attribute", "length does not fit")));
+            return Some(Err(attr_err("attribute", "length does not fit")));
         };
         buf = buf.get((len + 3) & !3..).unwrap_or(&[]);
         Some(Ok((kind, value)))
@@ -364,13 +445,13 @@ fn attrs(mut buf: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), MessageErr
 }
 
 fn u32_attr(what: &'static str, v: &[u8]) -> Result<u32, MessageError> {
-    nla_u32(v).ok_or_else(|| parse_err(what, "not 4 bytes"))
+    nla_u32(v).ok_or_else(|| attr_err(what, "not 4 bytes"))
 }
 
 fn ip_of_family(family: u8, v: &[u8]) -> Result<IpAddr, MessageError> {
     match (family, v.len()) {
-        (AF_INET, 4) | (AF_INET6, 16) => ip_from(v).ok_or_else(|| parse_err("address", "bad")),
-        _ => Err(parse_err("address", "length does not match the family")),
+        (AF_INET, 4) | (AF_INET6, 16) => ip_from(v).ok_or_else(|| attr_err("address", "bad")),
+        _ => Err(attr_err("address", "length does not match the family")),
     }
 }
 
@@ -406,7 +487,7 @@ fn path_attr(
         RTA_OIF => spec.ifindex = u32_attr("RTA_OIF", v)?,
         RTA_ENCAP_TYPE => {
             if v.len() != 2 {
-                return Err(parse_err("RTA_ENCAP_TYPE", "not 2 bytes"));
+                return Err(attr_err("RTA_ENCAP_TYPE", "not 2 bytes"));
             }
             encap.0 = read_u16(v, 0);
         }
@@ -429,7 +510,7 @@ fn multipath_fast(family: u8, mut v: &[u8]) -> Result<Vec<PathSpec>, MessageErro
         // struct rtnexthop { u16 len; u8 flags; u8 hops; i32 ifindex; } then attributes.
         let len = usize::from(read_u16(v, 0));
         let Some(body) = v.get(8..len).filter(|_| len >= 8) else {
-            return Err(parse_err("RTA_MULTIPATH", "rtnexthop length does not fit"));
+            return Err(attr_err("RTA_MULTIPATH", "rtnexthop length does not fit"));
         };
         let mut spec = PathSpec {
             gateway: None,
@@ -553,7 +634,7 @@ fn nexthop_id(body: &[u8]) -> Result<u32, MessageError> {
         .get(NHMSG_LEN..)
         .ok_or(MessageError::Missing("nexthop", "nhmsg header"))?;
     for nla in nlas(attrs) {
-        let nla = nla.map_err(|e| parse_err("nexthop", e))?;
+        let nla = nla.map_err(|e| attr_err("nexthop", e))?;
         if nla.kind() == NHA_ID {
             return nla_u32(nla.value()).ok_or(MessageError::Missing("nexthop", "valid NHA_ID"));
         }
@@ -578,14 +659,14 @@ fn decode_nexthop(body: &[u8]) -> Result<NexthopUpdate, MessageError> {
     let mut encap_type = None;
     let mut vni = None;
     for nla in nlas(attrs) {
-        let nla = nla.map_err(|e| parse_err("nexthop", e))?;
+        let nla = nla.map_err(|e| attr_err("nexthop", e))?;
         let v = nla.value();
         match nla.kind() {
             NHA_ID => id = nla_u32(v),
             NHA_GROUP => {
                 // struct nexthop_grp { u32 id; u8 weight; u8 resvd1; u16 resvd2; }
                 if v.len() % 8 != 0 {
-                    return Err(parse_err("nexthop", "NHA_GROUP not a multiple of 8 bytes"));
+                    return Err(attr_err("NHA_GROUP", "not a multiple of 8 bytes"));
                 }
                 group = Some(
                     v.chunks_exact(8)
@@ -597,12 +678,12 @@ fn decode_nexthop(body: &[u8]) -> Result<NexthopUpdate, MessageError> {
             NHA_OIF => spec.ifindex = nla_u32(v).unwrap_or(0),
             NHA_GATEWAY => {
                 spec.gateway =
-                    Some(ip_from(v).ok_or_else(|| parse_err("nexthop", "bad NHA_GATEWAY"))?);
+                    Some(ip_from(v).ok_or_else(|| attr_err("NHA_GATEWAY", "not 4 or 16 bytes"))?);
             }
             NHA_ENCAP_TYPE => encap_type = Some(read_u16(v, 0)),
             NHA_ENCAP => {
                 for inner in nlas(v) {
-                    let inner = inner.map_err(|e| parse_err("nexthop", e))?;
+                    let inner = inner.map_err(|e| attr_err("NHA_ENCAP", e))?;
                     if inner.kind() == 0 {
                         vni = nla_u32(inner.value());
                     }
@@ -1043,16 +1124,33 @@ mod tests {
         w.end();
         build::route(&mut w, true, NLM_F_REQUEST, &spec(254, "10.2.0.0/16", &nh));
         let (ev, st) = decode(&w.buf);
-        assert_eq!(st.messages, 4);
+        // Dropped messages are not received: 2 of the 4 are (one ignored, one decoded).
+        assert_eq!(st.messages, 2);
         assert_eq!(st.ignored, 1);
-        assert_eq!(st.malformed, 2);
+        assert_eq!(st.new_route, 1);
+        assert_eq!((st.malformed, st.bad_attributes), (1, 1));
         assert_eq!(ev.len(), 1);
+        // The sink hears of each, with its kind.
+        let mut errors = Vec::new();
+        decode_netlink_with(
+            &w.buf,
+            &mut Vec::new(),
+            &mut DecodeStats::default(),
+            |e, t| errors.push((e.kind(), t)),
+        );
+        assert_eq!(
+            errors,
+            vec![
+                (DecodeErrorKind::Attribute, RTM_NEWROUTE),
+                (DecodeErrorKind::Message, RTM_NEWROUTE)
+            ]
+        );
         // A bad length drops the rest of the frame, counted once.
         let mut bad = w.buf.clone();
         bad[0..4].copy_from_slice(&9999u32.to_ne_bytes());
         let (ev, st) = decode(&bad);
         assert!(ev.is_empty());
-        assert_eq!(st.malformed, 1);
+        assert_eq!((st.malformed, st.messages), (1, 0));
     }
 
     fn arb_prefix() -> impl Strategy<Value = Prefix> {
@@ -1140,7 +1238,7 @@ mod tests {
                 &RouteSpec { table: r.table, prefix: r.prefix, protocol: r.protocol, kind: r.kind,
                     rtm_flags: 0, metric: r.metric, nexthops: Some(&r.nexthops) });
             let (ev, st) = decode(&w.buf);
-            prop_assert_eq!(st.malformed, 0);
+            prop_assert_eq!(st.dropped(), 0);
             prop_assert_eq!(ev, vec![FpmEvent::Route(r)]);
         }
 
@@ -1178,8 +1276,10 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..512)) {
             let (ev, st) = decode(&buf);
-            prop_assert!(ev.len() as u64 <= st.messages);
-            prop_assert!(st.malformed + st.ignored + ev.len() as u64 >= st.messages);
+            prop_assert_eq!(st.ignored + ev.len() as u64, st.messages);
+            let typed = st.new_route + st.del_route + st.new_nexthop + st.del_nexthop
+                + st.new_neigh + st.del_neigh;
+            prop_assert_eq!(typed, ev.len() as u64);
         }
 
         /// Valid messages with corrupted bytes never panic either.
@@ -1193,7 +1293,7 @@ mod tests {
             let n = w.buf.len();
             w.buf[at % n] = b;
             let (_ev, st) = decode(&w.buf);
-            prop_assert!(st.messages >= 1);
+            prop_assert!(st.messages + st.dropped() >= 1);
         }
     }
 }

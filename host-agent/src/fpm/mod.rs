@@ -8,6 +8,7 @@
 //!   [`OffloadStatus`](flow_offload::status::OffloadStatus);
 //! - [`server`]: the tokio TCP server zebra connects to (one connection at a time);
 //! - [`replay`]: when zebra's replay is over, and the rule for removing what it did not replay;
+//! - [`refused`]: zebra's routes that are on no DPU, and why (shown by `dpuctl status`);
 //! - [`build`]: zebra-shaped netlink messages (feedback, tests, benchmarks).
 //!
 //! # How the host agent uses it
@@ -17,9 +18,17 @@
 //! [`ServerEvent::Disconnected`] call [`ReplayTracker::disconnected`]. At
 //! [`ReplayTracker::deadline`] call [`ReplayTracker::quiet`]: when it returns true the replay
 //! is over, the routes zebra did not replay are in the batch as deletes, and every route must
-//! be acknowledged again ([`Rib::routes`]; zebra keeps old flags). When a status comes back
-//! for a model route, [`Rib::zebra_route`] gives what zebra must see and
-//! [`FeedbackSender::ack`] sends it.
+//! be acknowledged again, except those already acknowledged on this connection (zebra keeps
+//! old flags, and we cannot know which). When a status comes back for a model route,
+//! [`Rib::feedback_due`] says whether zebra still needs it (one acknowledgement per status
+//! change: [`Rib::note_feedback`] records what was sent, [`Rib::forget_feedback`] forgets it
+//! all on a reconnect, and a route zebra sends again is due again), [`Rib::zebra_route`] gives
+//! what zebra must see, and [`FeedbackSender::ack`] sends it.
+//!
+//! # Errors
+//! Framing errors (the connection is reset), undecodable messages and undecodable attributes
+//! (the message is dropped, and not counted as received) are counted per kind
+//! ([`FpmCounters::decode_errors`]) and logged at WARN, rate-limited ([`server`]).
 //!
 //! # Connections, and what a replay may remove
 //! One zebra connection at a time: while one is alive (its socket open), another is closed at
@@ -56,15 +65,19 @@ pub mod decode;
 pub mod feedback;
 pub mod frame;
 pub mod fuzz;
+pub mod refused;
 pub mod replay;
 pub mod rib;
 pub mod server;
 
-pub use decode::{decode_netlink, DecodeStats, FpmEvent};
+pub use decode::{decode_netlink, decode_netlink_with, DecodeErrorKind, DecodeStats, FpmEvent};
 pub use feedback::{FeedbackEncoder, FrrVersion, TableEncoding};
 pub use frame::{FrameDecoder, FrameError};
+pub use refused::{Refusal, RefusedRoute, RefusedRoutes};
 pub use replay::{ReplayEnd, ReplayState, ReplayTracker, REPLAY_QUIET};
-pub use rib::{Attribution, ChangeBatch, PathHint, Rib, StaticAttribution, ZebraRoute};
+pub use rib::{
+    Attribution, ChangeBatch, NotTaken, PathHint, Rib, StaticAttribution, Unattributed, ZebraRoute,
+};
 pub use server::{
     DisconnectReason, FeedbackSender, FpmConfig, FpmCounters, FpmServer, ServerEvent,
 };

@@ -10,6 +10,14 @@
 //!
 //! A route that was installed and later becomes pending keeps its last model route: a
 //! transient gap in zebra's nexthop objects must not withdraw traffic that is flowing.
+//!
+//! Routes on no DPU (unattributed, or pending with nothing installed) are [`NotTaken`]; with
+//! [`Rib::track_not_taken`] on, every change of that set is journaled for
+//! [`Rib::take_not_taken`] (the host agent shows them in `dpuctl status`, counts and logs
+//! them). Each route also remembers the offload flags last acknowledged to zebra on this
+//! connection ([`Rib::feedback_due`], [`Rib::note_feedback`]): zebra is told a status once,
+//! and again only when it changes, zebra sent the route again, or zebra reconnected
+//! ([`Rib::forget_feedback`]).
 
 use std::collections::hash_map::Entry as HEntry;
 use std::collections::{HashMap, HashSet};
@@ -190,6 +198,107 @@ pub enum Unattributed {
     NotForwarding(u8),
 }
 
+impl std::fmt::Display for Unattributed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unattributed::NoTable => write!(
+                f,
+                "not ours: its table or VNI is neither a VPC's nor the underlay's"
+            ),
+            Unattributed::NoPort(i) => write!(
+                f,
+                "not ours: it leaves through interface {i}, which is no DPU port (fpm.interfaces)"
+            ),
+            Unattributed::NoGatewayMac(gw) => {
+                write!(f, "no MAC known for gateway {gw} (fpm.neighbours)")
+            }
+            Unattributed::Connected => write!(
+                f,
+                "connected route: not ours (a directly attached subnet, delivered by the host)"
+            ),
+            Unattributed::NoNexthop => write!(f, "no next hop"),
+            Unattributed::BadVxlan => {
+                write!(f, "a VXLAN next hop without a valid VNI or an IPv4 VTEP")
+            }
+            Unattributed::NotForwarding(t) => {
+                write!(f, "not ours: not a forwarding route (rtm_type {t})")
+            }
+        }
+    }
+}
+
+/// Why a zebra route is on no DPU, as far as the RIB knows (the model may still refuse a route
+/// the RIB emits; the host agent adds those).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NotTaken {
+    /// Not the DPU's.
+    Unattributed(Unattributed),
+    /// Waiting, with nothing installed meanwhile.
+    Pending(Wait),
+}
+
+impl NotTaken {
+    /// A machine-readable reason code (`dpuctl status`, the `reason` label of
+    /// `dpucp_frr_routes_refused`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            NotTaken::Unattributed(u) => match u {
+                Unattributed::NoTable => "no_table",
+                Unattributed::NoPort(_) => "no_port",
+                Unattributed::NoGatewayMac(_) => "no_gateway_mac",
+                Unattributed::Connected => "connected",
+                Unattributed::NoNexthop => "no_nexthop",
+                Unattributed::BadVxlan => "bad_vxlan",
+                Unattributed::NotForwarding(_) => "not_forwarding",
+            },
+            NotTaken::Pending(Wait::NexthopId(_)) => "pending_nexthop",
+            NotTaken::Pending(Wait::RouterMac(_)) => "pending_router_mac",
+        }
+    }
+
+    /// Every code [`NotTaken::code`] gives.
+    pub const CODES: [&'static str; 9] = [
+        "no_table",
+        "no_port",
+        "no_gateway_mac",
+        "connected",
+        "no_nexthop",
+        "bad_vxlan",
+        "not_forwarding",
+        "pending_nexthop",
+        "pending_router_mac",
+    ];
+
+    /// The route's state, if it leaves the route on no DPU.
+    pub fn of(state: &RouteState) -> Option<NotTaken> {
+        match *state {
+            RouteState::Unattributed(u) => Some(NotTaken::Unattributed(u)),
+            RouteState::Pending {
+                waiting,
+                installed: None,
+            } => Some(NotTaken::Pending(waiting)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for NotTaken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotTaken::Unattributed(u) => u.fmt(f),
+            NotTaken::Pending(Wait::NexthopId(id)) => {
+                write!(f, "waits for nexthop id {id}, which zebra has not sent")
+            }
+            NotTaken::Pending(Wait::RouterMac(v)) => {
+                write!(
+                    f,
+                    "waits for the router MAC of VTEP {v} (an EVPN neighbour)"
+                )
+            }
+        }
+    }
+}
+
 /// Where one zebra route stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RouteState {
@@ -246,6 +355,8 @@ struct Entry {
     state: RouteState,
     vteps: Vec<Ipv4Addr>,
     generation: u64,
+    /// The offload flags last acknowledged to zebra on this connection (0: none).
+    feedback: u32,
 }
 
 /// Changes for the model, coalesced per route: the last change to a key wins, so zebra's
@@ -310,6 +421,8 @@ pub struct Rib {
     by_model: FastMap<MKey, ZKey>,
     generation: u64,
     stats: RibStats,
+    /// Changes of the routes on no DPU, when tracked.
+    not_taken: Option<Vec<(ZebraRoute, Option<NotTaken>)>>,
 }
 
 enum Outcome {
@@ -339,6 +452,67 @@ impl Rib {
             }
         }
         s
+    }
+
+    /// Journal every change of the routes on no DPU ([`NotTaken`]) from now on, for
+    /// [`Rib::take_not_taken`] (which the owner must call after each change, or the journal
+    /// grows with every change).
+    pub fn track_not_taken(&mut self) {
+        self.not_taken.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes since the last call: a zebra route now on no DPU and why (`Some`), or no
+    /// longer so (`None`: taken, or deleted). In order; a route may appear more than once.
+    pub fn take_not_taken(&mut self) -> Vec<(ZebraRoute, Option<NotTaken>)> {
+        self.not_taken
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Every zebra route on no DPU now, and why.
+    pub fn not_taken(&self) -> impl Iterator<Item = (ZebraRoute, NotTaken)> + '_ {
+        self.routes.iter().filter_map(|(z, e)| {
+            NotTaken::of(&e.state).map(|n| {
+                (
+                    ZebraRoute {
+                        table: z.0,
+                        prefix: z.1,
+                        protocol: e.protocol,
+                    },
+                    n,
+                )
+            })
+        })
+    }
+
+    /// Whether zebra must be told `flags` for model route `key`: true unless exactly these
+    /// flags were acknowledged for it since zebra last sent the route or reconnected. (False
+    /// for a route zebra does not have.)
+    pub fn feedback_due(&self, key: &RouteKey, flags: u32) -> bool {
+        self.by_model
+            .get(&MKey(*key))
+            .and_then(|z| self.routes.get(z))
+            .is_some_and(|e| e.feedback != flags)
+    }
+
+    /// Records that `flags` were acknowledged to zebra for model route `key`.
+    pub fn note_feedback(&mut self, key: &RouteKey, flags: u32) {
+        if let Some(e) = self
+            .by_model
+            .get(&MKey(*key))
+            .and_then(|z| self.routes.get_mut(z))
+        {
+            e.feedback = flags;
+        }
+    }
+
+    /// zebra reconnected: it keeps old flags but we cannot know which, so nothing counts as
+    /// acknowledged any more. O(routes), once per connection.
+    pub fn forget_feedback(&mut self) {
+        for e in self.routes.values_mut() {
+            e.feedback = 0;
+        }
     }
 
     /// zebra's identity of the zebra route behind a model route, for feedback.
@@ -523,6 +697,8 @@ impl Rib {
         // zebra's reconnect replay resends every route unchanged: nothing to evaluate or send
         // (nexthop and router-MAC changes re-evaluate their routes themselves).
         if let Some(e) = self.routes.get_mut(&z) {
+            // zebra sent it again: its new route entry has no offload flags yet.
+            e.feedback = 0;
             if matches!(e.state, RouteState::Installed(_))
                 && e.protocol == r.protocol
                 && e.kind == r.kind
@@ -551,19 +727,21 @@ impl Rib {
             nh_users,
             vtep_users,
             stats,
+            not_taken,
             ..
         } = self;
         let mut slot = routes.entry(z);
-        let (old_installed, old_nh, old_vteps) = match &mut slot {
+        let (old_installed, old_nh, old_vteps, old_off) = match &mut slot {
             HEntry::Occupied(o) => {
                 let e = o.get_mut();
                 (
                     installed_key(&e.state),
                     nexthop_id(&e.nexthops),
                     std::mem::take(&mut e.vteps),
+                    NotTaken::of(&e.state).map(|n| (n, e.protocol)),
                 )
             }
-            HEntry::Vacant(_) => (None, None, Vec::new()),
+            HEntry::Vacant(_) => (None, None, Vec::new(), None),
         };
         let (state, vteps) = match outcome {
             Outcome::Route(mut route, vteps) => {
@@ -588,7 +766,8 @@ impl Rib {
             Outcome::Pending(waiting, vteps) => {
                 if let Wait::NexthopId(id) = waiting {
                     stats.unknown_nexthop_refs += 1;
-                    tracing::warn!(nexthop_id = id, prefix = %z.1, table = z.0,
+                    // Logged by the owner, rate-limited, from the not-taken journal.
+                    tracing::debug!(nexthop_id = id, prefix = %z.1, table = z.0,
                         "FPM: route names an undefined nexthop id; pending until it arrives");
                 }
                 (
@@ -616,6 +795,17 @@ impl Rib {
             unindex(vtep_users, &old_vteps, z);
             index(vtep_users, &vteps, z);
         }
+        if let Some(journal) = not_taken.as_mut() {
+            let new_off = NotTaken::of(&state).map(|n| (n, update.protocol));
+            if new_off != old_off {
+                let zr = ZebraRoute {
+                    table: z.0,
+                    prefix: z.1,
+                    protocol: update.protocol,
+                };
+                journal.push((zr, new_off.map(|(n, _)| n)));
+            }
+        }
         match slot {
             HEntry::Occupied(mut o) => {
                 let e = o.get_mut();
@@ -634,6 +824,7 @@ impl Rib {
                     state,
                     vteps,
                     generation,
+                    feedback: 0,
                 });
             }
         }
@@ -643,6 +834,16 @@ impl Rib {
         if let Some(e) = self.routes.remove(&z) {
             unindex(&mut self.nh_users, nexthop_id(&e.nexthops).as_slice(), z);
             unindex(&mut self.vtep_users, &e.vteps, z);
+            if let (Some(journal), true) =
+                (self.not_taken.as_mut(), NotTaken::of(&e.state).is_some())
+            {
+                let zr = ZebraRoute {
+                    table: z.0,
+                    prefix: z.1,
+                    protocol: e.protocol,
+                };
+                journal.push((zr, None));
+            }
             if let Some(k) = installed_key(&e.state) {
                 withdraw(&mut self.by_model, z, k, out);
             }
@@ -874,6 +1075,115 @@ mod tests {
         let mut b = ChangeBatch::new();
         rib.apply_all(evs, a, &mut b);
         b.take()
+    }
+
+    #[test]
+    fn routes_on_no_dpu_are_journaled_with_why_when_tracked() {
+        let a = attr();
+        let mut rib = Rib::new();
+        rib.track_not_taken();
+        let connected = RouteNexthops::Paths(vec![PathSpec {
+            gateway: None,
+            ifindex: 2,
+            vni: None,
+            weight: 1,
+        }]);
+        run(
+            &mut rib,
+            &a,
+            &[
+                route(254, "10.0.0.0/24", connected.clone()),
+                route(
+                    254,
+                    "10.9.0.0/24",
+                    RouteNexthops::Paths(vec![path("10.0.0.1", 99)]),
+                ),
+                route(254, "10.1.0.0/24", RouteNexthops::Id(40)),
+                route(
+                    254,
+                    "10.2.0.0/24",
+                    RouteNexthops::Paths(vec![path("10.0.0.1", 2)]),
+                ),
+            ],
+        );
+        let j = rib.take_not_taken();
+        let codes: Vec<(String, &str)> = j
+            .iter()
+            .map(|(z, n)| (z.prefix.to_string(), n.map_or("taken", |n| n.code())))
+            .collect();
+        assert_eq!(
+            codes,
+            vec![
+                ("10.0.0.0/24".to_owned(), "connected"),
+                ("10.9.0.0/24".to_owned(), "no_port"),
+                ("10.1.0.0/24".to_owned(), "pending_nexthop"),
+            ]
+        );
+        assert!(j[0]
+            .1
+            .unwrap()
+            .to_string()
+            .contains("connected route: not ours"));
+        assert_eq!(rib.not_taken().count(), 3);
+        // Replayed unchanged: nothing new. Taken, and deleted: journaled.
+        run(&mut rib, &a, &[route(254, "10.0.0.0/24", connected)]);
+        assert!(rib.take_not_taken().is_empty());
+        run(
+            &mut rib,
+            &a,
+            &[
+                nh(40, NexthopKind::Single(path("10.0.0.1", 2))),
+                FpmEvent::RouteDeleted(RouteDelete {
+                    table: 254,
+                    prefix: p("10.9.0.0/24"),
+                    protocol: 186,
+                }),
+            ],
+        );
+        let j = rib.take_not_taken();
+        assert_eq!(j.len(), 2);
+        assert!(j.iter().all(|(_, n)| n.is_none()));
+        assert_eq!(rib.not_taken().count(), 1);
+        // Untracked, nothing is kept.
+        let mut quiet = Rib::new();
+        run(
+            &mut quiet,
+            &a,
+            &[route(254, "10.1.0.0/24", RouteNexthops::Id(41))],
+        );
+        assert!(quiet.take_not_taken().is_empty());
+    }
+
+    #[test]
+    fn feedback_is_due_once_per_status_and_again_after_a_resend_or_reconnect() {
+        let a = attr();
+        let mut rib = Rib::new();
+        let r = route(
+            254,
+            "10.2.0.0/24",
+            RouteNexthops::Paths(vec![path("10.0.0.1", 2)]),
+        );
+        run(&mut rib, &a, std::slice::from_ref(&r));
+        let k = RouteKey {
+            table: TableId(254),
+            prefix: p("10.2.0.0/24"),
+        };
+        assert!(rib.feedback_due(&k, 0x4000));
+        rib.note_feedback(&k, 0x4000);
+        assert!(!rib.feedback_due(&k, 0x4000));
+        assert!(rib.feedback_due(&k, 0x2000_0000), "a changed status is due");
+        // zebra sends the route again (a new route entry in zebra, with no flags).
+        run(&mut rib, &a, std::slice::from_ref(&r));
+        assert!(rib.feedback_due(&k, 0x4000));
+        rib.note_feedback(&k, 0x4000);
+        rib.forget_feedback();
+        assert!(rib.feedback_due(&k, 0x4000));
+        // A route zebra does not have is never due.
+        let other = RouteKey {
+            table: TableId(254),
+            prefix: p("10.3.0.0/24"),
+        };
+        assert!(!rib.feedback_due(&other, 0x4000));
     }
 
     #[test]

@@ -23,6 +23,14 @@
 //! [`ServerEvent::Connected`]: zebra then replays every route but keeps the offload flags it
 //! had, so the consumer must re-acknowledge all. When the replay counts as over, and what it
 //! may remove, is [`super::replay`]'s rule.
+//!
+//! # Errors are counted and logged, rate-limited
+//! A byte stream that cannot be framed resets the connection ([`FpmCounters::frame_errors`]);
+//! a netlink message or attribute that cannot be decoded drops that message
+//! ([`DecodeStats::malformed`], [`DecodeStats::bad_attributes`]), which is then not counted
+//! as received. Each is logged at WARN: the first [`ERROR_EXAMPLES`] of every
+//! [`ERROR_WINDOW`] in full, the rest as one summary line with counts per kind when the
+//! window is over.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -38,7 +46,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::decode::{decode_netlink, DecodeStats, FpmEvent};
+use super::decode::{decode_netlink_with, DecodeErrorKind, DecodeStats, FpmEvent};
 use super::feedback::FeedbackEncoder;
 use super::frame::{FrameDecoder, FrameError};
 use super::rib::ZebraRoute;
@@ -52,6 +60,11 @@ pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// ...and unanswered probes after which the connection is dead.
 pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// Framing and decode errors logged in full per [`ERROR_WINDOW`]; the rest are summarised.
+pub const ERROR_EXAMPLES: u32 = 5;
+/// The window of the decode errors' WARN budget.
+pub const ERROR_WINDOW: Duration = Duration::from_secs(1);
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -152,8 +165,10 @@ pub struct FpmCounters {
     pub skipped_frames: u64,
     /// Connections reset for framing errors.
     pub frame_errors: u64,
-    /// Per-message-type counters (including malformed and ignored).
+    /// Per-message-type counters (received, ignored, and the dropped ones apart).
     pub messages: DecodeStats,
+    /// The live zebra connection's number, if one is alive (its socket open).
+    pub live: Option<u64>,
     /// Feedback frames written.
     pub feedback_frames: u64,
     /// Feedback buffers dropped because no zebra was connected.
@@ -204,6 +219,17 @@ pub struct FpmServer {
 impl Drop for FpmServer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+impl FpmCounters {
+    /// Framing and decode errors by kind (the `kind` label of `dpucp_fpm_decode_errors_total`).
+    pub fn decode_errors(&self) -> [(DecodeErrorKind, u64); 3] {
+        [
+            (DecodeErrorKind::Frame, self.frame_errors),
+            (DecodeErrorKind::Message, self.messages.malformed),
+            (DecodeErrorKind::Attribute, self.messages.bad_attributes),
+        ]
     }
 }
 
@@ -323,9 +349,32 @@ struct Serve {
     conn: Option<Conn>,
     next_id: u64,
     pending: Vec<FpmEvent>,
+    /// The WARN budget of framing and decode errors.
+    errors: crate::metrics::WarnLimiter,
 }
 
 impl Serve {
+    /// Logs a framing or decode error at WARN within the budget (counted for the summary
+    /// otherwise).
+    fn error_seen(&mut self, kind: DecodeErrorKind, connection: u64, what: &dyn std::fmt::Display) {
+        if self.errors.allow(std::time::Instant::now(), kind.as_str()) {
+            match kind {
+                DecodeErrorKind::Frame => tracing::warn!(connection, error = %what,
+                    "FPM: framing error; resetting the connection"),
+                _ => tracing::warn!(connection, kind = %kind.as_str(), error = %what,
+                    "FPM: undecodable netlink message dropped"),
+            }
+        }
+    }
+
+    /// The summary line of the errors not logged in full, once their window is over.
+    fn error_summary(&mut self) {
+        if let Some(counts) = self.errors.summary(std::time::Instant::now()) {
+            tracing::warn!(window = ?self.errors.window(), counts = %crate::metrics::format_counts(&counts),
+                "FPM: more framing/decode errors than logged (see dpucp_fpm_decode_errors_total)");
+        }
+    }
+
     async fn send(&self, ev: ServerEvent) -> Result<(), Stopped> {
         self.events.send(ev).await.map_err(|_| Stopped)
     }
@@ -344,7 +393,10 @@ impl Serve {
         self.next_id += 1;
         let id = self.next_id;
         self.conn = Some(open(stream, id, self.counters.clone()));
-        bump(&self.counters, |c| c.connections += 1);
+        bump(&self.counters, |c| {
+            c.connections += 1;
+            c.live = Some(id);
+        });
         tracing::info!(%peer, connection = id, "FPM: zebra connected");
         self.send(ServerEvent::Connected {
             peer,
@@ -396,15 +448,22 @@ impl Serve {
             Ok(0) => Some(DisconnectReason::Closed),
             Err(e) => Some(DisconnectReason::Io(e.to_string())),
             Ok(n) => {
+                let id = c.id;
                 c.decoder.extend(c.rbuf.get(..n).unwrap_or(&[]));
                 let mut stats = DecodeStats::default();
                 let mut frames = 0u64;
                 let mut failed = None;
-                loop {
+                // Dropped messages of this read (a handful get logged in full).
+                let mut dropped: Vec<(DecodeErrorKind, String)> = Vec::new();
+                while let Some(c) = self.conn.as_mut() {
                     match c.decoder.next_frame() {
                         Ok(Some(payload)) => {
                             frames += 1;
-                            decode_netlink(payload, &mut self.pending, &mut stats);
+                            decode_netlink_with(payload, &mut self.pending, &mut stats, |e, t| {
+                                if dropped.len() < ERROR_EXAMPLES as usize {
+                                    dropped.push((e.kind(), format!("{e} (nlmsg_type {t})")));
+                                }
+                            });
                             if self.pending.len() >= self.batch_max {
                                 let batch = std::mem::take(&mut self.pending);
                                 self.events
@@ -420,7 +479,7 @@ impl Serve {
                         }
                     }
                 }
-                let skipped = c.decoder.skipped();
+                let skipped = self.conn.as_ref().map_or(0, |c| c.decoder.skipped());
                 bump(&self.counters, |k| {
                     k.bytes += n as u64;
                     k.frames += frames;
@@ -430,8 +489,23 @@ impl Serve {
                         k.frame_errors += 1;
                     }
                 });
+                // Every dropped message counts against the budget; the first ones are shown.
+                let (mut messages, mut attributes) = (stats.malformed, stats.bad_attributes);
+                for (kind, text) in dropped {
+                    match kind {
+                        DecodeErrorKind::Attribute => attributes = attributes.saturating_sub(1),
+                        _ => messages = messages.saturating_sub(1),
+                    }
+                    self.error_seen(kind, id, &text);
+                }
+                for (kind, n) in [
+                    (DecodeErrorKind::Message, messages),
+                    (DecodeErrorKind::Attribute, attributes),
+                ] {
+                    self.errors.suppressed(kind.as_str(), n);
+                }
                 failed.map(|e| {
-                    tracing::warn!(error = %e, connection = c.id, "FPM: resetting the connection");
+                    self.error_seen(DecodeErrorKind::Frame, id, &e);
                     DisconnectReason::Framing(e)
                 })
             }
@@ -451,6 +525,7 @@ impl Serve {
         let Some(c) = self.conn.take() else {
             return Ok(());
         };
+        bump(&self.counters, |k| k.live = None);
         tracing::info!(connection = c.id, ?reason, "FPM: connection ended");
         self.send(ServerEvent::Disconnected {
             connection: c.id,
@@ -474,10 +549,21 @@ async fn serve(
         conn: None,
         next_id: 0,
         pending: Vec::new(),
+        errors: crate::metrics::WarnLimiter::new(ERROR_EXAMPLES, ERROR_WINDOW),
     };
     let mut feedback_open = true;
     loop {
+        let summary_at = s.errors.due().map(tokio::time::Instant::from_std);
         let step = tokio::select! {
+            _ = async {
+                match summary_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                s.error_summary();
+                Ok(())
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => s.accepted(stream, peer).await,
                 Err(e) => {
@@ -722,6 +808,7 @@ mod tests {
             conn: None,
             next_id: 1,
             pending: Vec::new(),
+            errors: crate::metrics::WarnLimiter::new(ERROR_EXAMPLES, ERROR_WINDOW),
         };
         let mut client = TcpStream::connect(addr).await.unwrap();
         let (stream, _) = listener.accept().await.unwrap();
