@@ -82,6 +82,9 @@ pub enum DropReason {
     VrfLoop,
     /// No room in the buffer to push headers.
     NoHeadroom,
+    /// A packet that would create a NAT session on a member of a pair that may not allocate
+    /// (standby or fenced; [`Pipeline::set_nat_allocation`]).
+    NatNotActive,
 }
 
 /// A packet buffer with headroom, as an mbuf is.
@@ -591,6 +594,8 @@ pub struct Pipeline {
     port_cache: Option<(PortId, PortKind)>,
     /// The lookups done ahead for the packets of a burst (see `process_burst`).
     burst: Box<BurstScratch>,
+    /// The member's NAT settings as part of an A/B pair (see "A/B pair" below).
+    pair: PairNat,
 }
 
 /// The pipeline's own randomness for port choice: seeded by the caller.
@@ -666,6 +671,7 @@ impl Pipeline {
                 second: [NO_MEMO; BURST],
                 current: BURST,
             }),
+            pair: PairNat::default(),
         };
         p.vrfs.insert(UNDERLAY_TABLE, p.empty_vrf());
         for vpc in model.vpcs().values() {
@@ -752,8 +758,14 @@ impl Pipeline {
     /// flows keep their outside address and port. A rule whose configuration changed starts
     /// empty: its old bindings might lie outside its new pool. O(NAT rules); `old` is left
     /// with the empty tables.
+    ///
+    /// The pair settings ([`Pipeline::set_nat_allocation`], [`Pipeline::set_nat_block`],
+    /// [`Pipeline::enable_nat_change_log`]) are carried too, and apply to the new rules'
+    /// tables (the block before the comparison, so that it does not count as a change).
     pub fn carry_nat_from(&mut self, old: &mut Pipeline) -> NatCarry {
         let mut out = NatCarry::default();
+        self.pair = old.pair;
+        self.apply_pair_block();
         let mut taken = vec![false; old.napt.len()];
         for (i, (table, t)) in self.napt.iter_mut().enumerate() {
             let Some(name) = self.napt_names.get(i) else {
@@ -799,6 +811,7 @@ impl Pipeline {
                 out.dropped.push((o.name.clone(), o.table.session_count()));
             }
         }
+        self.apply_pair_settings();
         out
     }
 
@@ -1400,7 +1413,7 @@ impl Pipeline {
                         now_ns,
                         &mut self.rng,
                     )
-                    .map_err(|_| DropReason::NatExhausted)?;
+                    .map_err(nat_drop)?;
                 set_ipv4_addr(pkt.data_mut(), l, 12, t.outside.0);
                 set_l4_port(pkt.data_mut(), l, true, t.outside.1)
             }
@@ -1443,7 +1456,7 @@ impl Pipeline {
                 now_ns,
                 &mut self.rng,
             )
-            .map_err(|_| DropReason::NatExhausted)?;
+            .map_err(nat_drop)?;
         let rw = packet::xlat::L4Rewrite {
             src_port: t.outside.1,
             dst_port: l.dst_port,
@@ -2245,6 +2258,321 @@ impl Pipeline {
         self.nat64_table_mut(nat)
             .ok()?
             .remove_session(proto, inside, remote)
+    }
+}
+
+// --- A/B pair: the NAT allocation gate, the allocation block, change capture and replicas ----
+
+use crate::ha::sync::Event;
+use crate::soft::nat::{
+    AllocBlock, ChangeLogOverflow, ChangeLogStats, NatFlowKey, NatSessionRecord, ReplicaCursor,
+    ReplicatedSession,
+};
+
+/// A member's NAT settings as part of an A/B pair, applied to every NAT table and carried
+/// across rebuilds by [`Pipeline::carry_nat_from`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PairNat {
+    /// May outbound packets create sessions.
+    allocate: bool,
+    /// The port block new bindings come from.
+    block: AllocBlock,
+    /// The change log's capacity per table, when on.
+    change_log: Option<usize>,
+}
+
+impl Default for PairNat {
+    fn default() -> Self {
+        PairNat {
+            allocate: true,
+            block: AllocBlock::WHOLE,
+            change_log: None,
+        }
+    }
+}
+
+/// The drop reason of a NAT table's refusal to create a session.
+fn nat_drop(e: NatError) -> DropReason {
+    match e {
+        NatError::AllocationStopped => DropReason::NatNotActive,
+        _ => DropReason::NatExhausted,
+    }
+}
+
+impl Pipeline {
+    fn tables_mut(
+        &mut self,
+    ) -> (
+        impl Iterator<Item = &mut NatTable<Ipv4Addr>>,
+        impl Iterator<Item = &mut NatTable<Ipv6Addr>>,
+    ) {
+        (
+            self.napt.iter_mut().map(|(_, t)| t),
+            self.nat64.iter_mut().map(|n| &mut n.table),
+        )
+    }
+
+    /// Puts every table in the pair's block. A table whose port range cannot be cut so keeps
+    /// its block and never allocates (see [`Pipeline::apply_pair_settings`]).
+    fn apply_pair_block(&mut self) {
+        let block = self.pair.block;
+        let (v4, v6) = self.tables_mut();
+        for t in v4 {
+            let _ = t.set_block(block);
+        }
+        for t in v6 {
+            let _ = t.set_block(block);
+        }
+    }
+
+    /// Applies the gate and the change log to every table: a table allocates only while the
+    /// pair allows it and it is in the pair's block.
+    fn apply_pair_settings(&mut self) {
+        let PairNat {
+            allocate,
+            block,
+            change_log,
+        } = self.pair;
+        fn apply<I: Copy + Eq + core::hash::Hash + core::fmt::Debug>(
+            t: &mut NatTable<I>,
+            allocate: bool,
+            block: AllocBlock,
+            change_log: Option<usize>,
+        ) {
+            t.set_allocation(allocate && t.config().block == block);
+            match change_log {
+                Some(c) => t.enable_change_log(c),
+                None => t.disable_change_log(),
+            }
+        }
+        let (v4, v6) = self.tables_mut();
+        for t in v4 {
+            apply(t, allocate, block, change_log);
+        }
+        for t in v6 {
+            apply(t, allocate, block, change_log);
+        }
+    }
+
+    /// Allows or stops the creation of NAT sessions (NAPT44 and NAT64): a member of a pair
+    /// that is standby or fenced must not allocate. Stopped, packets of live sessions are
+    /// translated as before (both ways), and a packet that would create a session is dropped
+    /// with [`DropReason::NatNotActive`] (counted per table in
+    /// [`crate::soft::nat::NatStats::alloc_stopped`]). Allowed by default.
+    pub fn set_nat_allocation(&mut self, allow: bool) {
+        self.pair.allocate = allow;
+        self.apply_pair_settings();
+    }
+
+    /// Whether NAT sessions may be created.
+    pub fn nat_allocation_allowed(&self) -> bool {
+        self.pair.allocate
+    }
+
+    /// Puts every NAT table in allocation block `block` ([`AllocBlock`]; member `i` of a pair
+    /// is `AllocBlock::new(i, 2)`, a single gateway keeps [`AllocBlock::WHOLE`]), now and in
+    /// every rebuild carried from this pipeline. A table whose port range cannot be cut so
+    /// keeps its block and stops allocating; the first such refusal is returned.
+    pub fn set_nat_block(&mut self, block: AllocBlock) -> Result<(), PipelineError> {
+        self.pair.block = block;
+        let mut first = None;
+        for ((_, t), name) in self.napt.iter_mut().zip(&self.napt_names) {
+            if let Err(e) = t.set_block(block) {
+                first.get_or_insert((name.clone(), e));
+            }
+        }
+        for n in &mut self.nat64 {
+            if let Err(e) = n.table.set_block(block) {
+                first.get_or_insert((n.name.clone(), e));
+            }
+        }
+        self.apply_pair_settings();
+        match first {
+            Some((rule, e)) => Err(PipelineError::Nat {
+                rule,
+                source: NatError::Config(e),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The allocation block of the NAT tables.
+    pub fn nat_block(&self) -> AllocBlock {
+        self.pair.block
+    }
+
+    /// Starts change capture in every NAT table (a log of `capacity` entries each, see
+    /// [`crate::soft::nat::ChangeLog`]), now and in every rebuild carried from this pipeline.
+    pub fn enable_nat_change_log(&mut self, capacity: usize) {
+        self.pair.change_log = Some(capacity);
+        self.apply_pair_settings();
+    }
+
+    /// Stops change capture and frees the logs.
+    pub fn disable_nat_change_log(&mut self) {
+        self.pair.change_log = None;
+        self.apply_pair_settings();
+    }
+
+    /// Drains at most `max` change-log entries of all NAT tables into `out` as sync events
+    /// (see [`NatTable::drain_replica_events`]: upserts carry each session's record at
+    /// `now_ns`). Returns the entries drained, or, if any table lost changes since the
+    /// previous drain, the overflow (`lost` summed over the tables): then every log is cleared,
+    /// nothing is appended, and the standby needs a snapshot.
+    pub fn drain_nat_changes(
+        &mut self,
+        now_ns: u64,
+        max: usize,
+        out: &mut Vec<Event<ReplicatedSession>>,
+    ) -> Result<usize, ChangeLogOverflow> {
+        let start = out.len();
+        let mut left = max;
+        let mut overflow: Option<ChangeLogOverflow> = None;
+        let mut note = |r: Result<usize, ChangeLogOverflow>, left: &mut usize| match r {
+            Ok(n) => *left -= n.min(*left),
+            Err(o) => {
+                let acc = overflow.get_or_insert(ChangeLogOverflow {
+                    lost: 0,
+                    capacity: o.capacity,
+                });
+                acc.lost += o.lost;
+            }
+        };
+        let mut scratch4 = Vec::new();
+        for ((_, t), name) in self.napt.iter_mut().zip(&self.napt_names) {
+            let r = t.drain_replica_events(name, now_ns, left, &mut scratch4, out);
+            note(r, &mut left);
+        }
+        let mut scratch6 = Vec::new();
+        for n in &mut self.nat64 {
+            let r = n
+                .table
+                .drain_replica_events(&n.name, now_ns, left, &mut scratch6, out);
+            note(r, &mut left);
+        }
+        match overflow {
+            Some(o) => {
+                out.truncate(start);
+                self.clear_nat_changes();
+                Err(o)
+            }
+            None => Ok(max - left),
+        }
+    }
+
+    /// Forgets every change held in the NAT change logs (a snapshot is about to cover them).
+    pub fn clear_nat_changes(&mut self) {
+        let (v4, v6) = self.tables_mut();
+        v4.for_each(NatTable::clear_changes);
+        v6.for_each(NatTable::clear_changes);
+    }
+
+    /// The NAT change logs' counters, summed over the tables (zero when capture is off).
+    pub fn nat_change_log_stats(&self) -> ChangeLogStats {
+        let v4 = self.napt.iter().filter_map(|(_, t)| t.change_log_stats());
+        let v6 = self.nat64.iter().filter_map(|n| n.table.change_log_stats());
+        v4.chain(v6)
+            .fold(ChangeLogStats::default(), |a, s| ChangeLogStats {
+                pending: a.pending + s.pending,
+                capacity: a.capacity + s.capacity,
+                recorded: a.recorded + s.recorded,
+                lost: a.lost + s.lost,
+                overflows: a.overflows + s.overflows,
+            })
+    }
+
+    /// NAT sessions held by every stateful rule, and the outbound packets refused because
+    /// allocation is stopped.
+    pub fn nat_totals(&self) -> (usize, u64) {
+        let v4 = self.napt.iter().map(|(_, t)| t.stats());
+        let v6 = self.nat64.iter().map(|n| n.table.stats());
+        v4.chain(v6)
+            .fold((0, 0), |(s, a), t| (s + t.sessions, a + t.alloc_stopped))
+    }
+
+    /// A walk over every session of every stateful NAT rule (NAPT44 rules first), for a
+    /// snapshot or a keepalive pass: see [`Pipeline::export_nat_replicas`].
+    pub fn nat_replica_cursor(&self) -> ReplicaCursor {
+        let v4 = self.napt_names.iter().map(|n| (false, n.clone()));
+        let v6 = self.nat64.iter().map(|n| (true, n.name.clone()));
+        ReplicaCursor {
+            rules: v4.chain(v6).collect(),
+            pos: 0,
+            slot: ExportCursor::START,
+        }
+    }
+
+    /// One bounded step of a walk: visits at most `budget` session slots of the rule the
+    /// cursor is at, appending the record of each session alive at `now_ns` (so at most
+    /// `budget` records), and moves the cursor on. Returns `true` when the walk is complete.
+    /// Pipelines rebuilt between steps are fine (see [`ReplicaCursor`]): the walk yields every
+    /// session that lives through it at least once.
+    pub fn export_nat_replicas(
+        &self,
+        cursor: &mut ReplicaCursor,
+        budget: usize,
+        now_ns: u64,
+        out: &mut Vec<ReplicatedSession>,
+    ) -> bool {
+        let Some((nat64, name)) = cursor.rules.get(cursor.pos) else {
+            return true;
+        };
+        let next = if *nat64 {
+            self.nat64_table(name)
+                .ok()
+                .and_then(|t| t.export_replicas(name, cursor.slot, budget, now_ns, out))
+        } else {
+            self.napt_table(name)
+                .ok()
+                .and_then(|t| t.export_replicas(name, cursor.slot, budget, now_ns, out))
+        };
+        match next {
+            Some(c) => cursor.slot = c,
+            None => {
+                cursor.pos += 1;
+                cursor.slot = ExportCursor::START;
+            }
+        }
+        cursor.is_done()
+    }
+
+    /// Applies a replicated change from the active member: an upsert imports the session
+    /// with [`NatTable::import_ordered`] (the sync stream orders changes by version), a delete
+    /// removes it (deleting what is not here is done already).
+    pub fn apply_nat_replica(
+        &mut self,
+        event: &Event<ReplicatedSession>,
+        now_ns: u64,
+    ) -> Result<(), NatSyncError> {
+        match event {
+            Event::Upsert(r) => match &r.session {
+                NatSessionRecord::Napt44(rec) => {
+                    self.napt_table_mut(&r.rule)?.import_ordered(rec, now_ns)?;
+                }
+                NatSessionRecord::Nat64(rec) => {
+                    self.nat64_table_mut(&r.rule)?.import_ordered(rec, now_ns)?;
+                }
+            },
+            Event::Delete((rule, key)) => match *key {
+                NatFlowKey::Napt44 {
+                    proto,
+                    inside,
+                    remote,
+                } => {
+                    self.napt_table_mut(rule)?
+                        .remove_session(proto, inside, remote);
+                }
+                NatFlowKey::Nat64 {
+                    proto,
+                    inside,
+                    remote,
+                } => {
+                    self.nat64_table_mut(rule)?
+                        .remove_session(proto, inside, remote);
+                }
+            },
+        }
+        Ok(())
     }
 }
 

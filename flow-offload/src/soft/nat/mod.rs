@@ -148,7 +148,9 @@ use serde::{Deserialize, Serialize};
 
 mod hash;
 mod index;
+mod log;
 mod ports;
+mod replica;
 mod sync;
 mod tcp;
 #[cfg(test)]
@@ -156,8 +158,12 @@ mod tcp;
 mod tests;
 
 use index::Index;
+pub use log::{
+    ChangeKind, ChangeLog, ChangeLogOverflow, ChangeLogStats, SessionChange, MAX_CHANGE_LOG,
+};
 pub use ports::AllocBlock;
 use ports::PortBitmaps;
+pub use replica::{NatFlowKey, NatSessionRecord, ReplicaCursor, ReplicaFamily, ReplicatedSession};
 pub use sync::{ExportCursor, ImportError, LifetimeClass, NatSyncError, SessionRecord};
 use tcp::{tcp_next, Dir};
 pub use tcp::{TcpState, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
@@ -363,6 +369,10 @@ pub enum NatError {
         /// The paired outside address.
         addr: Ipv4Addr,
     },
+    /// New sessions are stopped ([`NatTable::set_allocation`]): this member of a redundancy
+    /// group is standby or fenced. Established sessions keep working.
+    #[error("new NAT sessions are stopped on this member (standby or fenced)")]
+    AllocationStopped,
 }
 
 /// A session's handle: its slot plus a generation, so the handle of a removed session never
@@ -467,6 +477,8 @@ pub struct NatStats {
     pub imported: u64,
     /// Sessions removed by [`NatTable::remove_session`] (not counted in `expired`).
     pub removed: u64,
+    /// Outbound packets refused with [`NatError::AllocationStopped`].
+    pub alloc_stopped: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -582,6 +594,10 @@ where
     ports: PortBitmaps,
     cursor: usize,
     stats: NatStats,
+    /// May outbound packets create sessions ([`NatTable::set_allocation`]).
+    allocate: bool,
+    /// The change log, when enabled ([`NatTable::enable_change_log`]).
+    log: Option<Box<ChangeLog<I>>>,
 }
 
 impl<I> fmt::Debug for NatTable<I>
@@ -702,6 +718,8 @@ where
             ports,
             cursor: 0,
             stats: NatStats::default(),
+            allocate: true,
+            log: None,
             cfg,
         })
     }
@@ -788,8 +806,12 @@ where
         if now_ns >= deadline(&timeouts, s) {
             return None;
         }
+        let before = (s.tcp, s.established_since_ns.is_some());
         touch(s, dir, flags, now_ns);
         let s = *s;
+        if self.log.is_some() && (s.tcp, s.established_since_ns.is_some()) != before {
+            self.log_change(ChangeKind::Changed, idx, gen, &s);
+        }
         Some(self.translation(idx, gen, &s))
     }
 
@@ -901,6 +923,10 @@ where
         now_ns: u64,
         rng: &mut impl Random,
     ) -> Result<Translation<I>, NatError> {
+        if !self.allocate {
+            self.stats.alloc_stopped += 1;
+            return Err(NatError::AllocationStopped);
+        }
         let h_map = self.hash_map(key.proto, key.inside);
         let mut found = self.find_mapping(h_map, key);
         if self.short_of_room(found.is_some(), key) {
@@ -956,6 +982,9 @@ where
         touch(&mut s, Dir::Out, tcp_flags, now_ns);
         let gen = self.link_session(sidx, s, h_out);
         self.stats.created += 1;
+        if self.log.is_some() {
+            self.log_change(ChangeKind::Created, sidx, gen, &s);
+        }
         Ok(self.translation(sidx, gen, &s))
     }
 
@@ -1070,6 +1099,9 @@ where
         let gen = slot.gen;
         let s = slot.s?;
         let view = self.view(idx, gen, &s);
+        if self.log.is_some() {
+            self.log_change(ChangeKind::Deleted, idx, gen, &s);
+        }
         if let Some(slot) = self.sessions.get_mut(idx as usize) {
             slot.s = None;
             slot.gen = gen.wrapping_add(1) & self.gen_mask;
@@ -1194,6 +1226,34 @@ where
             }
         }
         removed
+    }
+
+    // --- redundancy: the allocation gate ---------------------------------------------------
+
+    /// Allows or stops the creation of sessions (and so of bindings) by outbound packets: a
+    /// member of a redundancy group that is standby or fenced must not allocate. Stopped,
+    /// [`NatTable::outbound`] still translates packets of live sessions, but a packet that
+    /// would create one fails with [`NatError::AllocationStopped`] (counted in
+    /// [`NatStats::alloc_stopped`]) and changes nothing. Imports are not affected. Allowed by
+    /// default.
+    pub fn set_allocation(&mut self, allow: bool) {
+        self.allocate = allow;
+    }
+
+    /// Whether outbound packets may create sessions.
+    pub fn allocation_allowed(&self) -> bool {
+        self.allocate
+    }
+
+    /// Moves the table to another allocation block (see [`AllocBlock`]), e.g. when the agent
+    /// learns at start that it is member `index` of a pair. Existing mappings keep their ports
+    /// wherever they lie; new ports come from the new block only. Refused (nothing changes)
+    /// if the port range cannot be cut so ([`AllocBlock::ports`]).
+    pub fn set_block(&mut self, block: AllocBlock) -> Result<(), NatConfigError> {
+        let ports = block.ports(self.cfg.port_range)?;
+        self.ports.set_block(ports);
+        self.cfg.block = block;
+        Ok(())
     }
 
     // --- offload hooks -----------------------------------------------------------------------

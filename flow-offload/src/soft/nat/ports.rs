@@ -127,6 +127,32 @@ impl PortBitmaps {
         }
     }
 
+    /// Moves the allocation block to `block` (inclusive, within the range): ports in use stay
+    /// in use wherever they are; only where new ports come from changes.
+    pub(super) fn set_block(&mut self, block: (u16, u16)) {
+        self.blo = u32::from(block.0).saturating_sub(u32::from(self.lo));
+        self.bn = (u32::from(block.1) + 1).saturating_sub(u32::from(block.0));
+        let (bn, words) = (self.bn, self.words);
+        if bn == 0 {
+            self.block_free.iter_mut().for_each(|f| *f = 0);
+            return;
+        }
+        let wlo = (self.blo / 64) as usize;
+        let whi = ((self.blo + bn - 1) / 64) as usize;
+        let masks: Vec<u64> = (wlo..=whi).map(|w| !self.outside_block(w)).collect();
+        for (set, f) in self.block_free.iter_mut().enumerate() {
+            let used: u32 = (wlo..=whi)
+                .zip(&masks)
+                .map(|(w, m)| {
+                    self.bits
+                        .get(set * words + w)
+                        .map_or(0, |b| (b & m).count_ones())
+                })
+                .sum();
+            *f = bn.saturating_sub(used);
+        }
+    }
+
     pub(super) fn set_of(addr_idx: u32, proto: Proto) -> usize {
         addr_idx as usize * 3 + proto.index()
     }

@@ -353,6 +353,30 @@ where
         rec: &SessionRecord<I>,
         now_ns: u64,
     ) -> Result<SessionId, ImportError> {
+        self.import_with(rec, now_ns, false)
+    }
+
+    /// [`NatTable::import`] for a caller that orders records itself (the pair's sync stream
+    /// delivers them by version, newest last): the record's TCP state and ages are taken even
+    /// when its last packet does not look later than the session's here. Relative ages make
+    /// "newest last packet wins" unreliable between two records of one session a few
+    /// microseconds apart (a FIN right after data): a record delayed in transit looks newer
+    /// than it is, and the state change would be lost. Everything else is as for
+    /// [`NatTable::import`].
+    pub fn import_ordered(
+        &mut self,
+        rec: &SessionRecord<I>,
+        now_ns: u64,
+    ) -> Result<SessionId, ImportError> {
+        self.import_with(rec, now_ns, true)
+    }
+
+    fn import_with(
+        &mut self,
+        rec: &SessionRecord<I>,
+        now_ns: u64,
+        ordered: bool,
+    ) -> Result<SessionId, ImportError> {
         let (addr_idx, last_ns) = self.check_record(rec, now_ns)?;
         let established_since_ns = rec
             .established_for_ns
@@ -376,7 +400,7 @@ where
                             record: rec.outside,
                         });
                     }
-                    if last_ns > s.last_ns {
+                    if ordered || last_ns > s.last_ns {
                         s.last_ns = last_ns;
                         if let Some(t) = rec.tcp_state {
                             s.tcp = t;
