@@ -1,13 +1,17 @@
 //! The host link server: the host agent connects over TCP and speaks framed postcard
 //! [`Message`]s (see [`flow_offload::wire`]).
 //!
-//! One host at a time. On every connection the agent says [`Message::Hello`] first (with the
-//! last epoch it applied, `None` after a restart: the host then resends everything), answers
-//! each [`Message::Apply`] with an ack or a refusal, and sends a heartbeat every second and
-//! route counters every [`COUNTERS_EVERY`]. A host silent for [`HOST_TIMEOUT`] is dropped; a
-//! framing error drops the connection (the byte stream cannot be resynchronised); an
-//! undecodable but well-framed message is logged and skipped. Forwarding continues on the last
-//! state while no host is connected.
+//! One host at a time. On every connection the agent says [`Message::Hello`] first (with its
+//! link protocol and features, and the last epoch it applied, `None` after a restart: the host
+//! then resends everything). The host answers with [`Message::HostHello`]; a host speaking
+//! another protocol is refused ([`Refusal::Incompatible`]) and disconnected, and a batch sent
+//! before the host's hello is refused. The agent answers each [`Message::Apply`] with an ack,
+//! and sends a heartbeat every second and route counters every [`COUNTERS_EVERY`]. A host silent
+//! for [`HOST_TIMEOUT`] is dropped; a framing error drops the connection (the byte stream cannot
+//! be resynchronised). A well-framed message that cannot be decoded, or that a host must not
+//! send, is answered with [`Message::Refused`] naming why (and the batch's epoch when it was
+//! one), never skipped in silence. Forwarding continues on the last state while no host is
+//! connected.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -19,7 +23,10 @@ use flow_offload::caps::Caps;
 use flow_offload::model::PortId;
 use flow_offload::program::{CountQuery, FlowTarget};
 use flow_offload::wire::frame::{FrameCodec, FrameError, FrameReader};
-use flow_offload::wire::{Counters, FlashFailure, FlashPhase, FlashStatus, Hello, Message};
+use flow_offload::wire::{
+    read_message, Counters, Features, FlashFailure, FlashPhase, FlashStatus, Hello, Message,
+    Refusal, PROTOCOL_VERSION,
+};
 
 use crate::agent::Agent;
 use crate::image::Images;
@@ -63,6 +70,14 @@ pub enum LinkError {
     /// The host closed the connection.
     #[error("host closed the connection")]
     Closed,
+    /// The host speaks another link protocol.
+    #[error("host speaks link protocol {theirs}, this agent speaks {ours}")]
+    Incompatible {
+        /// Ours.
+        ours: u16,
+        /// The host's.
+        theirs: u16,
+    },
 }
 
 fn stopping(stop: &AtomicBool, images: Option<&Images>) -> bool {
@@ -116,6 +131,17 @@ fn send(stream: &mut TcpStream, codec: &FrameCodec, msg: &Message) -> Result<(),
     Ok(())
 }
 
+/// Answers a message this agent cannot or must not take: logged, then refused to the host.
+fn refuse(
+    stream: &mut TcpStream,
+    codec: &FrameCodec,
+    epoch: Option<u64>,
+    reason: Refusal,
+) -> Result<(), LinkError> {
+    tracing::warn!(?epoch, %reason, "message from the host refused");
+    send(stream, codec, &Message::Refused { epoch, reason })
+}
+
 fn counters(agent: &Agent, at_ns: u64) -> Counters {
     let keys: Vec<_> = agent.model().routes().keys().copied().collect();
     let mut routes = Vec::new();
@@ -155,6 +181,12 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
             boot_id: id.boot_id,
             last_epoch: agent.last_epoch(),
             ports: id.ports.clone(),
+            protocol: PROTOCOL_VERSION,
+            features: if images.is_some() {
+                Features::IMAGES
+            } else {
+                Features::empty()
+            },
         }),
     )?;
     if let Some(im) = images.as_deref_mut() {
@@ -172,6 +204,7 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
     let mut last_counters = Instant::now();
     let mut seq = 0u64;
     let mut last_tick = Instant::now();
+    let mut host_hello = false;
     while !stopping(stop, images.as_deref()) {
         match stream.read(&mut buf) {
             Ok(0) => return Err(LinkError::Closed),
@@ -188,13 +221,40 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
             Err(e) => return Err(e.into()),
         }
         loop {
-            match reader.next::<Message>() {
-                Ok(Some(Message::Apply(batch))) => {
+            let msg = match reader.next_payload(read_message) {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err((epoch, reason)))) => {
+                    refuse(&mut stream, &codec, epoch, reason)?;
+                    continue;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(e.into()),
+            };
+            match msg {
+                Message::HostHello(h) => {
+                    if h.protocol != PROTOCOL_VERSION {
+                        let (ours, theirs) = (PROTOCOL_VERSION, h.protocol);
+                        refuse(
+                            &mut stream,
+                            &codec,
+                            None,
+                            Refusal::Incompatible { ours, theirs },
+                        )?;
+                        return Err(LinkError::Incompatible { ours, theirs });
+                    }
+                    tracing::info!(features = ?h.features, "host hello");
+                    host_hello = true;
+                }
+                Message::Apply(batch) if !host_hello => {
+                    let reason = Refusal::Unexpected("a batch before the host's hello".to_owned());
+                    refuse(&mut stream, &codec, Some(batch.epoch), reason)?;
+                }
+                Message::Apply(batch) => {
                     let t = Instant::now();
                     let (reply, report) = agent.apply(target, &batch);
                     match &reply {
-                        Message::Refused { error, .. } => {
-                            tracing::warn!(epoch = batch.epoch, %error, "batch refused");
+                        Message::Refused { reason, .. } => {
+                            tracing::warn!(epoch = batch.epoch, %reason, "batch refused");
                         }
                         _ => tracing::info!(
                             epoch = batch.epoch,
@@ -210,8 +270,8 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
                     }
                     send(&mut stream, &codec, &reply)?;
                 }
-                Ok(Some(Message::Heartbeat { .. })) => {}
-                Ok(Some(Message::FlashImage(order))) => {
+                Message::Heartbeat { .. } => {}
+                Message::FlashImage(order) => {
                     let refused = match images.as_deref_mut() {
                         None => Some(FlashStatus {
                             image_id: order.image_id,
@@ -229,12 +289,19 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
                         send(&mut stream, &codec, &Message::Flash(st))?;
                     }
                 }
-                Ok(Some(other)) => {
-                    tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected message from host ignored");
+                Message::Refused { epoch, reason } => {
+                    // Never answered: two sides refusing each other's refusals would loop.
+                    tracing::warn!(?epoch, %reason, "the host refused a message of ours");
                 }
-                Ok(None) => break,
-                Err(e) if e.is_fatal() => return Err(e.into()),
-                Err(e) => tracing::warn!(error = %e, "undecodable message skipped"),
+                other @ (Message::Hello(_)
+                | Message::Ack(_)
+                | Message::Counters(_)
+                | Message::Flash(_)
+                | Message::Boot(_)
+                | Message::HaRole(_)) => {
+                    let what = format!("{} from a host", other.kind());
+                    refuse(&mut stream, &codec, None, Refusal::Unexpected(what))?;
+                }
             }
         }
         if let Some(im) = images.as_deref_mut() {

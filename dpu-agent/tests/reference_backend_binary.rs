@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, Ipv4Addr};
 
-use common::{can_run, free_port, AgentProc, HostLink};
+use common::{can_run, AgentProc, HostLink};
 use flow_offload::caps::CapsSource;
 use flow_offload::caps::Profile;
 use flow_offload::model::{
@@ -24,36 +22,8 @@ fn reference_backend_offloads_routes_through_the_binary() {
     if !can_run() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("dpu-agent-refbin-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
-    let cfg = format!(
-        "dpu_id = \"dpu-ref\"\n[eal]\nargs = [\"-l\", \"0\", \"--no-huge\", \"--no-pci\", \"--no-shconf\", \"-m\", \"256\", \"--log-level=*:warning\"]\n[[ports]]\nname = \"net_null0\"\ndevice = \"net_null0\"\nrole = \"uplink\"\n[[ports]]\nname = \"net_null1\"\ndevice = \"net_null1\"\nrole = \"vpc\"\n[lcores]\nforwarding = 0\n[link]\nlisten = \"127.0.0.1:{port}\"\n[nic]\nbackend = \"reference\"\nprofile = \"full\"\n"
-    );
-    let cfg_path = dir.join("agent.toml");
-    std::fs::write(&cfg_path, cfg).unwrap();
-    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_dpu-agent"))
-        .arg("--config")
-        .arg(&cfg_path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let link: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut agent = AgentProc {
-        child: Some(child),
-        link,
-        dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect_timeout(&link, Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "no link:\n{}", agent.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut host = HostLink::connect(link);
+    let mut agent = AgentProc::start_reference("refbin");
+    let mut host = HostLink::connect(agent.link);
     // Every port reports the profile, not a probe.
     assert_eq!(host.hello.ports.len(), 2);
     for (_, caps) in &host.hello.ports {

@@ -1569,15 +1569,42 @@ async fn on_dpu_event(
                 });
             }
         }
-        DpuEvent::Refused {
-            dpu, error, full, ..
-        } => {
+        DpuEvent::Refused { dpu, batch, reason } => {
             metrics.add(
-                "dpucp_batches_total",
-                &[("dpu", &dpu), ("result", "refused")],
+                "dpucp_link_refusals_total",
+                &[
+                    ("dpu", &dpu),
+                    ("by", "dpu"),
+                    ("reason", refusal_kind(&reason)),
+                ],
                 1.0,
             );
-            tracing::warn!(dpu = %dpu, full, %error, "DPU refused the desired state");
+            if let Some((epoch, full)) = batch {
+                metrics.add(
+                    "dpucp_batches_total",
+                    &[("dpu", &dpu), ("result", "refused")],
+                    1.0,
+                );
+                tracing::warn!(dpu = %dpu, epoch, full, %reason, "DPU refused a batch of the desired state");
+            }
+        }
+        DpuEvent::RefusedFromDpu { dpu, reason } => {
+            metrics.add(
+                "dpucp_link_refusals_total",
+                &[
+                    ("dpu", &dpu),
+                    ("by", "host"),
+                    ("reason", refusal_kind(&reason)),
+                ],
+                1.0,
+            );
+        }
+        DpuEvent::Unanswered { dpu, .. } => {
+            metrics.add(
+                "dpucp_batches_total",
+                &[("dpu", &dpu), ("result", "unanswered")],
+                1.0,
+            );
         }
         DpuEvent::Counters { dpu, counters } => {
             for (k, packets, _) in counters.routes {
@@ -1599,6 +1626,17 @@ async fn on_dpu_event(
                 }
             }
         }
+    }
+}
+
+/// A refusal's kind, as a metric label.
+fn refusal_kind(r: &flow_offload::wire::Refusal) -> &'static str {
+    use flow_offload::wire::Refusal;
+    match r {
+        Refusal::Model(_) => "model",
+        Refusal::Undecodable { .. } => "undecodable",
+        Refusal::Incompatible { .. } => "incompatible",
+        Refusal::Unexpected(_) => "unexpected",
     }
 }
 

@@ -9,11 +9,19 @@
 //! Epochs increase across restarts of either side: the link continues from the larger of its
 //! own count and the `last_epoch` the agent reports in its hello.
 //!
+//! The hello names the agent's link protocol: an agent speaking another one is refused
+//! ([`Refusal::Incompatible`]), disconnected, and retried only every [`INCOMPATIBLE_RETRY`]. A
+//! compatible one gets [`Message::HostHello`] before any batch.
+//!
 //! One batch is in flight at a time. Desired-state updates that arrive meanwhile are coalesced:
 //! the next batch is the difference from what was acknowledged to the newest desired model. A
 //! refused incremental batch is followed by a full one. A refused full batch is reported, and
-//! nothing more is sent until the desired model changes. Heartbeats go both ways. An agent
-//! silent for [`LinkConfig::timeout`] is disconnected and reconnected.
+//! nothing more is sent until the desired model changes. A batch the agent has not answered
+//! after [`LinkConfig::batch_timeout`] (while it still sends heartbeats) is reported and resent
+//! in full; an unanswered full batch ends the connection, and the reconnect starts over with a
+//! hello. Heartbeats go both ways. An agent silent for [`LinkConfig::timeout`] is disconnected
+//! and reconnected. A message from the agent that cannot be decoded is refused back to it
+//! ([`Message::Refused`]) and reported, never skipped in silence.
 //!
 //! Image flashes ride the same connection: the link registers with the [`FlashHub`] while a
 //! session lasts, forwards its flash orders, and hands the DPU's flash statuses and boot
@@ -23,10 +31,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flow_offload::model::{Model, ModelError, ObjectKey};
+use flow_offload::model::{Model, ObjectKey};
 use flow_offload::status::OffloadStatus;
 use flow_offload::wire::frame::{FrameCodec, FrameError, FrameReader};
-use flow_offload::wire::{Apply, Counters, Hello, Message};
+use flow_offload::wire::{
+    read_message, Apply, Counters, Features, Hello, HostHello, Message, Refusal, PROTOCOL_VERSION,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -43,6 +53,8 @@ pub struct LinkConfig {
     pub timeout: Duration,
     /// Wait between connection attempts.
     pub reconnect: Duration,
+    /// A batch not answered this long (by an agent that is otherwise alive) is resent in full.
+    pub batch_timeout: Duration,
 }
 
 impl Default for LinkConfig {
@@ -51,9 +63,14 @@ impl Default for LinkConfig {
             heartbeat: Duration::from_secs(1),
             timeout: Duration::from_secs(5),
             reconnect: Duration::from_millis(500),
+            batch_timeout: Duration::from_secs(30),
         }
     }
 }
+
+/// Wait before reconnecting to an agent that speaks another link protocol (it will not change
+/// until it is upgraded; retrying faster only fills the logs).
+pub const INCOMPATIBLE_RETRY: Duration = Duration::from_secs(30);
 
 /// What happened on a link, for the status store, FRR feedback and metrics.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,16 +93,32 @@ pub enum DpuEvent {
         /// Status of every object the batch touched (all of them for a full batch).
         status: Vec<(ObjectKey, OffloadStatus)>,
     },
-    /// A batch was refused; nothing of it applied.
+    /// The agent refused a message: a batch in flight (`batch`: its epoch and whether it was
+    /// the whole model; nothing of it applied), or another message (`batch: None`).
     Refused {
+        /// The DPU.
+        dpu: String,
+        /// The refused batch, if it was the one in flight.
+        batch: Option<(u64, bool)>,
+        /// Why.
+        reason: Refusal,
+    },
+    /// This host refused a message from the agent (it could not be decoded, or an agent must
+    /// not send it).
+    RefusedFromDpu {
+        /// The DPU.
+        dpu: String,
+        /// Why.
+        reason: Refusal,
+    },
+    /// A batch was not answered within [`LinkConfig::batch_timeout`].
+    Unanswered {
         /// The DPU.
         dpu: String,
         /// The batch.
         epoch: u64,
-        /// Whether it was the whole model.
+        /// Whether it was the whole model (the connection is then restarted).
         full: bool,
-        /// Why.
-        error: ModelError,
     },
     /// Route counters.
     Counters {
@@ -116,6 +149,10 @@ enum SessionEnd {
     Closed,
     #[error("first message was not a hello")]
     NoHello,
+    #[error("agent speaks link protocol {theirs}, this host speaks {ours}")]
+    Incompatible { ours: u16, theirs: u16 },
+    #[error("full batch {epoch} not answered within {after:?}")]
+    Unanswered { epoch: u64, after: Duration },
     #[error("shutdown")]
     Shutdown,
     #[error("event consumer gone")]
@@ -162,6 +199,7 @@ pub async fn run(
                     &mut dpu,
                 )
                 .await;
+                let incompatible = matches!(end, SessionEnd::Incompatible { .. });
                 match end {
                     SessionEnd::Shutdown | SessionEnd::NoConsumer => return,
                     other => {
@@ -172,6 +210,12 @@ pub async fn run(
                                 reason: other.to_string(),
                             })
                             .await;
+                    }
+                }
+                if incompatible {
+                    tokio::select! {
+                        _ = tokio::time::sleep(INCOMPATIBLE_RETRY) => {}
+                        _ = shutdown.changed() => {}
                     }
                 }
             }
@@ -202,6 +246,7 @@ struct InFlight {
     epoch: u64,
     full: bool,
     model: Arc<Model>,
+    sent: Instant,
 }
 
 /// Sends the next batch if none is in flight and the DPU is behind.
@@ -243,6 +288,7 @@ async fn next_batch(
         epoch,
         full,
         model: desired.clone(),
+        sent: Instant::now(),
     }))
 }
 
@@ -296,6 +342,15 @@ async fn session_inner(
         reader.push(buf.get(..n).unwrap_or(&[]));
     };
     *dpu = Some(hello.dpu_id.clone());
+    if hello.protocol != PROTOCOL_VERSION {
+        let (ours, theirs) = (PROTOCOL_VERSION, hello.protocol);
+        let refusal = Message::Refused {
+            epoch: None,
+            reason: Refusal::Incompatible { ours, theirs },
+        };
+        send(stream, &codec, &refusal).await?;
+        return Err(SessionEnd::Incompatible { ours, theirs });
+    }
     let restarted = known.boot_id != Some(hello.boot_id)
         || hello.last_epoch.is_none()
         || hello.last_epoch != known.acked.as_ref().map(|(e, _)| *e);
@@ -321,6 +376,11 @@ async fn session_inner(
         .await
         .map_err(|_| SessionEnd::NoConsumer)?;
     let dpu_id = hello.dpu_id;
+    let host_hello = Message::HostHello(HostHello {
+        protocol: PROTOCOL_VERSION,
+        features: Features::IMAGES,
+    });
+    send(stream, &codec, &host_hello).await?;
     // Flash orders for this DPU, while this session lasts.
     let mut flash = hub.map(|h| (h, h.register(&dpu_id)));
 
@@ -329,12 +389,11 @@ async fn session_inner(
     loop {
         // Decode everything buffered.
         loop {
-            let m = match reader.next::<Message>() {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(e) if e.is_fatal() => return Err(e.into()),
-                Err(e) => {
-                    tracing::warn!(dpu = %dpu_id, error = %e, "undecodable message skipped");
+            let m = match reader.next_payload(read_message)? {
+                Some(Ok(m)) => m,
+                None => break,
+                Some(Err((_, reason))) => {
+                    refuse_dpu_message(stream, &codec, events, &dpu_id, reason).await?;
                     continue;
                 }
             };
@@ -357,21 +416,18 @@ async fn session_inner(
                     let current = desired.borrow_and_update().clone();
                     in_flight = next_batch(stream, &codec, known, &current, false).await?;
                 }
-                Message::Refused { epoch, error } => {
-                    let Some(f) = in_flight.take_if(|f| f.epoch == epoch) else {
-                        continue;
-                    };
-                    tracing::warn!(dpu = %dpu_id, epoch, full = f.full, %error, "DPU refused a batch");
+                Message::Refused { epoch, reason } => {
+                    let f = in_flight.take_if(|f| Some(f.epoch) == epoch);
+                    tracing::warn!(dpu = %dpu_id, ?epoch, batch = f.is_some(), %reason, "DPU refused a message");
                     events
                         .send(DpuEvent::Refused {
                             dpu: dpu_id.clone(),
-                            epoch,
-                            full: f.full,
-                            error,
+                            batch: f.as_ref().map(|f| (f.epoch, f.full)),
+                            reason,
                         })
                         .await
                         .map_err(|_| SessionEnd::NoConsumer)?;
-                    if !f.full {
+                    if f.is_some_and(|f| !f.full) {
                         let current = desired.borrow_and_update().clone();
                         in_flight = next_batch(stream, &codec, known, &current, true).await?;
                     }
@@ -397,8 +453,13 @@ async fn session_inner(
                         h.boot_report(&dpu_id, r);
                     }
                 }
-                Message::Hello(_) | Message::Apply(_) | Message::FlashImage(_) => {
-                    tracing::warn!(dpu = %dpu_id, "unexpected message from DPU ignored");
+                other @ (Message::Hello(_)
+                | Message::Apply(_)
+                | Message::FlashImage(_)
+                | Message::HostHello(_)
+                | Message::HaRole(_)) => {
+                    let reason = Refusal::Unexpected(format!("{} from a DPU", other.kind()));
+                    refuse_dpu_message(stream, &codec, events, &dpu_id, reason).await?;
                 }
             }
         }
@@ -428,6 +489,19 @@ async fn session_inner(
                 if last_rx.elapsed() > cfg.timeout {
                     return Err(SessionEnd::Timeout(cfg.timeout));
                 }
+                if let Some(f) = in_flight.take_if(|f| f.sent.elapsed() > cfg.batch_timeout) {
+                    tracing::warn!(dpu = %dpu_id, epoch = f.epoch, full = f.full,
+                        after_s = cfg.batch_timeout.as_secs(), "DPU did not answer a batch; resending the whole model");
+                    events
+                        .send(DpuEvent::Unanswered { dpu: dpu_id.clone(), epoch: f.epoch, full: f.full })
+                        .await
+                        .map_err(|_| SessionEnd::NoConsumer)?;
+                    if f.full {
+                        return Err(SessionEnd::Unanswered { epoch: f.epoch, after: cfg.batch_timeout });
+                    }
+                    let current = desired.borrow_and_update().clone();
+                    in_flight = next_batch(stream, &codec, known, &current, true).await?;
+                }
                 seq += 1;
                 send(stream, &codec, &Message::Heartbeat { seq }).await?;
             }
@@ -438,6 +512,29 @@ async fn session_inner(
             }
         }
     }
+}
+
+/// Refuses a message from the agent back to it, and reports it.
+async fn refuse_dpu_message(
+    stream: &mut TcpStream,
+    codec: &FrameCodec,
+    events: &mpsc::Sender<DpuEvent>,
+    dpu: &str,
+    reason: Refusal,
+) -> Result<(), SessionEnd> {
+    tracing::warn!(%dpu, %reason, "message from the DPU refused");
+    let m = Message::Refused {
+        epoch: None,
+        reason: reason.clone(),
+    };
+    send(stream, codec, &m).await?;
+    events
+        .send(DpuEvent::RefusedFromDpu {
+            dpu: dpu.to_owned(),
+            reason,
+        })
+        .await
+        .map_err(|_| SessionEnd::NoConsumer)
 }
 
 /// The next flash order, or never when there is no hub.

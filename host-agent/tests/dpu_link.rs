@@ -88,6 +88,7 @@ async fn full_then_incremental_then_resend_after_restart() {
         heartbeat: Duration::from_millis(200),
         timeout: Duration::from_secs(3),
         reconnect: Duration::from_millis(100),
+        batch_timeout: Duration::from_secs(30),
     };
     let link = tokio::spawn(run(addr, cfg, desired_rx, ev_tx, stop_rx, None));
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use flow_offload::model::{Change, MacAddr};
 use flow_offload::wire::frame::{FrameCodec, FrameReader};
-use flow_offload::wire::{Apply, Hello, Message};
+use flow_offload::wire::{Apply, Features, Hello, HostHello, Message, PROTOCOL_VERSION};
 
 /// Whether this process can run the tests (root, /dev/net/tun).
 pub fn can_run() -> bool {
@@ -217,6 +217,46 @@ impl AgentProc {
         me
     }
 
+    /// Starts the agent with the reference NIC backend over two `net_null` ports (uplink,
+    /// VPC): no interfaces, no traffic; returns once the link accepts connections.
+    pub fn start_reference(tag: &str) -> AgentProc {
+        let dir = std::env::temp_dir().join(format!("dpu-agent-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let cfg = format!(
+            "dpu_id = \"dpu-{tag}\"\n[eal]\nargs = [\"-l\", \"0\", \"--no-huge\", \"--no-pci\", \"--no-shconf\", \"-m\", \"256\", \"--log-level=*:warning\"]\n[[ports]]\nname = \"net_null0\"\ndevice = \"net_null0\"\nrole = \"uplink\"\n[[ports]]\nname = \"net_null1\"\ndevice = \"net_null1\"\nrole = \"vpc\"\n[lcores]\nforwarding = 0\n[link]\nlisten = \"127.0.0.1:{port}\"\n[nic]\nbackend = \"reference\"\nprofile = \"full\"\n"
+        );
+        let cfg_path = dir.join("agent.toml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_dpu-agent"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let link: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut me = AgentProc {
+            child: Some(child),
+            link,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect_timeout(&link, Duration::from_millis(200)).is_err() {
+            if let Some(c) = me.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("agent exited early ({st}):\n{}", me.log());
+                }
+            }
+            assert!(Instant::now() < deadline, "no link:\n{}", me.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        me
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
@@ -289,13 +329,54 @@ impl HostLink {
                 boot_id: 0,
                 last_epoch: None,
                 ports: Vec::new(),
+                protocol: 0,
+                features: Features::empty(),
             },
         };
         match link.recv(Duration::from_secs(10), |_| true) {
             Message::Hello(h) => link.hello = h,
             other => panic!("expected hello, got {other:?}"),
         }
+        link.send(&Message::HostHello(HostHello {
+            protocol: PROTOCOL_VERSION,
+            features: Features::IMAGES,
+        }));
         link
+    }
+
+    /// Connects and reads the hello without answering it (for tests of the introduction).
+    pub fn connect_silent(addr: SocketAddr) -> (TcpStream, Hello) {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut reader = FrameReader::new(FrameCodec::default());
+        let mut buf = vec![0u8; 65536];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(m) = reader.next::<Message>().unwrap() {
+                match m {
+                    Message::Hello(h) => return (stream, h),
+                    other => panic!("expected hello, got {other:?}"),
+                }
+            }
+            assert!(Instant::now() < deadline, "no hello");
+            match (&stream).read(&mut buf) {
+                Ok(0) => panic!("agent closed the link"),
+                Ok(n) => reader.push(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("link read: {e}"),
+            }
+        }
+    }
+
+    /// Sends raw bytes (a forged frame).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
     }
 
     pub fn send(&mut self, m: &Message) {
@@ -337,7 +418,7 @@ impl HostLink {
         }));
         self.recv(Duration::from_secs(30), |m| {
             matches!(m, Message::Ack(a) if a.epoch == epoch)
-                || matches!(m, Message::Refused { epoch: e, .. } if *e == epoch)
+                || matches!(m, Message::Refused { epoch: Some(e), .. } if *e == epoch)
         })
     }
 }

@@ -245,7 +245,8 @@ impl postcard::ser_flavors::Flavor for LimitedAppend<'_> {
 }
 
 /// Decodes one payload, requiring that it is consumed exactly.
-fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+/// Decodes one frame's payload as a `T` that must consume it exactly.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     let (msg, rest) = postcard::take_from_bytes::<T>(payload).map_err(FrameError::Decode)?;
     if rest.is_empty() {
         Ok(msg)
@@ -458,6 +459,16 @@ impl FrameReader {
     /// A non-fatal error skips the offending frame; the next call continues after it.
     #[allow(clippy::should_implement_trait)] // generic over the message type; not an Iterator
     pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        self.next_payload(decode_payload::<T>)?.transpose()
+    }
+
+    /// Like [`next`](Self::next), but hands the next complete frame's payload to `read`, for a
+    /// caller that wants to answer what it cannot decode (see [`crate::wire::read_message`]).
+    /// Errors are framing errors only, all fatal.
+    pub fn next_payload<R>(
+        &mut self,
+        read: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, FrameError> {
         if self.poisoned {
             return Err(FrameError::Poisoned);
         }
@@ -470,14 +481,14 @@ impl FrameReader {
                 return Err(e);
             }
             Ok(None) => return Ok(None),
-            Ok(Some((payload, consumed))) => (decode_payload::<T>(payload), consumed),
+            Ok(Some((payload, consumed))) => (read(payload), consumed),
         };
         self.start = self.start.saturating_add(consumed);
         if self.start >= self.buf.len() {
             self.buf.clear();
             self.start = 0;
         }
-        result.map(Some)
+        Ok(Some(result))
     }
 }
 

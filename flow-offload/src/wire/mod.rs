@@ -1,14 +1,20 @@
 //! Host↔DPU messages, carried in [`frame`]s over TCP.
 //!
 //! The conversation: the DPU agent connects and says [`Message::Hello`] (who it is, since when,
-//! what each port can offload, the last epoch it applied — `None` after a restart, because it
-//! starts empty). The host agent answers with [`Message::Apply`] batches, each with a strictly
-//! increasing epoch; `full: true` means "this is the whole desired state, drop everything
-//! else" (sent after a hello). Epochs increase across restarts of either side: the host
-//! continues from the hello's `last_epoch`. The DPU applies every batch atomically (whatever its
-//! epoch: the epoch pairs an answer with its batch), then answers [`Message::Ack`]
-//! with the status of every object the batch touched, or [`Message::Refused`] naming the bad
-//! change. Counters and heartbeats flow on their own.
+//! the link protocol it speaks and its optional features, what each port can offload, the last
+//! epoch it applied — `None` after a restart, because it starts empty). The host agent checks
+//! the protocol (a peer speaking another [`PROTOCOL_VERSION`] is refused with
+//! [`Refusal::Incompatible`] and the connection closed), answers with [`Message::HostHello`],
+//! then sends [`Message::Apply`] batches, each with a strictly increasing epoch; `full: true`
+//! means "this is the whole desired state, drop everything else" (sent after a hello). Epochs
+//! increase across restarts of either side: the host continues from the hello's `last_epoch`.
+//! The DPU applies every batch (whatever its epoch: the epoch pairs an answer with its batch),
+//! then answers [`Message::Ack`] with the status of every object the batch touched.
+//!
+//! Nothing is skipped in silence: a well-framed message that a side cannot decode (a kind it
+//! does not know, a batch it cannot read) is answered with [`Message::Refused`] naming why, and
+//! with the batch's epoch when the payload still shows it ([`read_message`]). Counters and
+//! heartbeats flow on their own.
 
 pub mod frame;
 
@@ -17,6 +23,23 @@ use serde::{Deserialize, Serialize};
 use crate::caps::Caps;
 use crate::model::{Change, ModelError, ObjectKey, PortId, RouteKey};
 use crate::status::OffloadStatus;
+
+/// The link protocol this build speaks. Peers must speak the same one; optional behaviour is
+/// negotiated with [`Features`]. Version 1 had no version in its hello and skipped messages it
+/// could not decode.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+bitflags::bitflags! {
+    /// Optional behaviour a side supports. Unknown bits from a newer peer are kept (and
+    /// ignored), so a feature can be added without a protocol version.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    pub struct Features: u64 {
+        /// The agent manages A/B image slots ([`Message::FlashImage`], [`Message::Boot`]).
+        const IMAGES = 1 << 0;
+        /// The agent is a member of an A/B pair and takes [`Message::HaRole`].
+        const HA_PAIR = 1 << 1;
+    }
+}
 
 /// The message set. New variants are added at the end (postcard encodes the variant index), and
 /// a peer that cannot decode a variant reports a decode error for that frame only.
@@ -28,12 +51,13 @@ pub enum Message {
     Apply(Apply),
     /// DPU → host: the batch of `epoch` is in force; status of the objects it touched.
     Ack(Ack),
-    /// DPU → host: the batch of `epoch` was refused; nothing of it was applied.
+    /// Either way: a message was refused; nothing of it was applied. `epoch` names the batch
+    /// when the refused message was a batch whose epoch could still be read.
     Refused {
-        /// The batch.
-        epoch: u64,
-        /// Why (names the change and the field).
-        error: ModelError,
+        /// The batch, if it was one.
+        epoch: Option<u64>,
+        /// Why.
+        reason: Refusal,
     },
     /// DPU → host: counters.
     Counters(Counters),
@@ -49,7 +73,117 @@ pub enum Message {
     /// DPU → host: the boot-control state, sent after every hello by an agent that manages
     /// image slots.
     Boot(BootReport),
+    /// Host → DPU: the host's answer to [`Message::Hello`], before any batch.
+    HostHello(HostHello),
+    /// Host → DPU: the outcome of the pair member's campaign for its group's leader key,
+    /// relayed by the host agent, which holds the member's etcd lease.
+    HaRole(HaRole),
 }
+
+impl Message {
+    /// The message's kind, for logs and refusals.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Apply(_) => "batch",
+            Message::Ack(_) => "ack",
+            Message::Refused { .. } => "refusal",
+            Message::Counters(_) => "counters",
+            Message::Heartbeat { .. } => "heartbeat",
+            Message::FlashImage(_) => "flash order",
+            Message::Flash(_) => "flash status",
+            Message::Boot(_) => "boot report",
+            Message::HostHello(_) => "host hello",
+            Message::HaRole(_) => "pair role",
+        }
+    }
+}
+
+/// Why a message was refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    /// The desired state is invalid.
+    #[error("{0}")]
+    Model(Box<ModelError>),
+    /// A well-framed message that this side cannot decode: `kind` is its variant index when it
+    /// could be read (an index past the known ones means a newer peer).
+    #[error("cannot decode message (kind {kind:?}): {detail}")]
+    Undecodable {
+        /// The message's variant index.
+        kind: Option<u32>,
+        /// The decoder's error.
+        detail: String,
+    },
+    /// The peer speaks another link protocol.
+    #[error("link protocol {theirs} is not supported (this side speaks {ours})")]
+    Incompatible {
+        /// This side's [`PROTOCOL_VERSION`].
+        ours: u16,
+        /// The peer's.
+        theirs: u16,
+    },
+    /// The message is valid but not expected from this peer or in this state.
+    #[error("unexpected message: {0}")]
+    Unexpected(String),
+}
+
+/// The host's side of the introduction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostHello {
+    /// The host's [`PROTOCOL_VERSION`].
+    pub protocol: u16,
+    /// What the host supports.
+    pub features: Features,
+}
+
+/// A pair member's role, decided by its group's etcd leader key.
+///
+/// The host agent campaigns for the key with a lease that it keeps alive while the DPU's link
+/// is up, and relays every outcome. `valid_ms` is how long, from when the host *sent* the
+/// keepalive that proved the lease, the lease lives at least (the TTL minus the time since
+/// that keepalive was sent); the DPU counts it from when it receives this message, which only
+/// shortens it, and fences itself before it ends unless a newer role message arrives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaRole {
+    /// The leader key's revision when this member holds it; otherwise the newest epoch the host
+    /// has seen for the group.
+    pub epoch: u64,
+    /// This member holds the leader key.
+    pub active: bool,
+    /// Milliseconds the lease is still valid for (0 when not active).
+    pub valid_ms: u32,
+}
+
+/// A message read from a frame's payload, or why it could not be: the refusal to send back and
+/// the epoch of the batch it was, if its head shows one.
+///
+/// postcard writes a message as its variant index (a varint) followed by the variant's fields;
+/// an [`Apply`] starts with its epoch, so a batch whose tail does not decode still names the
+/// epoch to refuse.
+pub fn read_message(payload: &[u8]) -> Result<Message, (Option<u64>, Refusal)> {
+    match frame::decode_payload::<Message>(payload) {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            let kind = postcard::take_from_bytes::<u32>(payload)
+                .ok()
+                .map(|(k, _)| k);
+            let epoch = match postcard::take_from_bytes::<(u32, u64)>(payload) {
+                Ok(((APPLY_KIND, epoch), _)) => Some(epoch),
+                _ => None,
+            };
+            Err((
+                epoch,
+                Refusal::Undecodable {
+                    kind,
+                    detail: e.to_string(),
+                },
+            ))
+        }
+    }
+}
+
+/// The variant index of [`Message::Apply`] (its position in the enum).
+const APPLY_KIND: u32 = 1;
 
 /// One of a DPU's two image slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -216,6 +350,10 @@ pub struct Hello {
     pub last_epoch: Option<u64>,
     /// What each port can offload (probed).
     pub ports: Vec<(PortId, Caps)>,
+    /// The link protocol the agent speaks ([`PROTOCOL_VERSION`]).
+    pub protocol: u16,
+    /// What the agent supports.
+    pub features: Features,
 }
 
 /// A batch of changes.
