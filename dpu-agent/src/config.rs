@@ -20,6 +20,12 @@
 //! [limits]
 //! nat_sessions = 65536
 //! mbufs = 8191
+//!
+//! [ha]                                   # optional: this DPU is member a or b of a pair
+//! member = "a"                           # "a" allocates NAT ports from the first half of
+//!                                        # every pool's port range, "b" from the second
+//! sync_listen = "127.0.0.1:7801"         # where this member takes the active peer's stream
+//! peer = "127.0.0.1:7802"                # the peer's sync_listen (dialled while active)
 //! ```
 //!
 //! Every bad field is reported with its path (`ports[1].device`), never a panic.
@@ -28,7 +34,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// What a port is for. The model the host sends must agree: uplinks carry the underlay, VPC
 /// ports face a VPC's hosts.
@@ -137,6 +143,125 @@ pub struct Config {
     /// Image slots and boot control (absent: this agent does not flash images).
     #[serde(default)]
     pub image: Option<ImageConfig>,
+    /// Membership of an A/B pair (absent: a single gateway, the whole NAT port range).
+    #[serde(default)]
+    pub ha: Option<HaConfig>,
+}
+
+/// Which member of an A/B pair this DPU is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Member {
+    /// Member a: NAT ports from the first half of every pool's port range.
+    A,
+    /// Member b: the second half.
+    B,
+}
+
+impl Member {
+    /// This member's NAT allocation block: two members never hand out the same binding.
+    pub fn block(self) -> flow_offload::soft::nat::AllocBlock {
+        match self {
+            Member::A => flow_offload::soft::nat::AllocBlock::new(0, 2),
+            Member::B => flow_offload::soft::nat::AllocBlock::new(1, 2),
+        }
+    }
+
+    /// The other member.
+    pub fn other(self) -> Member {
+        match self {
+            Member::A => Member::B,
+            Member::B => Member::A,
+        }
+    }
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Member::A => "a",
+            Member::B => "b",
+        })
+    }
+}
+
+/// `[ha]`: membership of an A/B pair and the NAT session sync channel (see `crate::ha`).
+///
+/// The sync stream is plain TCP: no encryption, no peer authentication yet (issue 13 adds
+/// mutual TLS with the node identities, in `crate::ha::secure_sync_stream`). Until then
+/// `sync_listen` must be a loopback address.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// This member.
+    pub member: Member,
+    /// Where this member accepts the active peer's sync connection (as standby).
+    pub sync_listen: String,
+    /// The peer's `sync_listen`, dialled while this member is active.
+    pub peer: String,
+    /// Change log entries per NAT rule on the active (overflow forces a snapshot).
+    #[serde(default = "default_change_log")]
+    pub change_log: usize,
+    /// Seconds between keepalive passes that re-send every session with traffic since the
+    /// previous pass, so the standby's copies do not expire (below the shortest NAT
+    /// lifetime, ICMP's 60 s).
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: u64,
+}
+
+fn default_change_log() -> usize {
+    1 << 16
+}
+
+fn default_keepalive() -> u64 {
+    20
+}
+
+impl HaConfig {
+    /// The listen address.
+    pub fn sync_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let a: SocketAddr = self
+            .sync_listen
+            .parse()
+            .map_err(|e| invalid("ha.sync_listen", format!("not an address:port: {e}")))?;
+        if !a.ip().is_loopback() {
+            return Err(invalid(
+                "ha.sync_listen",
+                format!(
+                    "{a} is not a loopback address: the sync stream has no TLS yet (issue 13 adds mutual TLS), so it may only listen on 127.0.0.1 or ::1"
+                ),
+            ));
+        }
+        Ok(a)
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.peer
+            .parse()
+            .map_err(|e| invalid("ha.peer", format!("not an address:port: {e}")))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let listen = self.sync_listen_addr()?;
+        let peer = self.peer_addr()?;
+        if peer == listen {
+            return Err(invalid("ha.peer", "the same address as ha.sync_listen"));
+        }
+        if self.change_log == 0 || self.change_log > flow_offload::soft::nat::MAX_CHANGE_LOG {
+            return Err(invalid(
+                "ha.change_log",
+                format!("1 to {}", flow_offload::soft::nat::MAX_CHANGE_LOG),
+            ));
+        }
+        if self.keepalive_secs == 0 || self.keepalive_secs > 50 {
+            return Err(invalid(
+                "ha.keepalive_secs",
+                "1 to 50 (below the shortest NAT session lifetime, 60 s)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[image]`: the A/B slots this agent flashes, whom it trusts, and its boot health check.
@@ -352,6 +477,9 @@ impl Config {
                 return Err(invalid("image.checkpoint_bytes", "at least 1"));
             }
         }
+        if let Some(ha) = &self.ha {
+            ha.validate()?;
+        }
         if let Some(n) = &self.nic {
             if n.backend != "dpdk" && n.backend != "reference" {
                 return Err(invalid("nic.backend", "\"dpdk\" or \"reference\""));
@@ -500,6 +628,31 @@ listen = "127.0.0.1:7700"
                 format!("{GOOD}\n{IMAGE}checkpoint_bytes = 0\n"),
                 "image.checkpoint_bytes",
             ),
+            (
+                format!("{GOOD}\n{HA}").replace("127.0.0.1:7801", "10.0.0.1:7801"),
+                "ha.sync_listen",
+            ),
+            (
+                format!("{GOOD}\n{HA}").replace("127.0.0.1:7801", "0.0.0.0:7801"),
+                "ha.sync_listen",
+            ),
+            (
+                format!("{GOOD}\n{HA}").replace("127.0.0.1:7801", "localhost:7801"),
+                "ha.sync_listen",
+            ),
+            (
+                format!("{GOOD}\n{HA}").replace("127.0.0.1:7802", "peer"),
+                "ha.peer",
+            ),
+            (
+                format!("{GOOD}\n{HA}").replace("127.0.0.1:7802", "127.0.0.1:7801"),
+                "ha.peer",
+            ),
+            (format!("{GOOD}\n{HA}change_log = 0\n"), "ha.change_log"),
+            (
+                format!("{GOOD}\n{HA}keepalive_secs = 60\n"),
+                "ha.keepalive_secs",
+            ),
         ];
         for (text, field) in cases {
             match err_of(&text) {
@@ -507,6 +660,30 @@ listen = "127.0.0.1:7700"
                 other => panic!("{field}: {other:?}"),
             }
         }
+    }
+
+    const HA: &str =
+        "[ha]\nmember = \"b\"\nsync_listen = \"127.0.0.1:7801\"\npeer = \"127.0.0.1:7802\"\n";
+
+    #[test]
+    fn ha_section_is_optional_and_parses_with_defaults() {
+        assert_eq!(Config::parse(GOOD).unwrap().ha, None);
+        let ha = Config::parse(&format!("{GOOD}\n{HA}")).unwrap().ha.unwrap();
+        assert_eq!(ha.member, Member::B);
+        assert_eq!(
+            ha.member.block(),
+            flow_offload::soft::nat::AllocBlock::new(1, 2)
+        );
+        assert_eq!(ha.member.other(), Member::A);
+        assert_eq!(ha.sync_listen_addr().unwrap().port(), 7801);
+        assert_eq!(ha.peer_addr().unwrap().port(), 7802);
+        assert_eq!((ha.change_log, ha.keepalive_secs), (1 << 16, 20));
+        let v6 = format!("{GOOD}\n{HA}").replace("127.0.0.1:7801", "[::1]:7801");
+        assert!(Config::parse(&v6).is_ok());
+        let e = err_of(&format!("{GOOD}\n{HA}").replace("\"b\"", "\"c\""));
+        assert!(matches!(e, ConfigError::Syntax(_)), "{e:?}");
+        let e = err_of(&format!("{GOOD}\n{HA}").replace("127.0.0.1:7801", "192.0.2.1:7801"));
+        assert!(e.to_string().contains("TLS"), "{e}");
     }
 
     const IMAGE: &str = "[image]\nslot_a = \"/s/a\"\nslot_b = \"/s/b\"\nstate_dir = \"/s\"\ntrusted_keys = [\"/k\"]\ntarget = \"bf3\"\n";

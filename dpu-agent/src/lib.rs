@@ -7,10 +7,12 @@
 //! - [`lcore`]: the software forwarding loop over DPDK queues.
 //! - [`link`]: the host link server (framed postcard messages over TCP).
 //! - [`image`]: A/B image slots: flashing on the host's order, boot-control decisions.
+//! - [`ha`]: the A/B pair runtime: NAT session sync to the standby, the member's role.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod config;
+pub mod ha;
 pub mod image;
 pub mod lcore;
 pub mod link;

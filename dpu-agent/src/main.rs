@@ -5,6 +5,10 @@
 //! start the software forwarding lcore, then serve the host link. SIGTERM or SIGINT: stop the
 //! lcore, destroy every flow and meter, close the ports, exit 0.
 //!
+//! With `[ha]`, the agent is a member of an A/B pair (see `dpu_agent::ha`): its NAT tables
+//! allocate from its half of every port range, nothing is allocated until the host relays that
+//! this member holds the leader key, and the pair thread syncs NAT sessions with the peer.
+//!
 //! With `[image]`, the start counts as a boot of the slot the boot state names (a try of a slot
 //! on trial is used up first thing), and once the ports are up the health check commits the
 //! trial or restarts. A restart (an unhealthy trial, or a flash with `activate`) shuts down as
@@ -21,6 +25,7 @@ use clap::Parser;
 use dpdk::{DpdkTarget, Eal, Mempool, Port, PortConfig};
 use dpu_agent::agent::Agent;
 use dpu_agent::config::Config;
+use dpu_agent::ha::{HaError, HaRuntime, PairSettings};
 use dpu_agent::image::{Gate, ImageSetupError, Images};
 use dpu_agent::lcore::{self, LcoreStats};
 use dpu_agent::link::{self, Identity};
@@ -66,6 +71,8 @@ enum StartError {
     Signals(#[from] nix::Error),
     #[error("{0}")]
     Image(#[from] ImageSetupError),
+    #[error("pair: {0}")]
+    Ha(#[from] HaError),
 }
 
 /// How a run ended.
@@ -203,6 +210,18 @@ fn run(args: &Args) -> Result<Exit, StartError> {
         ..PipelineLimits::default()
     };
     let mut agent = Agent::new(caps, roles, limits, seed)?;
+    // With [ha]: this member's NAT block, allocation stopped until the leader key says this
+    // member is active, and the sync thread. Before the lcore starts and the host link serves.
+    let ha = match &config.ha {
+        Some(h) => Some(HaRuntime::start(
+            PairSettings::from_config(h)?,
+            agent.pipeline(),
+            agent.clock(),
+        )?),
+        None => None,
+    };
+    // The host link takes the handle once it relays the leader key's outcome (HaRole).
+    let _ha_handle = ha.as_ref().map(HaRuntime::handle);
     let identity = Identity {
         dpu_id: config.dpu_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -289,6 +308,9 @@ fn run(args: &Args) -> Result<Exit, StartError> {
     if signalled.load(Ordering::SeqCst) {
         // An operator's SIGTERM wins over a restart.
         exit = Exit::Stopped;
+    }
+    if let Some(h) = ha {
+        h.stop();
     }
     tracing::info!(stats = %stats.summary(), "lcore counters");
     if let Target::Dpdk(t) = &mut target {

@@ -1,0 +1,517 @@
+//! The pair runtime (`dpu_agent::ha`), **in one process**: two `HaRuntime`s, each with its own
+//! software pipeline, talking over real loopback TCP, roles set through `HaHandle::set_role`
+//! as the host link will do. These are unit tests of the runtime, not of two `dpu-agent`
+//! processes: the role message does not reach the agent over the host link yet. Packets go
+//! through each member's pipeline directly (no DPDK, no root).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dpu_agent::agent::SharedPipeline;
+use dpu_agent::config::Member;
+use dpu_agent::ha::{HaRuntime, HaStatus, PairSettings};
+use flow_offload::ha::role::{Role, RoleConfig};
+use flow_offload::ha::sync::SyncConfig;
+use flow_offload::model::*;
+use flow_offload::packet::{self, EthernetFrame, Ipv4Packet, TcpPacket, UdpPacket};
+use flow_offload::soft::nat::{NatSessionRecord, Proto, TcpState, TCP_ACK, TCP_SYN};
+use flow_offload::soft::{DropReason, Pipeline, PipelineLimits, Verdict};
+
+const UPLINK: PortId = PortId(0);
+const VPC_PORT: PortId = PortId(1);
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const POOL: (Ipv4Addr, Ipv4Addr) = (Ipv4Addr::new(203, 0, 113, 1), Ipv4Addr::new(203, 0, 113, 4));
+
+fn mac(x: u8) -> MacAddr {
+    MacAddr([2, 0, 0, 0, 0, x])
+}
+
+fn n(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+fn route(table: u32, prefix: &str, nexthops: Vec<Nexthop>) -> Change {
+    Change::UpsertRoute(Route {
+        key: RouteKey {
+            table: TableId(table),
+            prefix: prefix.parse().unwrap(),
+        },
+        nexthops,
+    })
+}
+
+/// A VPC with a NAPT44 rule breaking out to the underlay (the same on both members).
+fn model() -> Model {
+    let mut m = Model::new();
+    m.apply(&[
+        Change::SetNode(Node {
+            vtep: Ipv4Addr::new(192, 0, 2, 1),
+            router_mac: mac(1),
+            uplinks: BTreeSet::from([UPLINK]),
+        }),
+        Change::UpsertVpc(Vpc {
+            name: n("blue"),
+            vni: Vni::new(100).unwrap(),
+            table: TableId(10),
+            ports: BTreeSet::from([VPC_PORT]),
+        }),
+        route(
+            254,
+            "0.0.0.0/0",
+            vec![Nexthop::Underlay {
+                gateway: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254)),
+                port: UPLINK,
+                mac: mac(254),
+            }],
+        ),
+        route(
+            10,
+            "10.0.0.0/8",
+            vec![Nexthop::Underlay {
+                gateway: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                port: VPC_PORT,
+                mac: mac(0x10),
+            }],
+        ),
+        route(
+            10,
+            "0.0.0.0/0",
+            vec![Nexthop::Vrf {
+                table: UNDERLAY_TABLE,
+            }],
+        ),
+        Change::UpsertNat(NatRule {
+            name: n("out"),
+            vpc: n("blue"),
+            kind: NatKind::Napt44 {
+                pool: Ipv4Range {
+                    first: POOL.0,
+                    last: POOL.1,
+                },
+                ports: (1024, 65535),
+            },
+        }),
+    ])
+    .unwrap();
+    m
+}
+
+fn frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), tcp: Option<u8>) -> Vec<u8> {
+    let l4_len = if tcp.is_some() { 20 } else { 12 };
+    let mut f = vec![0u8; 14 + 20 + l4_len];
+    packet::EthernetRepr {
+        src: mac(0x10).0,
+        dst: mac(1).0,
+        ethertype: packet::ethertype::IPV4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut f[..]));
+    {
+        let mut ip = Ipv4Packet::new_unchecked(&mut f[14..]);
+        packet::Ipv4Repr {
+            src: src.0,
+            dst: dst.0,
+            protocol: if tcp.is_some() { 6 } else { 17 },
+            ttl: 64,
+            dscp_ecn: 0,
+            ident: 1,
+            dont_frag: true,
+            payload_len: l4_len,
+        }
+        .emit(&mut ip);
+        ip.fill_checksum();
+    }
+    let l4 = &mut f[34..];
+    match tcp {
+        Some(flags) => {
+            let mut t = TcpPacket::new_unchecked(&mut l4[..]);
+            packet::TcpRepr {
+                src_port: src.1,
+                dst_port: dst.1,
+                seq: 1,
+                ack: 0,
+                flags,
+                window: 1024,
+            }
+            .emit(&mut t);
+            t.fill_checksum(src.0, dst.0);
+        }
+        None => {
+            let len = l4.len();
+            let mut u = UdpPacket::new_unchecked(&mut l4[..]);
+            packet::UdpRepr {
+                src_port: src.1,
+                dst_port: dst.1,
+            }
+            .emit(&mut u);
+            u.set_len(len as u16);
+            u.fill_checksum(src.0, dst.0);
+        }
+    }
+    f
+}
+
+/// (src, sport, dst, dport) of an IPv4 UDP/TCP frame.
+fn fields(f: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+    let (s, d) = (ip.src_addr(), ip.dst_addr());
+    let (sp, dp) = match ip.protocol() {
+        6 => {
+            let t = TcpPacket::new_checked(ip.payload()).unwrap();
+            (t.src_port(), t.dst_port())
+        }
+        _ => {
+            let u = UdpPacket::new_checked(ip.payload()).unwrap();
+            (u.src_port(), u.dst_port())
+        }
+    };
+    ((s, sp), (d, dp))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Every NAT session of a member: (protocol, inside endpoint) → (outside endpoint, TCP state).
+type Sessions = BTreeMap<(Proto, (Ipv4Addr, u16)), ((Ipv4Addr, u16), Option<TcpState>)>;
+
+/// One member: its pipeline (on its own clock) and its runtime.
+struct MemberUnderTest {
+    pipe: SharedPipeline,
+    clock: Instant,
+    rt: Option<HaRuntime>,
+}
+
+impl MemberUnderTest {
+    fn start(member: Member, listen: u16, peer: u16) -> MemberUnderTest {
+        let limits = PipelineLimits {
+            nat_sessions: 1 << 16,
+            ..PipelineLimits::default()
+        };
+        let pipe = Arc::new(Mutex::new(Pipeline::new(&model(), limits, 7).unwrap()));
+        let clock = Instant::now();
+        let settings = PairSettings {
+            member,
+            sync_listen: SocketAddr::from(([127, 0, 0, 1], listen)),
+            peer: SocketAddr::from(([127, 0, 0, 1], peer)),
+            change_log: 1 << 16,
+            keepalive: Duration::from_secs(20),
+            sync: SyncConfig::default(),
+            role: RoleConfig {
+                lease_ttl_ns: 60_000_000_000,
+                stand_down_ns: 200_000_000,
+                ..RoleConfig::default()
+            },
+        };
+        let rt = HaRuntime::start(settings, pipe.clone(), clock).unwrap();
+        MemberUnderTest {
+            pipe,
+            clock,
+            rt: Some(rt),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.elapsed().as_nanos() as u64
+    }
+
+    fn status(&self) -> HaStatus {
+        self.rt.as_ref().unwrap().handle().status()
+    }
+
+    fn set_role(&self, epoch: u64, active: bool) {
+        let until = Instant::now() + Duration::from_secs(60);
+        self.rt
+            .as_ref()
+            .unwrap()
+            .handle()
+            .set_role(epoch, active, until);
+    }
+
+    /// An outbound flow from `inside`; the verdict and the translated source.
+    fn out(&self, inside: (Ipv4Addr, u16), tcp: Option<u8>) -> (Verdict, (Ipv4Addr, u16)) {
+        let mut f = frame(inside, (SERVER, 53), tcp);
+        let now = self.now();
+        let v = self
+            .pipe
+            .lock()
+            .unwrap()
+            .process(&mut f, VPC_PORT, None, now);
+        (v, fields(&f).0)
+    }
+
+    /// A reply from the server to `outside`; the verdict and the translated destination.
+    fn reply(&self, outside: (Ipv4Addr, u16), tcp: Option<u8>) -> (Verdict, (Ipv4Addr, u16)) {
+        let mut f = frame((SERVER, 53), outside, tcp);
+        let now = self.now();
+        let v = self.pipe.lock().unwrap().process(&mut f, UPLINK, None, now);
+        (v, fields(&f).1)
+    }
+
+    /// Every NAT session: inside endpoint → (outside endpoint, TCP state).
+    fn sessions(&self) -> Sessions {
+        let p = self.pipe.lock().unwrap();
+        let mut cursor = p.nat_replica_cursor();
+        let mut recs = Vec::new();
+        while !p.export_nat_replicas(&mut cursor, 4096, self.now(), &mut recs) {}
+        recs.into_iter()
+            .map(|r| match r.session {
+                NatSessionRecord::Napt44(s) => ((s.proto, s.inside), (s.outside, s.tcp_state)),
+                NatSessionRecord::Nat64(_) => panic!("no NAT64 rule here"),
+            })
+            .collect()
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn host(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000 | (i / 200 + 2) << 8 | (i % 200 + 2))
+}
+
+fn block_a(port: u16) -> bool {
+    (1024..=33279).contains(&port)
+}
+
+/// A active (epoch 5), B standby, connected and B Ready.
+fn pair() -> (MemberUnderTest, MemberUnderTest, u16, u16) {
+    let (pa, pb) = (free_port(), free_port());
+    let a = MemberUnderTest::start(Member::A, pa, pb);
+    let b = MemberUnderTest::start(Member::B, pb, pa);
+    assert_eq!(a.status().role, Role::Standby, "standby until told");
+    assert!(!a.status().allocating);
+    assert_eq!(
+        a.out((host(0), 1), None).0,
+        Verdict::Drop(DropReason::NatNotActive),
+        "a member never allocates before set_role"
+    );
+    a.set_role(5, true);
+    b.set_role(5, false);
+    wait_for("A active and allocating", Duration::from_secs(5), || {
+        let s = a.status();
+        s.role == Role::Active { epoch: 5 } && s.allocating
+    });
+    wait_for("B connected and Ready", Duration::from_secs(10), || {
+        let s = b.status();
+        s.connected && s.ready
+    });
+    (a, b, pa, pb)
+}
+
+#[test]
+fn unit_pair_replicates_creations_state_changes_and_deletions_with_the_same_bindings() {
+    let (a, b, _, _) = pair();
+    // 300 UDP flows and 20 TCP flows opened and answered on A.
+    let mut flows = Vec::new();
+    for i in 0..300 {
+        let (v, o) = a.out((host(i), 4000), None);
+        assert_eq!(v, Verdict::Tx(UPLINK));
+        assert!(block_a(o.1), "member a allocates from its half: {o:?}");
+        flows.push(((host(i), 4000), o, None));
+    }
+    for i in 0..20 {
+        let inside = (host(i), 5000);
+        let (v, o) = a.out(inside, Some(TCP_SYN));
+        assert_eq!(v, Verdict::Tx(UPLINK));
+        assert_eq!(a.reply(o, Some(TCP_SYN | TCP_ACK)).0, Verdict::Tx(VPC_PORT));
+        flows.push((inside, o, Some(TCP_ACK)));
+    }
+    wait_for(
+        "B holds every session, A's lag drained",
+        Duration::from_secs(10),
+        || b.status().sessions == 320 && a.status().lag_events == 0,
+    );
+    let on_a = a.sessions();
+    let on_b = b.sessions();
+    assert_eq!(
+        on_a, on_b,
+        "same sessions, outside endpoints and TCP states"
+    );
+    assert!(on_b
+        .values()
+        .any(|(_, st)| *st == Some(TcpState::Established)));
+    // B translates every flow both ways with A's bindings, without allocating.
+    for (inside, outside, tcp) in &flows {
+        let (v, to) = b.reply(*outside, *tcp);
+        assert_eq!((v, to), (Verdict::Tx(VPC_PORT), *inside));
+        let (v, from) = b.out(*inside, *tcp);
+        assert_eq!((v, from), (Verdict::Tx(UPLINK), *outside));
+    }
+    // The standby never allocates: a new flow is dropped with the reason.
+    assert_eq!(
+        b.out((host(999), 1), None).0,
+        Verdict::Drop(DropReason::NatNotActive)
+    );
+    assert!(!b.status().allocating);
+    assert_eq!(b.pipe.lock().unwrap().nat_totals(), (320, 1));
+    // Deletions propagate.
+    for (inside, _, _) in flows.iter().take(100) {
+        a.pipe
+            .lock()
+            .unwrap()
+            .napt_remove_session(&n("out"), Proto::Udp, *inside, (SERVER, 53))
+            .unwrap();
+    }
+    wait_for(
+        "B drops the deleted sessions",
+        Duration::from_secs(10),
+        || b.status().sessions == 220,
+    );
+    for (_, outside, tcp) in flows.iter().take(100) {
+        assert_eq!(
+            b.reply(*outside, *tcp).0,
+            Verdict::Drop(DropReason::NoSession)
+        );
+    }
+    assert_eq!(a.sessions(), b.sessions());
+    let (sa, sb) = (a.status(), b.status());
+    assert!(sa.ready && sa.connected, "{sa:?}");
+    assert_eq!(sb.counters.import_errors, 0, "{sb:?}");
+    assert!(sa.counters.events_sent >= 320 + 20 + 100, "{sa:?}");
+}
+
+#[test]
+fn unit_restarted_standby_catches_up_by_snapshot_and_only_then_reports_ready() {
+    let (a, b, _, pb) = pair();
+    const N: u32 = 20_000;
+    for i in 0..N {
+        assert_eq!(a.out((host(i), 7000), None).0, Verdict::Tx(UPLINK));
+    }
+    wait_for(
+        "B holds the first sessions",
+        Duration::from_secs(20),
+        || b.status().sessions == N as usize,
+    );
+    let served = a.status().counters.snapshots_served;
+    // "Kill" the standby: its runtime and its tables are gone.
+    drop(b);
+    wait_for("A notices", Duration::from_secs(5), || {
+        !a.status().connected
+    });
+    // Changes while it is away: new sessions and deletions.
+    for i in N..N + 1000 {
+        assert_eq!(a.out((host(i), 7000), None).0, Verdict::Tx(UPLINK));
+    }
+    for i in 0..500 {
+        a.pipe
+            .lock()
+            .unwrap()
+            .napt_remove_session(&n("out"), Proto::Udp, (host(i), 7000), (SERVER, 53))
+            .unwrap();
+    }
+    let before_restart = a.sessions();
+    // A fresh standby on the same address, with empty tables.
+    let b2 = MemberUnderTest::start(Member::B, pb, 0);
+    b2.set_role(5, false);
+    // Traffic on A goes on while B2 catches up: the snapshot runs under the live stream.
+    let mut extra = N + 1000;
+    let mut first_ready: Option<(usize, HaStatus)> = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first_ready.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "B2 never Ready: {:?}",
+            b2.status()
+        );
+        if extra < N + 3000 {
+            assert_eq!(a.out((host(extra), 7000), None).0, Verdict::Tx(UPLINK));
+            extra += 1;
+        }
+        let s = b2.status();
+        if s.ready {
+            let held = b2.sessions();
+            first_ready = Some((held.len(), s));
+            // Ready means complete: everything A held before the restart is here, with the
+            // same outside endpoint.
+            for (k, v) in &before_restart {
+                assert_eq!(held.get(k), Some(v), "missing at Ready: {k:?}");
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let (held, s) = first_ready.unwrap();
+    assert!(
+        held >= before_restart.len(),
+        "{held} < {}",
+        before_restart.len()
+    );
+    assert!(s.counters.snapshots_requested >= 1, "{s:?}");
+    assert!(a.status().counters.snapshots_served > served);
+    // And then it follows the stream exactly.
+    wait_for("B2 equals A", Duration::from_secs(10), || {
+        a.status().lag_events == 0 && a.sessions() == b2.sessions()
+    });
+    assert_eq!(b2.status().counters.import_errors, 0);
+    assert!(!b2.status().allocating);
+}
+
+#[test]
+fn unit_roles_swap_and_the_new_active_allocates_from_its_own_block() {
+    let (a, b, _, _) = pair();
+    let (_, o_a) = a.out((host(1), 9000), None);
+    assert!(block_a(o_a.1));
+    wait_for("B has A's session", Duration::from_secs(10), || {
+        b.status().sessions == 1
+    });
+    // Failover: A loses the key, B takes it with a newer epoch.
+    a.set_role(6, false);
+    b.set_role(6, true);
+    wait_for("B active", Duration::from_secs(5), || b.status().allocating);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = a.status();
+        if s.role == Role::Standby && s.connected && s.ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never followed B: {s:?}\n{:?}",
+            b.status()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(!a.status().allocating);
+    // The established flow keeps its binding on B; new flows use B's half.
+    assert_eq!(b.out((host(1), 9000), None), (Verdict::Tx(UPLINK), o_a));
+    let (v, o_b) = b.out((host(2), 9000), None);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert!(
+        !block_a(o_b.1),
+        "member b allocates from the other half: {o_b:?}"
+    );
+    wait_for("A has B's new session", Duration::from_secs(10), || {
+        a.sessions() == b.sessions() && a.status().sessions == 2
+    });
+    assert_eq!(
+        a.out((host(3), 9000), None).0,
+        Verdict::Drop(DropReason::NatNotActive)
+    );
+}
+
+#[test]
+fn unit_a_peer_with_the_same_member_letter_is_refused() {
+    let (pa, pb) = (free_port(), free_port());
+    let a = MemberUnderTest::start(Member::A, pa, pb);
+    let also_a = MemberUnderTest::start(Member::A, pb, pa);
+    a.set_role(3, true);
+    also_a.set_role(3, false);
+    wait_for("the refusal", Duration::from_secs(5), || {
+        also_a.status().counters.peers_refused > 0
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!also_a.status().connected);
+    assert!(!a.status().connected);
+    assert_eq!(also_a.status().counters.connects, 0);
+}
