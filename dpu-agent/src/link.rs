@@ -298,7 +298,8 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
                 | Message::Counters(_)
                 | Message::Flash(_)
                 | Message::Boot(_)
-                | Message::HaRole(_)) => {
+                | Message::HaRole(_)
+                | Message::HaStatus(_)) => {
                     let what = format!("{} from a host", other.kind());
                     refuse(&mut stream, &codec, None, Refusal::Unexpected(what))?;
                 }

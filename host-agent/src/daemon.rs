@@ -47,6 +47,28 @@ pub struct DpuConfig {
     pub id: String,
     /// Its agent's link address.
     pub link: String,
+    /// Its place in an A/B pair (absent: a single DPU).
+    #[serde(default)]
+    pub pair: Option<PairSection>,
+}
+
+/// A DPU's place in an A/B pair: the host agent campaigns for the pair's leader key on its
+/// behalf while its link is up (see [`crate::pair`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairSection {
+    /// The pair's name (its leader key is `/dpucp/v1/pairs/GROUP/leader`).
+    pub group: String,
+    /// This member: `a` or `b` (must match the agent's `[ha] member`).
+    pub member: String,
+    /// The lease TTL in seconds; the active fences itself when it has no proof of the lease
+    /// for that long (minus the agent's margin).
+    #[serde(default = "default_pair_ttl")]
+    pub lease_ttl_secs: i64,
+}
+
+fn default_pair_ttl() -> i64 {
+    2
 }
 
 /// etcd.
@@ -203,6 +225,39 @@ impl Config {
                 problem: p.to_string(),
             })?;
             addr(&format!("dpus[{i}].link"), &d.link)?;
+            if let Some(p) = &d.pair {
+                let bad = |field: &str, problem: String| ConfigError::Invalid {
+                    field: format!("dpus[{i}].pair.{field}"),
+                    problem,
+                };
+                Name::new(&p.group).map_err(|e| bad("group", e.to_string()))?;
+                if !matches!(p.member.as_str(), "a" | "b") {
+                    return Err(bad(
+                        "member",
+                        format!("{:?} is not \"a\" or \"b\"", p.member),
+                    ));
+                }
+                if !(1..=60).contains(&p.lease_ttl_secs) {
+                    return Err(bad(
+                        "lease_ttl_secs",
+                        format!("{} is not in 1..=60", p.lease_ttl_secs),
+                    ));
+                }
+                let twin = c.dpus.iter().take(i).position(|o| {
+                    o.pair
+                        .as_ref()
+                        .is_some_and(|q| q.group == p.group && q.member == p.member)
+                });
+                if let Some(j) = twin {
+                    return Err(bad(
+                        "member",
+                        format!(
+                            "dpus[{j}] is already member {} of pair {}",
+                            p.member, p.group
+                        ),
+                    ));
+                }
+            }
         }
         if let Some(im) = &c.images {
             addr("images.listen", &im.listen)?;
@@ -842,10 +897,12 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let api_hub = hub.clone();
     // zebra's routes on no DPU: the FRR side writes, `ListStatus` reads.
     let refused = RefusedRoutes::new();
+    let pairs = crate::pair::PairStates::default();
     let views = crate::api::DaemonViews {
         desired: Some(api_desired),
         hub: Some(api_hub),
         refused: config.fpm.as_ref().map(|_| refused.clone()),
+        pairs: Some(pairs.clone()),
     };
     let api_task = tokio::spawn(async move {
         crate::api::serve(api_addr, api_store, views, async move {
@@ -894,24 +951,61 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let (ev_tx, mut ev_rx) = mpsc::channel::<DpuEvent>(1024);
     let mut link_addrs = Vec::new();
     for (i, d) in config.dpus.iter().enumerate() {
-        link_addrs.push(addr(&format!("dpus[{i}].link"), &d.link)?);
+        let member = match &d.pair {
+            Some(p) => Some((
+                crate::pair::Member {
+                    group: Name::new(&p.group).map_err(|e| ConfigError::Invalid {
+                        field: format!("dpus[{i}].pair.group"),
+                        problem: e.to_string(),
+                    })?,
+                    member: p.member.clone(),
+                    dpu: d.id.clone(),
+                },
+                crate::pair::Timing {
+                    ttl_secs: p.lease_ttl_secs,
+                    ..crate::pair::Timing::default()
+                },
+            )),
+            None => None,
+        };
+        link_addrs.push((addr(&format!("dpus[{i}].link"), &d.link)?, member));
     }
-    let (link_desired, link_shutdown, link_hub) =
-        (desired_rx.clone(), shutdown.clone(), hub.clone());
-    let start_links = move |addrs: Vec<SocketAddr>, ev_tx: mpsc::Sender<DpuEvent>| {
-        addrs
-            .into_iter()
-            .map(|a| {
-                tokio::spawn(dpu_link::run(
-                    a,
-                    LinkConfig::default(),
-                    link_desired.clone(),
-                    ev_tx.clone(),
+    let (link_desired, link_shutdown, link_hub, link_store) = (
+        desired_rx.clone(),
+        shutdown.clone(),
+        hub.clone(),
+        store.clone(),
+    );
+    let start_links = move |addrs: Vec<LinkTarget>, ev_tx: mpsc::Sender<DpuEvent>| {
+        let mut tasks = Vec::new();
+        for (a, member) in addrs {
+            let pair = member.map(|(member, timing)| {
+                let (role_tx, role_rx) = watch::channel(None);
+                let (up_tx, up_rx) = watch::channel(false);
+                tasks.push(tokio::spawn(crate::pair::run(
+                    link_store.clone(),
+                    member,
+                    timing,
+                    up_rx,
+                    role_tx,
                     link_shutdown.clone(),
-                    Some(link_hub.clone()),
-                ))
-            })
-            .collect::<Vec<_>>()
+                )));
+                dpu_link::PairLink {
+                    role: role_rx,
+                    up: up_tx,
+                }
+            });
+            tasks.push(tokio::spawn(dpu_link::run_member(
+                a,
+                LinkConfig::default(),
+                link_desired.clone(),
+                ev_tx.clone(),
+                link_shutdown.clone(),
+                Some(link_hub.clone()),
+                pair,
+            )));
+        }
+        tasks
     };
     let hold = config
         .fpm
@@ -919,7 +1013,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         .map(|f| Duration::from_secs(f.startup_hold_secs))
         .filter(|d| !d.is_zero() && !link_addrs.is_empty());
     let mut links = Vec::new();
-    let mut held_links: Option<(Vec<SocketAddr>, mpsc::Sender<DpuEvent>)> = None;
+    let mut held_links: Option<(Vec<LinkTarget>, mpsc::Sender<DpuEvent>)> = None;
     let mut hold_until: Option<tokio::time::Instant> = None;
     match hold {
         Some(d) => {
@@ -1038,7 +1132,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         .collect(),
                     _ => Vec::new(),
                 };
-                on_dpu_event(ev, &store, &metrics, &mut leases, &mut statuses, desired.model(), &writer).await;
+                on_dpu_event(ev, &store, &metrics, &mut leases, &mut statuses, desired.model(), &writer, &pairs).await;
                 if let (Some(f), true) = (frr.as_mut(), is_ack) {
                     // Acknowledge to zebra the worst status over all DPUs of the routes
                     // this batch touched, except routes the model refuses since (zebra was
@@ -1499,6 +1593,7 @@ fn sweep_statuses(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the daemon's state, borrowed piecewise
 async fn on_dpu_event(
     ev: DpuEvent,
     store: &Store,
@@ -1507,6 +1602,7 @@ async fn on_dpu_event(
     statuses: &mut BTreeMap<String, BTreeMap<ObjectKey, OffloadStatus>>,
     desired: &Model,
     writer: &mpsc::UnboundedSender<StatusJob>,
+    pairs: &crate::pair::PairStates,
 ) {
     match ev {
         DpuEvent::Connected { hello, restarted } => {
@@ -1606,6 +1702,30 @@ async fn on_dpu_event(
                 1.0,
             );
         }
+        DpuEvent::Pair { dpu, status } => {
+            use flow_offload::wire::PairRole;
+            let l: &[(&str, &str)] = &[("dpu", &dpu)];
+            let role = match status.role {
+                PairRole::Standby => 0.0,
+                PairRole::Active => 1.0,
+                PairRole::Fenced => 2.0,
+            };
+            metrics.set("dpucp_pair_role", l, role);
+            metrics.set("dpucp_pair_epoch", l, status.epoch as f64);
+            metrics.set("dpucp_pair_ready", l, f64::from(u8::from(status.ready)));
+            metrics.set("dpucp_pair_lag_events", l, status.lag_events as f64);
+            metrics.set("dpucp_pair_lag_seconds", l, status.lag_ms as f64 / 1000.0);
+            metrics.set("dpucp_pair_sessions", l, status.sessions as f64);
+            metrics.set(
+                "dpucp_pair_peer_connected",
+                l,
+                f64::from(u8::from(status.peer_connected)),
+            );
+            pairs
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(dpu, status);
+        }
         DpuEvent::Counters { dpu, counters } => {
             for (k, packets, _) in counters.routes {
                 let route = format!("{}:{}", k.table.0, k.prefix);
@@ -1618,6 +1738,16 @@ async fn on_dpu_event(
         }
         DpuEvent::Disconnected { dpu, reason } => {
             if let Some(d) = dpu {
+                // Its pair report is no longer true.
+                let was_member = pairs
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&d)
+                    .is_some();
+                if was_member {
+                    metrics.set("dpucp_pair_peer_connected", &[("dpu", &d)], 0.0);
+                    metrics.set("dpucp_pair_ready", &[("dpu", &d)], 0.0);
+                }
                 metrics.set("dpucp_dpu_link_up", &[("dpu", &d)], 0.0);
                 metrics.set("dpucp_dpu_up", &[("dpu", &d)], 0.0);
                 tracing::warn!(dpu = %d, %reason, "DPU link down");
@@ -1628,6 +1758,12 @@ async fn on_dpu_event(
         }
     }
 }
+
+/// A DPU link to start: the agent's address, and its pair membership.
+type LinkTarget = (
+    SocketAddr,
+    Option<(crate::pair::Member, crate::pair::Timing)>,
+);
 
 /// A refusal's kind, as a metric label.
 fn refusal_kind(r: &flow_offload::wire::Refusal) -> &'static str {

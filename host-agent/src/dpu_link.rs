@@ -35,7 +35,8 @@ use flow_offload::model::{Model, ObjectKey};
 use flow_offload::status::OffloadStatus;
 use flow_offload::wire::frame::{FrameCodec, FrameError, FrameReader};
 use flow_offload::wire::{
-    read_message, Apply, Counters, Features, Hello, HostHello, Message, Refusal, PROTOCOL_VERSION,
+    read_message, Apply, Counters, Features, HaRole, HaStatus, Hello, HostHello, Message, Refusal,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -66,6 +67,16 @@ impl Default for LinkConfig {
             batch_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// The link's side of a pair member (see [`crate::pair`]): the roles to relay, and whether
+/// the link is up (the member campaigns only while it is).
+#[derive(Debug)]
+pub struct PairLink {
+    /// The newest role outcome.
+    pub role: watch::Receiver<Option<HaRole>>,
+    /// Set while a session with the agent is established.
+    pub up: watch::Sender<bool>,
 }
 
 /// Wait before reconnecting to an agent that speaks another link protocol (it will not change
@@ -120,6 +131,13 @@ pub enum DpuEvent {
         /// Whether it was the whole model (the connection is then restarted).
         full: bool,
     },
+    /// A pair member's state, as its agent reports it.
+    Pair {
+        /// The DPU.
+        dpu: String,
+        /// The report.
+        status: HaStatus,
+    },
     /// Route counters.
     Counters {
         /// The DPU.
@@ -151,6 +169,8 @@ enum SessionEnd {
     NoHello,
     #[error("agent speaks link protocol {theirs}, this host speaks {ours}")]
     Incompatible { ours: u16, theirs: u16 },
+    #[error("configured as a pair member, but the agent has no [ha] section (no HA_PAIR feature)")]
+    NotPairMember,
     #[error("full batch {epoch} not answered within {after:?}")]
     Unanswered { epoch: u64, after: Duration },
     #[error("shutdown")]
@@ -172,10 +192,24 @@ struct Known {
 pub async fn run(
     addr: SocketAddr,
     cfg: LinkConfig,
+    desired: watch::Receiver<Arc<Model>>,
+    events: mpsc::Sender<DpuEvent>,
+    shutdown: watch::Receiver<bool>,
+    hub: Option<FlashHub>,
+) {
+    run_member(addr, cfg, desired, events, shutdown, hub, None).await;
+}
+
+/// [`run`] for a DPU that may be a pair member: relays `pair`'s roles and reports the link's
+/// state to it.
+pub async fn run_member(
+    addr: SocketAddr,
+    cfg: LinkConfig,
     mut desired: watch::Receiver<Arc<Model>>,
     events: mpsc::Sender<DpuEvent>,
     mut shutdown: watch::Receiver<bool>,
     hub: Option<FlashHub>,
+    mut pair: Option<PairLink>,
 ) {
     let mut known = Known::default();
     loop {
@@ -197,9 +231,16 @@ pub async fn run(
                     &mut shutdown,
                     &mut known,
                     &mut dpu,
+                    pair.as_mut(),
                 )
                 .await;
-                let incompatible = matches!(end, SessionEnd::Incompatible { .. });
+                if let Some(p) = &pair {
+                    p.up.send_replace(false);
+                }
+                let incompatible = matches!(
+                    end,
+                    SessionEnd::Incompatible { .. } | SessionEnd::NotPairMember
+                );
                 match end {
                     SessionEnd::Shutdown | SessionEnd::NoConsumer => return,
                     other => {
@@ -292,6 +333,7 @@ async fn next_batch(
     }))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     mut stream: TcpStream,
     cfg: LinkConfig,
@@ -300,13 +342,15 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
     known: &mut Known,
     dpu: &mut Option<String>,
+    pair: Option<&mut PairLink>,
 ) -> SessionEnd {
-    match session_inner(&mut stream, cfg, desired, out, shutdown, known, dpu).await {
+    match session_inner(&mut stream, cfg, desired, out, shutdown, known, dpu, pair).await {
         Ok(()) => SessionEnd::Shutdown,
         Err(e) => e,
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session_inner(
     stream: &mut TcpStream,
     cfg: LinkConfig,
@@ -315,6 +359,7 @@ async fn session_inner(
     shutdown: &mut watch::Receiver<bool>,
     known: &mut Known,
     dpu: &mut Option<String>,
+    mut pair: Option<&mut PairLink>,
 ) -> Result<(), SessionEnd> {
     let Outputs { events, hub } = out;
     stream.set_nodelay(true)?;
@@ -351,6 +396,17 @@ async fn session_inner(
         send(stream, &codec, &refusal).await?;
         return Err(SessionEnd::Incompatible { ours, theirs });
     }
+    if pair.is_some() && !hello.features.contains(Features::HA_PAIR) {
+        let refusal = Message::Refused {
+            epoch: None,
+            reason: Refusal::Unexpected(
+                "this DPU is configured as a pair member on the host, but its agent has no [ha] section"
+                    .to_owned(),
+            ),
+        };
+        send(stream, &codec, &refusal).await?;
+        return Err(SessionEnd::NotPairMember);
+    }
     let restarted = known.boot_id != Some(hello.boot_id)
         || hello.last_epoch.is_none()
         || hello.last_epoch != known.acked.as_ref().map(|(e, _)| *e);
@@ -381,6 +437,14 @@ async fn session_inner(
         features: Features::IMAGES,
     });
     send(stream, &codec, &host_hello).await?;
+    if let Some(p) = pair.as_deref_mut() {
+        // The role first (a standby must never allocate), then the member may campaign.
+        let current = p.role.borrow_and_update().clone();
+        if let Some(r) = current {
+            send(stream, &codec, &Message::HaRole(r)).await?;
+        }
+        p.up.send_replace(true);
+    }
     // Flash orders for this DPU, while this session lasts.
     let mut flash = hub.map(|h| (h, h.register(&dpu_id)));
 
@@ -432,6 +496,15 @@ async fn session_inner(
                         in_flight = next_batch(stream, &codec, known, &current, true).await?;
                     }
                 }
+                Message::HaStatus(status) => {
+                    events
+                        .send(DpuEvent::Pair {
+                            dpu: dpu_id.clone(),
+                            status,
+                        })
+                        .await
+                        .map_err(|_| SessionEnd::NoConsumer)?;
+                }
                 Message::Counters(counters) => {
                     events
                         .send(DpuEvent::Counters {
@@ -480,6 +553,10 @@ async fn session_inner(
                     let current = desired.borrow_and_update().clone();
                     in_flight = next_batch(stream, &codec, known, &current, false).await?;
                 }
+            }
+            Some(r) = next_role(&mut pair) => {
+                tracing::debug!(dpu = %dpu_id, epoch = r.epoch, active = r.active, valid_ms = r.valid_ms, "relaying pair role");
+                send(stream, &codec, &Message::HaRole(r)).await?;
             }
             Some(order) = next_order(&mut flash) => {
                 tracing::info!(dpu = %dpu_id, port = order.server_port, "sending flash order");
@@ -535,6 +612,17 @@ async fn refuse_dpu_message(
         })
         .await
         .map_err(|_| SessionEnd::NoConsumer)
+}
+
+/// The next role to relay, or never when the DPU is not a pair member (or the campaign ended).
+async fn next_role(pair: &mut Option<&mut PairLink>) -> Option<HaRole> {
+    match pair {
+        Some(p) => match p.role.changed().await {
+            Ok(()) => p.role.borrow_and_update().clone(),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// The next flash order, or never when there is no hub.

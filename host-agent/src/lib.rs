@@ -9,4 +9,5 @@ pub mod flashing;
 pub mod fpm;
 pub mod ifmgr;
 pub mod metrics;
+pub mod pair;
 pub mod store;

@@ -78,6 +78,39 @@ pub enum Message {
     /// Host → DPU: the outcome of the pair member's campaign for its group's leader key,
     /// relayed by the host agent, which holds the member's etcd lease.
     HaRole(HaRole),
+    /// DPU → host: a pair member's state (with every heartbeat, and when it changes).
+    HaStatus(HaStatus),
+}
+
+/// Where a pair member stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PairRole {
+    /// Not active: receives the active's sessions; never allocates.
+    Standby,
+    /// Holds the leader key: allocates and forwards, streams its sessions to the peer.
+    Active,
+    /// Lost (or may have lost) the key: forwards established sessions, allocates nothing.
+    Fenced,
+}
+
+/// A pair member's state report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaStatus {
+    /// Its role.
+    pub role: PairRole,
+    /// The newest epoch it has seen.
+    pub epoch: u64,
+    /// On a standby: it holds every session the active reported (caught up). On an active:
+    /// its peer says so.
+    pub ready: bool,
+    /// Session events not yet acknowledged by the peer (active) or not yet applied (standby).
+    pub lag_events: u64,
+    /// Age in milliseconds of the oldest unacknowledged event (0 when none).
+    pub lag_ms: u64,
+    /// NAT sessions held.
+    pub sessions: u64,
+    /// Whether the sync channel to the peer is connected.
+    pub peer_connected: bool,
 }
 
 impl Message {
@@ -95,6 +128,7 @@ impl Message {
             Message::Boot(_) => "boot report",
             Message::HostHello(_) => "host hello",
             Message::HaRole(_) => "pair role",
+            Message::HaStatus(_) => "pair status",
         }
     }
 }

@@ -594,6 +594,25 @@ pub fn node_pb(n: &Node, revision: i64) -> pb::Node {
     }
 }
 
+/// A pair member's report.
+pub fn pair_pb(s: &flow_offload::wire::HaStatus) -> pb::PairState {
+    use flow_offload::wire::PairRole;
+    pb::PairState {
+        role: match s.role {
+            PairRole::Standby => "standby",
+            PairRole::Active => "active",
+            PairRole::Fenced => "fenced",
+        }
+        .to_owned(),
+        epoch: s.epoch,
+        ready: s.ready,
+        lag_events: s.lag_events,
+        lag_ms: s.lag_ms,
+        sessions: s.sessions,
+        peer_connected: s.peer_connected,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -165,6 +165,8 @@ pub struct DaemonViews {
     pub hub: Option<FlashHub>,
     /// zebra's routes on no DPU, and why.
     pub refused: Option<crate::fpm::RefusedRoutes>,
+    /// Pair members' reports.
+    pub pairs: Option<crate::pair::PairStates>,
 }
 
 /// Binds `addr` and serves the API until `shutdown` completes.

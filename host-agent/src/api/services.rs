@@ -18,6 +18,7 @@ pub struct Api {
     desired: Option<super::DesiredState>,
     hub: Option<FlashHub>,
     refused: Option<crate::fpm::RefusedRoutes>,
+    pairs: Option<crate::pair::PairStates>,
 }
 
 impl Api {
@@ -27,6 +28,7 @@ impl Api {
             desired: views.desired,
             hub: views.hub,
             refused: views.refused,
+            pairs: views.pairs,
         }
     }
 
@@ -441,6 +443,10 @@ impl pb::dpu_service_server::DpuService for Api {
                 let mut out = convert::dpu_pb(d);
                 if let Some(r) = self.hub.as_ref().and_then(|h| h.boot_of(&out.id)) {
                     convert::boot_into(&mut out, &r);
+                }
+                if let Some(p) = &self.pairs {
+                    let states = p.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    out.pair = states.get(&out.id).map(convert::pair_pb);
                 }
                 out
             })

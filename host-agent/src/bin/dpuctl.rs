@@ -1005,6 +1005,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     "ACTIVE",
                     "PENDING",
                     "LAST BOOT",
+                    "PAIR",
                 ])];
                 for d in &r.dpus {
                     let ports: Vec<String> = d
@@ -1032,6 +1033,21 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                             format!("{} ({} tries)", d.pending_slot, d.tries_left)
                         },
                         or_dash(&d.last_boot),
+                        d.pair.as_ref().map_or_else(
+                            || "-".to_owned(),
+                            |p| {
+                                format!(
+                                    "{} epoch={} {} lag={}ev/{}ms sessions={}{}",
+                                    p.role,
+                                    p.epoch,
+                                    if p.ready { "ready" } else { "NOT-READY" },
+                                    p.lag_events,
+                                    p.lag_ms,
+                                    p.sessions,
+                                    if p.peer_connected { "" } else { " peer-down" }
+                                )
+                            },
+                        ),
                     ]);
                 }
                 rows

@@ -10,6 +10,7 @@
 //! /dpucp/v1/status/DPU/<object suffix>    OffloadStatus of one object on one DPU
 //! /dpucp/v1/dpus/ID                       DpuRecord (persistent)
 //! /dpucp/v1/alive/ID                      liveness, bound to the DPU's lease
+//! /dpucp/v1/pairs/GROUP/leader            the active member of an A/B pair, bound to its lease
 //! ```
 
 use core::net::IpAddr;
@@ -27,6 +28,11 @@ pub const STATUS: &str = "/dpucp/v1/status/";
 pub const DPUS: &str = "/dpucp/v1/dpus/";
 /// The prefix of DPU liveness keys.
 pub const ALIVE: &str = "/dpucp/v1/alive/";
+
+/// The leader key of an A/B pair.
+pub fn pair_leader_key(group: &Name) -> String {
+    format!("{PREFIX}pairs/{group}/leader")
+}
 
 /// Desired-state prefixes, in dependency order (node, VPCs, routes, NAT, meters).
 pub const DESIRED: [&str; 5] = [

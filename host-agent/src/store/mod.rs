@@ -11,6 +11,7 @@
 
 pub mod dpu;
 pub mod keys;
+pub mod leader;
 pub mod status;
 pub mod watch;
 
@@ -41,6 +42,9 @@ pub enum EtcdFailure {
     /// The client reported an error.
     #[error(transparent)]
     Client(#[from] etcd_client::Error),
+    /// A watch stream ended or was canceled by etcd.
+    #[error("watch canceled")]
+    Canceled,
 }
 
 /// Errors of the store.
