@@ -178,7 +178,8 @@ pub struct HaCounters {
     pub peers_refused: u64,
     /// Snapshots this member started serving (active).
     pub snapshots_served: u64,
-    /// Snapshots this member asked for (standby), including re-requests.
+    /// Snapshots this member asked for (standby): at start, on every (re)connection, when the
+    /// active signals a resync, after refused records.
     pub snapshots_requested: u64,
     /// Changes pushed into the stream (active): change log plus keepalives.
     pub events_sent: u64,
@@ -352,6 +353,7 @@ impl HaRuntime {
             dialing: None,
             next_dial: Instant::now(),
             counters: HaCounters::default(),
+            past_requests: 0,
             was_ready: false,
         };
         worker.become_receiver();
@@ -598,6 +600,8 @@ struct Worker {
     dialing: Option<mpsc::Receiver<io::Result<TcpStream>>>,
     next_dial: Instant,
     counters: HaCounters,
+    /// Snapshot requests of receivers replaced since.
+    past_requests: u64,
     was_ready: bool,
 }
 
@@ -782,6 +786,11 @@ impl Worker {
 
     fn become_receiver(&mut self) {
         self.drop_connections();
+        if let Mode::Receiver(r) = &self.mode {
+            if let Some(rx) = &r.rx {
+                self.past_requests += rx.stats().snapshots_requested;
+            }
+        }
         let mut rx = match SyncReceiver::new(self.s.sync.clone(), self.rx_now()) {
             Ok(rx) => rx,
             Err(e) => {
@@ -815,7 +824,6 @@ impl Worker {
                 break;
             }
         }
-        self.counters.snapshots_requested += 1;
         self.was_ready = false;
         self.mode = Mode::Receiver(Box::new(ReceiverState {
             rx: Some(rx),
@@ -1151,7 +1159,6 @@ impl Worker {
                         self.counters.disconnects += 1;
                     }
                     self.counters.connects += 1;
-                    self.counters.snapshots_requested += 1;
                     if let Mode::Receiver(r) = &mut self.mode {
                         if let Some(rx) = r.rx.as_mut() {
                             rx.request_snapshot();
@@ -1218,7 +1225,6 @@ impl Worker {
                     None => r.retry_at = Some(now + r.backoff),
                     Some(t) if now >= t => {
                         rx.request_snapshot();
-                        self.counters.snapshots_requested += 1;
                         r.failed = 0;
                         r.retry_at = None;
                         r.backoff = (r.backoff * 2).min(Duration::from_secs(60));
@@ -1258,6 +1264,10 @@ impl Worker {
             .nat_totals()
             .0;
         let connected = self.conn.as_ref().is_some_and(|c| c.hello.is_some());
+        let requested = match &self.mode {
+            Mode::Receiver(r) => r.rx.as_ref().map_or(0, |rx| rx.stats().snapshots_requested),
+            Mode::Sender(_) => 0,
+        };
         let (ready, lag_events, lag_ms) = match &self.mode {
             Mode::Sender(s) => {
                 let lag = s.tx.lag(now);
@@ -1293,6 +1303,7 @@ impl Worker {
             counters: HaCounters {
                 frame_errors: self.counters.frame_errors
                     + self.conn.as_ref().map_or(0, |c| c.send_errors),
+                snapshots_requested: self.past_requests + requested,
                 ..self.counters.clone()
             },
         };

@@ -190,6 +190,10 @@ struct MemberUnderTest {
 
 impl MemberUnderTest {
     fn start(member: Member, listen: u16, peer: u16) -> MemberUnderTest {
+        Self::start_with(member, listen, peer, 1 << 16)
+    }
+
+    fn start_with(member: Member, listen: u16, peer: u16, change_log: usize) -> MemberUnderTest {
         let limits = PipelineLimits {
             nat_sessions: 1 << 16,
             ..PipelineLimits::default()
@@ -200,7 +204,7 @@ impl MemberUnderTest {
             member,
             sync_listen: SocketAddr::from(([127, 0, 0, 1], listen)),
             peer: SocketAddr::from(([127, 0, 0, 1], peer)),
-            change_log: 1 << 16,
+            change_log,
             keepalive: Duration::from_secs(20),
             sync: SyncConfig::default(),
             role: RoleConfig {
@@ -226,7 +230,10 @@ impl MemberUnderTest {
     }
 
     fn set_role(&self, epoch: u64, active: bool) {
-        let until = Instant::now() + Duration::from_secs(60);
+        self.set_role_until(epoch, active, Instant::now() + Duration::from_secs(60));
+    }
+
+    fn set_role_until(&self, epoch: u64, active: bool, until: Instant) {
         self.rt
             .as_ref()
             .unwrap()
@@ -514,4 +521,72 @@ fn unit_a_peer_with_the_same_member_letter_is_refused() {
     assert!(!also_a.status().connected);
     assert!(!a.status().connected);
     assert_eq!(also_a.status().counters.connects, 0);
+}
+
+#[test]
+fn unit_an_active_whose_lease_runs_out_fences_itself_and_a_renewal_unfences_it() {
+    let (pa, pb) = (free_port(), free_port());
+    let a = MemberUnderTest::start(Member::A, pa, pb);
+    let b = MemberUnderTest::start(Member::B, pb, pa);
+    // A lease valid for 2 s: the margin (500 ms) leaves 1.5 s of allocation.
+    a.set_role_until(5, true, Instant::now() + Duration::from_secs(2));
+    b.set_role(5, false);
+    wait_for("A active", Duration::from_secs(1), || a.status().allocating);
+    let (v, o) = a.out((host(1), 9100), None);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    wait_for("A fenced", Duration::from_secs(5), || {
+        let s = a.status();
+        s.role == Role::Fenced { epoch: 5 } && !s.allocating
+    });
+    assert_eq!(
+        a.out((host(2), 9100), None).0,
+        Verdict::Drop(DropReason::NatNotActive)
+    );
+    assert_eq!(a.out((host(1), 9100), None), (Verdict::Tx(UPLINK), o));
+    assert_eq!(a.reply(o, None), (Verdict::Tx(VPC_PORT), (host(1), 9100)));
+    // A renewal of the same epoch unfences it.
+    a.set_role(5, true);
+    wait_for("A active again", Duration::from_secs(5), || {
+        a.status().allocating
+    });
+    assert_eq!(a.out((host(2), 9100), None).0, Verdict::Tx(UPLINK));
+    wait_for("B has both", Duration::from_secs(5), || {
+        b.status().sessions == 2
+    });
+}
+
+#[test]
+fn unit_a_change_log_overflow_forces_a_snapshot_and_loses_nothing() {
+    let (pa, pb) = (free_port(), free_port());
+    let a = MemberUnderTest::start_with(Member::A, pa, pb, 64);
+    let b = MemberUnderTest::start(Member::B, pb, pa);
+    a.set_role(5, true);
+    b.set_role(5, false);
+    wait_for("B Ready", Duration::from_secs(10), || b.status().ready);
+    let requested = b.status().counters.snapshots_requested;
+    // 2000 new flows under one lock: far more changes than the log holds between drains.
+    {
+        let mut p = a.pipe.lock().unwrap();
+        for i in 0..2000 {
+            let mut f = frame((host(i), 9200), (SERVER, 53), None);
+            assert_eq!(
+                p.process(&mut f, VPC_PORT, None, a.now()),
+                Verdict::Tx(UPLINK)
+            );
+        }
+    }
+    wait_for("B holds all 2000 again", Duration::from_secs(20), || {
+        b.status().sessions == 2000 && b.status().ready
+    });
+    assert!(
+        a.status().counters.change_log_overflows >= 1,
+        "{:?}",
+        a.status()
+    );
+    assert!(
+        b.status().counters.snapshots_requested > requested,
+        "{:?}",
+        b.status()
+    );
+    assert_eq!(a.sessions(), b.sessions());
 }
