@@ -29,6 +29,7 @@ use flow_offload::wire::{
 };
 
 use crate::agent::Agent;
+use crate::ha::HaHandle;
 use crate::image::Images;
 
 /// Session offload housekeeping period (well below the shortest NAT timeout).
@@ -53,6 +54,8 @@ pub struct Identity {
     pub boot_id: u64,
     /// Probed capabilities per port.
     pub ports: Vec<(PortId, Caps)>,
+    /// The pair runtime, when this agent is a member of an A/B pair.
+    pub ha: Option<HaHandle>,
 }
 
 /// Why a connection ended.
@@ -131,6 +134,34 @@ fn send(stream: &mut TcpStream, codec: &FrameCodec, msg: &Message) -> Result<(),
     Ok(())
 }
 
+/// What this agent supports, for its hello.
+fn features(images: bool, pair: bool) -> Features {
+    let mut f = Features::empty();
+    f.set(Features::IMAGES, images);
+    f.set(Features::HA_PAIR, pair);
+    f
+}
+
+/// The pair runtime's state as the host sees it.
+fn pair_status(ha: &HaHandle) -> flow_offload::wire::HaStatus {
+    use flow_offload::ha::role::Role;
+    use flow_offload::wire::PairRole;
+    let s = ha.status();
+    flow_offload::wire::HaStatus {
+        role: match s.role {
+            Role::Standby => PairRole::Standby,
+            Role::Active { .. } => PairRole::Active,
+            Role::Fenced { .. } => PairRole::Fenced,
+        },
+        epoch: s.epoch,
+        ready: s.ready,
+        lag_events: s.lag_events,
+        lag_ms: s.lag_ms,
+        sessions: u64::try_from(s.sessions).unwrap_or(u64::MAX),
+        peer_connected: s.connected,
+    }
+}
+
 /// Answers a message this agent cannot or must not take: logged, then refused to the host.
 fn refuse(
     stream: &mut TcpStream,
@@ -182,11 +213,7 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
             last_epoch: agent.last_epoch(),
             ports: id.ports.clone(),
             protocol: PROTOCOL_VERSION,
-            features: if images.is_some() {
-                Features::IMAGES
-            } else {
-                Features::empty()
-            },
+            features: features(images.is_some(), id.ha.is_some()),
         }),
     )?;
     if let Some(im) = images.as_deref_mut() {
@@ -205,6 +232,8 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
     let mut seq = 0u64;
     let mut last_tick = Instant::now();
     let mut host_hello = false;
+    let mut last_pair: Option<flow_offload::wire::HaStatus> = None;
+    let mut last_pair_sent = Instant::now();
     while !stopping(stop, images.as_deref()) {
         match stream.read(&mut buf) {
             Ok(0) => return Err(LinkError::Closed),
@@ -293,12 +322,28 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
                     // Never answered: two sides refusing each other's refusals would loop.
                     tracing::warn!(?epoch, %reason, "the host refused a message of ours");
                 }
+                Message::HaRole(r) => match &id.ha {
+                    Some(ha) => {
+                        let valid_until =
+                            Instant::now() + Duration::from_millis(u64::from(r.valid_ms));
+                        tracing::debug!(
+                            epoch = r.epoch,
+                            active = r.active,
+                            valid_ms = r.valid_ms,
+                            "pair role from the host"
+                        );
+                        ha.set_role(r.epoch, r.active, valid_until);
+                    }
+                    None => {
+                        let what = "a pair role, but this agent has no [ha] section".to_owned();
+                        refuse(&mut stream, &codec, None, Refusal::Unexpected(what))?;
+                    }
+                },
                 other @ (Message::Hello(_)
                 | Message::Ack(_)
                 | Message::Counters(_)
                 | Message::Flash(_)
                 | Message::Boot(_)
-                | Message::HaRole(_)
                 | Message::HaStatus(_)) => {
                     let what = format!("{} from a host", other.kind());
                     refuse(&mut stream, &codec, None, Refusal::Unexpected(what))?;
@@ -324,6 +369,18 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
             seq += 1;
             send(&mut stream, &codec, &Message::Heartbeat { seq })?;
             last_hb = Instant::now();
+        }
+        if let Some(ha) = &id.ha {
+            // With every heartbeat, and at once when the role or readiness changes.
+            let now = pair_status(ha);
+            let changed = last_pair
+                .as_ref()
+                .is_none_or(|p| (p.role, p.ready, p.epoch) != (now.role, now.ready, now.epoch));
+            if changed || last_pair_sent.elapsed() >= HEARTBEAT_EVERY {
+                send(&mut stream, &codec, &Message::HaStatus(now.clone()))?;
+                last_pair = Some(now);
+                last_pair_sent = Instant::now();
+            }
         }
         if last_counters.elapsed() >= COUNTERS_EVERY {
             let at = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);

@@ -220,13 +220,13 @@ fn run(args: &Args) -> Result<Exit, StartError> {
         )?),
         None => None,
     };
-    // The host link takes the handle once it relays the leader key's outcome (HaRole).
-    let _ha_handle = ha.as_ref().map(HaRuntime::handle);
+    // The host link relays the leader key's outcome (HaRole) to the runtime.
     let identity = Identity {
         dpu_id: config.dpu_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         boot_id: seed,
         ports: per_port,
+        ha: ha.as_ref().map(HaRuntime::handle),
     };
     let listener = TcpListener::bind(listen).map_err(|source| StartError::Listen {
         addr: listen.to_string(),

@@ -42,6 +42,7 @@ impl Dpu {
                 agent_version: "test".into(),
                 boot_id,
                 ports,
+                ha: None,
             };
             serve(&listener, &mut agent, &mut target, &id, &s, None).unwrap();
         });
