@@ -590,3 +590,50 @@ fn unit_a_change_log_overflow_forces_a_snapshot_and_loses_nothing() {
     );
     assert_eq!(a.sessions(), b.sessions());
 }
+
+/// Measurement, not a check of behaviour: `cargo test -p dpu-agent --test ha_pair -- --ignored
+/// --nocapture`. Sessions created on the active in bursts of 1000 (one lock each) until the
+/// standby holds them all, then a fresh standby's catch-up by snapshot.
+#[test]
+#[ignore]
+fn measure_sync_rate_and_catch_up() {
+    const N: u32 = 60_000;
+    let (a, b, _, pb) = pair();
+    let t0 = Instant::now();
+    let mut i = 0;
+    while i < N {
+        let mut p = a.pipe.lock().unwrap();
+        for _ in 0..1000 {
+            let mut f = frame(
+                (host(i % 20_000), 10_000 + (i / 20_000) as u16),
+                (SERVER, 53),
+                None,
+            );
+            assert_eq!(
+                p.process(&mut f, VPC_PORT, None, a.now()),
+                Verdict::Tx(UPLINK)
+            );
+            i += 1;
+        }
+    }
+    let created = t0.elapsed();
+    wait_for("B holds all", Duration::from_secs(60), || {
+        b.status().sessions == N as usize
+    });
+    let synced = t0.elapsed();
+    println!(
+        "stream: {N} sessions created in {created:?}, all on the standby after {synced:?} ({:.0} sessions/s)",
+        f64::from(N) / synced.as_secs_f64()
+    );
+    drop(b);
+    wait_for("A notices", Duration::from_secs(5), || {
+        !a.status().connected
+    });
+    let t1 = Instant::now();
+    let b2 = MemberUnderTest::start(Member::B, pb, 0);
+    b2.set_role(5, false);
+    wait_for("B2 Ready", Duration::from_secs(60), || b2.status().ready);
+    let ready = t1.elapsed();
+    assert_eq!(b2.status().sessions, N as usize);
+    println!("catch-up: a fresh standby Ready with {N} sessions after {ready:?}");
+}
