@@ -190,10 +190,16 @@ struct MemberUnderTest {
 
 impl MemberUnderTest {
     fn start(member: Member, listen: u16, peer: u16) -> MemberUnderTest {
-        Self::start_with(member, listen, peer, 1 << 16)
+        Self::start_with(member, listen, peer, 1 << 16, Duration::from_secs(20))
     }
 
-    fn start_with(member: Member, listen: u16, peer: u16, change_log: usize) -> MemberUnderTest {
+    fn start_with(
+        member: Member,
+        listen: u16,
+        peer: u16,
+        change_log: usize,
+        keepalive: Duration,
+    ) -> MemberUnderTest {
         let limits = PipelineLimits {
             nat_sessions: 1 << 16,
             ..PipelineLimits::default()
@@ -205,7 +211,7 @@ impl MemberUnderTest {
             sync_listen: SocketAddr::from(([127, 0, 0, 1], listen)),
             peer: SocketAddr::from(([127, 0, 0, 1], peer)),
             change_log,
-            keepalive: Duration::from_secs(20),
+            keepalive,
             sync: SyncConfig::default(),
             role: RoleConfig {
                 lease_ttl_ns: 60_000_000_000,
@@ -558,7 +564,7 @@ fn unit_an_active_whose_lease_runs_out_fences_itself_and_a_renewal_unfences_it()
 #[test]
 fn unit_a_change_log_overflow_forces_a_snapshot_and_loses_nothing() {
     let (pa, pb) = (free_port(), free_port());
-    let a = MemberUnderTest::start_with(Member::A, pa, pb, 64);
+    let a = MemberUnderTest::start_with(Member::A, pa, pb, 64, Duration::from_secs(20));
     let b = MemberUnderTest::start(Member::B, pb, pa);
     a.set_role(5, true);
     b.set_role(5, false);
@@ -589,6 +595,49 @@ fn unit_a_change_log_overflow_forces_a_snapshot_and_loses_nothing() {
         b.status()
     );
     assert_eq!(a.sessions(), b.sessions());
+}
+
+#[test]
+fn unit_keepalive_refreshes_the_standby_copies_of_sessions_with_traffic_only() {
+    let (pa, pb) = (free_port(), free_port());
+    let period = Duration::from_millis(300);
+    let a = MemberUnderTest::start_with(Member::A, pa, pb, 1 << 16, period);
+    let b = MemberUnderTest::start(Member::B, pb, pa);
+    a.set_role(5, true);
+    b.set_role(5, false);
+    wait_for("B Ready", Duration::from_secs(10), || b.status().ready);
+    for i in 0..10 {
+        assert_eq!(a.out((host(i), 9300), None).0, Verdict::Tx(UPLINK));
+    }
+    wait_for("B holds them", Duration::from_secs(5), || {
+        b.status().sessions == 10
+    });
+    // Packets that only refresh five of them, on A only, for 1.5 s: no change is recorded.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(1500) {
+        for i in 0..5 {
+            assert_eq!(a.out((host(i), 9300), None).0, Verdict::Tx(UPLINK));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(a.status().counters.keepalive_records > 0);
+    // On B, the refreshed sessions look recently used, the others as idle as they are on A.
+    let p = b.pipe.lock().unwrap();
+    let mut cursor = p.nat_replica_cursor();
+    let mut recs = Vec::new();
+    while !p.export_nat_replicas(&mut cursor, 4096, b.now(), &mut recs) {}
+    assert_eq!(recs.len(), 10);
+    for r in recs {
+        let NatSessionRecord::Napt44(s) = r.session else {
+            panic!("NAPT44 only")
+        };
+        let refreshed = (0..5).any(|i| s.inside == (host(i), 9300));
+        if refreshed {
+            assert!(s.idle_ns < 900_000_000, "refreshed: {s:?}");
+        } else {
+            assert!(s.idle_ns > 1_200_000_000, "idle: {s:?}");
+        }
+    }
 }
 
 /// Measurement, not a check of behaviour: `cargo test -p dpu-agent --test ha_pair -- --ignored
