@@ -178,6 +178,13 @@ fn free_port() -> u16 {
         .port()
 }
 
+fn limits() -> PipelineLimits {
+    PipelineLimits {
+        nat_sessions: 1 << 16,
+        ..PipelineLimits::default()
+    }
+}
+
 /// Every NAT session of a member: (protocol, inside endpoint) → (outside endpoint, TCP state).
 type Sessions = BTreeMap<(Proto, (Ipv4Addr, u16)), ((Ipv4Addr, u16), Option<TcpState>)>;
 
@@ -200,11 +207,18 @@ impl MemberUnderTest {
         change_log: usize,
         keepalive: Duration,
     ) -> MemberUnderTest {
-        let limits = PipelineLimits {
-            nat_sessions: 1 << 16,
-            ..PipelineLimits::default()
-        };
-        let pipe = Arc::new(Mutex::new(Pipeline::new(&model(), limits, 7).unwrap()));
+        Self::start_on(member, listen, peer, change_log, keepalive, &model())
+    }
+
+    fn start_on(
+        member: Member,
+        listen: u16,
+        peer: u16,
+        change_log: usize,
+        keepalive: Duration,
+        m: &Model,
+    ) -> MemberUnderTest {
+        let pipe = Arc::new(Mutex::new(Pipeline::new(m, limits(), 7).unwrap()));
         let clock = Instant::now();
         let settings = PairSettings {
             member,
@@ -638,6 +652,48 @@ fn unit_keepalive_refreshes_the_standby_copies_of_sessions_with_traffic_only() {
             assert!(s.idle_ns > 1_200_000_000, "idle: {s:?}");
         }
     }
+}
+
+#[test]
+fn unit_a_standby_without_the_nat_rule_is_not_ready_until_it_has_it_and_a_new_snapshot() {
+    let (pa, pb) = (free_port(), free_port());
+    let a = MemberUnderTest::start(Member::A, pa, pb);
+    // B has not received the NAT rule from its host yet.
+    let mut without = model();
+    without.apply(&[Change::DeleteNat(n("out"))]).unwrap();
+    let b = MemberUnderTest::start_on(
+        Member::B,
+        pb,
+        pa,
+        1 << 16,
+        Duration::from_secs(20),
+        &without,
+    );
+    a.set_role(5, true);
+    b.set_role(5, false);
+    wait_for("A active", Duration::from_secs(5), || a.status().allocating);
+    for i in 0..50 {
+        assert_eq!(a.out((host(i), 9400), None).0, Verdict::Tx(UPLINK));
+    }
+    wait_for("B refuses the records", Duration::from_secs(5), || {
+        b.status().counters.import_errors >= 50
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let s = b.status();
+    assert!(s.connected && !s.ready, "refused records: not Ready: {s:?}");
+    // The host's batch arrives: the agent rebuilds its pipeline, carrying the pair settings.
+    {
+        let mut p = b.pipe.lock().unwrap();
+        let mut fresh = Pipeline::new(&model(), limits(), 8).unwrap();
+        fresh.carry_nat_from(&mut p);
+        *p = fresh;
+    }
+    assert!(!b.pipe.lock().unwrap().nat_allocation_allowed(), "carried");
+    wait_for("B asks again and is Ready", Duration::from_secs(10), || {
+        b.status().ready
+    });
+    assert_eq!(b.status().sessions, 50);
+    assert_eq!(a.sessions(), b.sessions());
 }
 
 /// Measurement, not a check of behaviour: `cargo test -p dpu-agent --test ha_pair -- --ignored
