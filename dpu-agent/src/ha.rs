@@ -77,6 +77,9 @@ pub const SILENCE_LIMIT: Duration = Duration::from_secs(3);
 pub const MAX_FRAME: usize = 4 << 20;
 /// Largest backlog of unsent bytes before a connection is dropped (the peer does not read).
 const MAX_OUT: usize = 32 << 20;
+/// Redial delays of the active after a lost or refused connection, doubling.
+const MIN_DIAL_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(2);
 /// The thread's idle sleep.
 const TICK: Duration = Duration::from_micros(500);
 /// Role-machine time runs this far ahead of the pipeline clock, so that a lease deadline
@@ -355,6 +358,8 @@ impl HaRuntime {
             counters: HaCounters::default(),
             past_requests: 0,
             was_ready: false,
+            last_warn: None,
+            dial_backoff: MIN_DIAL_BACKOFF,
         };
         worker.become_receiver();
         tracing::info!(member = %worker.s.member, listen = %local, peer = %worker.s.peer,
@@ -603,6 +608,8 @@ struct Worker {
     /// Snapshot requests of receivers replaced since.
     past_requests: u64,
     was_ready: bool,
+    last_warn: Option<Instant>,
+    dial_backoff: Duration,
 }
 
 fn ns(d: Duration) -> u64 {
@@ -781,6 +788,7 @@ impl Worker {
             scratch: Vec::new(),
         }));
         self.next_dial = Instant::now();
+        self.dial_backoff = MIN_DIAL_BACKOFF;
         tracing::info!(member = %self.s.member, epoch, peer = %self.s.peer, "sync: sending to the peer");
     }
 
@@ -850,7 +858,29 @@ impl Worker {
 
     fn refuse(&mut self, why: &str, hello: Option<PairHello>) {
         self.counters.peers_refused += 1;
-        tracing::warn!(member = %self.s.member, ?hello, why, "sync connection refused");
+        if self.may_warn() {
+            tracing::warn!(member = %self.s.member, ?hello, why, refused = self.counters.peers_refused,
+                "sync connection refused (logged at most every 10 s)");
+        }
+    }
+
+    /// Rate limit of the refusal warnings: one per 10 s.
+    fn may_warn(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .last_warn
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
+        {
+            return false;
+        }
+        self.last_warn = Some(now);
+        true
+    }
+
+    /// After a connection was lost or refused: dial again later, later each time.
+    fn back_off(&mut self) {
+        self.next_dial = Instant::now() + self.dial_backoff;
+        self.dial_backoff = (self.dial_backoff * 2).min(MAX_DIAL_BACKOFF);
     }
 
     // --- active ------------------------------------------------------------------------------
@@ -968,10 +998,10 @@ impl Worker {
                         } else {
                             "bad hello"
                         };
-                        self.counters.peers_refused += 1;
-                        tracing::warn!(member = %self.s.member, hello = ?h, why, "sync connection refused");
                         self.conn = None;
                         self.counters.disconnects += 1;
+                        self.refuse(why, Some(h));
+                        self.back_off();
                         return true;
                     }
                     conn.hello = Some(h);
@@ -979,6 +1009,7 @@ impl Worker {
                         self.leader_epoch = h.epoch;
                     }
                     self.counters.connects += 1;
+                    self.dial_backoff = MIN_DIAL_BACKOFF;
                     tracing::info!(member = %self.s.member, peer = %h.member, "sync connection up (active side)");
                 }
                 Ok(None) => break,
@@ -1035,10 +1066,12 @@ impl Worker {
         }
         let flushed = conn.flush();
         if !matches!(alive, Ok(true)) || flushed.is_err() {
-            tracing::info!(member = %self.s.member, "sync connection lost (active side)");
+            if conn.hello.is_some() {
+                tracing::info!(member = %self.s.member, "sync connection lost (active side)");
+            }
             self.conn = None;
             self.counters.disconnects += 1;
-            self.next_dial = Instant::now() + Duration::from_millis(100);
+            self.back_off();
             return true;
         }
         busy
