@@ -1,8 +1,9 @@
 //! The pair runtime (`dpu_agent::ha`), **in one process**: two `HaRuntime`s, each with its own
 //! software pipeline, talking over real loopback TCP, roles set through `HaHandle::set_role`
-//! as the host link will do. These are unit tests of the runtime, not of two `dpu-agent`
-//! processes: the role message does not reach the agent over the host link yet. Packets go
-//! through each member's pipeline directly (no DPDK, no root).
+//! as the host link does. These are unit tests of the runtime, not of two `dpu-agent`
+//! processes (those, with roles from a real host agent and etcd, are in
+//! `tests/tests/pair_e2e.rs`, without traffic). Packets go through each member's pipeline
+//! directly (no DPDK, no root), so NAT sessions can be created, looked at and answered.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet};
