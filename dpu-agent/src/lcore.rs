@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
-use dpdk::{Mbuf, Queue, MAX_BURST};
+use dpdk::{Mbuf, Mempool, Queue, MAX_BURST};
 use flow_offload::model::PortId;
 use flow_offload::soft::pipeline::{DropReason, Verdict};
 
 use crate::agent::SharedPipeline;
+use crate::announce::Announcer;
 
 /// Packets per rx burst.
 pub const BURST: u16 = 32;
@@ -28,7 +29,7 @@ const EXPIRE_EVERY: u32 = 256;
 const EXPIRE_BUDGET: usize = 64;
 
 /// Drop reasons, in counter order.
-pub const DROP_REASONS: [DropReason; 13] = [
+pub const DROP_REASONS: [DropReason; 14] = [
     DropReason::Malformed,
     DropReason::UnknownPort,
     DropReason::UnknownVni,
@@ -42,6 +43,7 @@ pub const DROP_REASONS: [DropReason; 13] = [
     DropReason::Unresolved,
     DropReason::VrfLoop,
     DropReason::NoHeadroom,
+    DropReason::NatNotActive,
 ];
 
 fn reason_index(r: DropReason) -> usize {
@@ -64,7 +66,7 @@ pub struct LcoreStats {
     /// Verdicts naming a port this lcore has no queue for.
     pub no_queue: AtomicU64,
     /// Drops by [`DROP_REASONS`] index.
-    pub dropped: [AtomicU64; 13],
+    pub dropped: [AtomicU64; 14],
 }
 
 impl LcoreStats {
@@ -91,12 +93,15 @@ impl LcoreStats {
 }
 
 /// Runs until `stop` is set. `queues` are every port's queue; `clock` is the agent's start.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     mut queues: Vec<Queue<'_, '_>>,
     pipeline: SharedPipeline,
     stop: &AtomicBool,
     stats: &LcoreStats,
     clock: Instant,
+    pool: &Mempool<'_>,
+    announcer: &Announcer,
 ) {
     let max_port = queues.iter().map(|q| q.port_id()).max().unwrap_or(0);
     // Port id -> queue index.
@@ -116,6 +121,9 @@ pub fn run(
     let mut idle: u32 = 0;
     let mut polls: u32 = 0;
     while !stop.load(Ordering::Relaxed) {
+        if announcer.pending() {
+            announce(&mut queues, &queue_of, pool, announcer);
+        }
         let mut got = 0usize;
         for qi in 0..queues.len() {
             let Some(q) = queues.get_mut(qi) else { break };
@@ -210,5 +218,30 @@ pub fn run(
         } else {
             idle = 0;
         }
+    }
+}
+
+/// Sends the frames the control side queued, one by one (a handful, rarely).
+fn announce(
+    queues: &mut [Queue<'_, '_>],
+    queue_of: &[Option<usize>],
+    pool: &Mempool<'_>,
+    announcer: &Announcer,
+) {
+    for (port, frame) in announcer.take() {
+        let sent = (|| {
+            let q = queues.get_mut(queue_of.get(usize::from(port.0)).copied().flatten()?)?;
+            let mut m = pool.alloc()?;
+            m.append(u16::try_from(frame.len()).ok()?)?
+                .copy_from_slice(&frame);
+            let mut one = vec![m];
+            (q.tx_burst(&mut one) == 1).then_some(())
+        })();
+        let c = if sent.is_some() {
+            &announcer.sent
+        } else {
+            &announcer.failed
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 }

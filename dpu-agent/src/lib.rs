@@ -8,9 +8,12 @@
 //! - [`link`]: the host link server (framed postcard messages over TCP).
 //! - [`image`]: A/B image slots: flashing on the host's order, boot-control decisions.
 //! - [`ha`]: the A/B pair runtime: NAT session sync to the standby, the member's role.
+//! - [`announce`]: frames the lcore sends on the control side's behalf (a new active's router
+//!   MAC announcements).
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod announce;
 pub mod config;
 pub mod ha;
 pub mod image;

@@ -29,6 +29,7 @@ use flow_offload::wire::{
 };
 
 use crate::agent::Agent;
+use crate::announce::{router_mac_announcements, Announcer};
 use crate::ha::HaHandle;
 use crate::image::Images;
 
@@ -56,6 +57,8 @@ pub struct Identity {
     pub ports: Vec<(PortId, Caps)>,
     /// The pair runtime, when this agent is a member of an A/B pair.
     pub ha: Option<HaHandle>,
+    /// Where a member that becomes active queues its router MAC announcements.
+    pub announcer: Option<std::sync::Arc<Announcer>>,
 }
 
 /// Why a connection ended.
@@ -376,6 +379,22 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
             let changed = last_pair
                 .as_ref()
                 .is_none_or(|p| (p.role, p.ready, p.epoch) != (now.role, now.ready, now.epoch));
+            let became_active = now.role == flow_offload::wire::PairRole::Active
+                && last_pair
+                    .as_ref()
+                    .is_none_or(|p| p.role != now.role || p.epoch != now.epoch);
+            if let (true, Some(a)) = (became_active, &id.announcer) {
+                // Traffic follows the router MAC: the bridges in front of the pair learn it
+                // here now (the old active may still be up, fenced, or gone).
+                let frames =
+                    router_mac_announcements(agent.model(), id.ports.iter().map(|(p, _)| *p));
+                tracing::info!(
+                    epoch = now.epoch,
+                    frames = frames.len(),
+                    "active: announcing the router MAC on every port"
+                );
+                a.request(frames);
+            }
             if changed || last_pair_sent.elapsed() >= HEARTBEAT_EVERY {
                 send(&mut stream, &codec, &Message::HaStatus(now.clone()))?;
                 last_pair = Some(now);

@@ -24,6 +24,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use dpdk::{DpdkTarget, Eal, Mempool, Port, PortConfig};
 use dpu_agent::agent::Agent;
+use dpu_agent::announce::Announcer;
 use dpu_agent::config::Config;
 use dpu_agent::ha::{HaError, HaRuntime, PairSettings};
 use dpu_agent::image::{Gate, ImageSetupError, Images};
@@ -227,6 +228,9 @@ fn run(args: &Args) -> Result<Exit, StartError> {
         boot_id: seed,
         ports: per_port,
         ha: ha.as_ref().map(HaRuntime::handle),
+        announcer: ha
+            .as_ref()
+            .map(|_| std::sync::Arc::new(Announcer::default())),
     };
     let listener = TcpListener::bind(listen).map_err(|source| StartError::Listen {
         addr: listen.to_string(),
@@ -279,10 +283,14 @@ fn run(args: &Args) -> Result<Exit, StartError> {
         });
         let pipeline = agent.pipeline();
         let stats_ref = &stats;
+        let pool_ref = &pool;
+        let announcer = identity.announcer.clone().unwrap_or_default();
         s.spawn(move || {
             pin_to(forwarding_cpu);
             tracing::info!(cpu = forwarding_cpu, "forwarding lcore running");
-            lcore::run(queues, pipeline, stop_ref, stats_ref, clock);
+            lcore::run(
+                queues, pipeline, stop_ref, stats_ref, clock, pool_ref, &announcer,
+            );
             tracing::info!("forwarding lcore stopped");
         });
         if matches!(exit, Exit::Stopped) {

@@ -100,9 +100,10 @@ impl Lab {
             .collect()
     }
 
-    /// Route statuses the DPU reported, by object name ("route P in table T").
+    /// Route statuses the site's first DPU (`dpu-a`, `dpu-b`; site a also has `dpu-a2`, its
+    /// pair's other member) reported, by object name ("route P in table T").
     fn route_statuses(&self, site: &str) -> Vec<(String, String)> {
-        self.dpuctl_json(site, &["status"])
+        self.dpuctl_json(site, &["status", "--dpu", &format!("dpu-{site}")])
             .as_array()
             .unwrap()
             .iter()
@@ -351,6 +352,39 @@ fn lab_evpn_type5_nat_meter_and_restarts() {
             let u = lab.vtysh_json("a", "show ip route 192.0.2.2/32 json");
             route_flags(&v, "10.2.1.0/24") == (true, true, false)
                 && route_flags(&u, "192.0.2.2/32") == (true, true, false)
+        },
+    );
+
+    // Site a's A/B pair (`lab up` waited for one active and one Ready standby): long-lived
+    // flows through NAPT44 and NAT64 across a kill -9 of the active member. None may be reset,
+    // lose a message or change its outside address and port.
+    lab.ok(&["flows", "start", "20"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let failover = lab.run(&["failover", "a"]);
+    eprintln!("{}", text(&failover));
+    assert!(failover.status.success(), "failover:\n{}", text(&failover));
+    let killed = plain(&text(&failover))
+        .lines()
+        .find_map(|l| {
+            l.split("failover: ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .map(|id| id.trim_start_matches("dpu-").to_owned())
+        })
+        .unwrap();
+    // The killed member comes back as a Ready standby (no failback).
+    lab.ok(&["start", &killed, "dpu-agent"]);
+    eventually(
+        "the restarted member a Ready standby",
+        Duration::from_secs(60),
+        || {
+            let dpus = lab.dpuctl_json("a", &["dpus"]);
+            let me = format!("dpu-{killed}");
+            dpus.as_array().unwrap().iter().any(|d| {
+                d["id"] == me.as_str()
+                    && d["pair"]["role"] == "standby"
+                    && d["pair"]["ready"] == true
+            })
         },
     );
 

@@ -20,6 +20,7 @@
 
 use core::net::{Ipv4Addr, Ipv6Addr};
 
+pub mod arp;
 pub mod checksum;
 pub mod ethernet;
 pub mod icmpv4;

@@ -43,6 +43,7 @@ impl Dpu {
                 boot_id,
                 ports,
                 ha: None,
+                announcer: None,
             };
             serve(&listener, &mut agent, &mut target, &id, &s, None).unwrap();
         });
