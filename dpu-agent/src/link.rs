@@ -162,6 +162,7 @@ fn pair_status(ha: &HaHandle) -> flow_offload::wire::HaStatus {
         lag_ms: s.lag_ms,
         sessions: u64::try_from(s.sessions).unwrap_or(u64::MAX),
         peer_connected: s.connected,
+        handing_over: false,
     }
 }
 
@@ -347,7 +348,8 @@ fn session<T: FlowTarget + CountQuery + ?Sized>(
                 | Message::Counters(_)
                 | Message::Flash(_)
                 | Message::Boot(_)
-                | Message::HaStatus(_)) => {
+                | Message::HaStatus(_)
+                | Message::HaSwitchover { .. }) => {
                     let what = format!("{} from a host", other.kind());
                     refuse(&mut stream, &codec, None, Refusal::Unexpected(what))?;
                 }

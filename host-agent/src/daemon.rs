@@ -898,11 +898,28 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     // zebra's routes on no DPU: the FRR side writes, `ListStatus` reads.
     let refused = RefusedRoutes::new();
     let pairs = crate::pair::PairStates::default();
+    // Planned switchovers: the API reaches each member's link through these.
+    let mut pair_controls = BTreeMap::new();
+    let mut switchover_rx = BTreeMap::new();
+    for d in &config.dpus {
+        if let Some(p) = &d.pair {
+            let (tx, rx) = mpsc::channel(4);
+            pair_controls.insert(
+                d.id.clone(),
+                crate::pair::PairControl {
+                    group: p.group.clone(),
+                    switchover: tx,
+                },
+            );
+            switchover_rx.insert(d.id.clone(), rx);
+        }
+    }
     let views = crate::api::DaemonViews {
         desired: Some(api_desired),
         hub: Some(api_hub),
         refused: config.fpm.as_ref().map(|_| refused.clone()),
         pairs: Some(pairs.clone()),
+        pair_controls: Some(Arc::new(pair_controls)),
     };
     let api_task = tokio::spawn(async move {
         crate::api::serve(api_addr, api_store, views, async move {
@@ -965,6 +982,12 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     ttl_secs: p.lease_ttl_secs,
                     ..crate::pair::Timing::default()
                 },
+                switchover_rx
+                    .remove(&d.id)
+                    .ok_or_else(|| ConfigError::Invalid {
+                        field: format!("dpus[{i}].id"),
+                        problem: "the same DPU id twice".to_owned(),
+                    })?,
             )),
             None => None,
         };
@@ -979,20 +1002,24 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let start_links = move |addrs: Vec<LinkTarget>, ev_tx: mpsc::Sender<DpuEvent>| {
         let mut tasks = Vec::new();
         for (a, member) in addrs {
-            let pair = member.map(|(member, timing)| {
+            let pair = member.map(|(member, timing, switchover)| {
                 let (role_tx, role_rx) = watch::channel(None);
                 let (up_tx, up_rx) = watch::channel(false);
+                let (release_tx, release_rx) = watch::channel(None);
                 tasks.push(tokio::spawn(crate::pair::run(
                     link_store.clone(),
                     member,
                     timing,
                     up_rx,
                     role_tx,
+                    release_rx,
                     link_shutdown.clone(),
                 )));
                 dpu_link::PairLink {
                     role: role_rx,
                     up: up_tx,
+                    switchover,
+                    release: release_tx,
                 }
             });
             tasks.push(tokio::spawn(dpu_link::run_member(
@@ -1762,7 +1789,11 @@ async fn on_dpu_event(
 /// A DPU link to start: the agent's address, and its pair membership.
 type LinkTarget = (
     SocketAddr,
-    Option<(crate::pair::Member, crate::pair::Timing)>,
+    Option<(
+        crate::pair::Member,
+        crate::pair::Timing,
+        mpsc::Receiver<u64>,
+    )>,
 );
 
 /// A refusal's kind, as a metric label.

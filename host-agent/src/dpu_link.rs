@@ -77,6 +77,10 @@ pub struct PairLink {
     pub role: watch::Receiver<Option<HaRole>>,
     /// Set while a session with the agent is established.
     pub up: watch::Sender<bool>,
+    /// Planned switchovers to start: the epoch the agent is active in.
+    pub switchover: mpsc::Receiver<u64>,
+    /// Set to the epoch whose lease the agent asks to release (its switchover is drained).
+    pub release: watch::Sender<Option<u64>>,
 }
 
 /// Wait before reconnecting to an agent that speaks another link protocol (it will not change
@@ -497,6 +501,14 @@ async fn session_inner(
                     }
                 }
                 Message::HaStatus(status) => {
+                    if status.handing_over {
+                        if let Some(p) = pair.as_deref() {
+                            if *p.release.borrow() != Some(status.epoch) {
+                                tracing::info!(dpu = %dpu_id, epoch = status.epoch, "switchover drained: releasing the lease");
+                                p.release.send_replace(Some(status.epoch));
+                            }
+                        }
+                    }
                     events
                         .send(DpuEvent::Pair {
                             dpu: dpu_id.clone(),
@@ -530,7 +542,8 @@ async fn session_inner(
                 | Message::Apply(_)
                 | Message::FlashImage(_)
                 | Message::HostHello(_)
-                | Message::HaRole(_)) => {
+                | Message::HaRole(_)
+                | Message::HaSwitchover { .. }) => {
                     let reason = Refusal::Unexpected(format!("{} from a DPU", other.kind()));
                     refuse_dpu_message(stream, &codec, events, &dpu_id, reason).await?;
                 }
@@ -554,9 +567,11 @@ async fn session_inner(
                     in_flight = next_batch(stream, &codec, known, &current, false).await?;
                 }
             }
-            Some(r) = next_role(&mut pair) => {
-                tracing::debug!(dpu = %dpu_id, epoch = r.epoch, active = r.active, valid_ms = r.valid_ms, "relaying pair role");
-                send(stream, &codec, &Message::HaRole(r)).await?;
+            m = next_pair_message(&mut pair) => {
+                if let Message::HaSwitchover { epoch } = &m {
+                    tracing::info!(dpu = %dpu_id, epoch, "asking the DPU to hand over the pair's leadership");
+                }
+                send(stream, &codec, &m).await?;
             }
             Some(order) = next_order(&mut flash) => {
                 tracing::info!(dpu = %dpu_id, port = order.server_port, "sending flash order");
@@ -614,14 +629,28 @@ async fn refuse_dpu_message(
         .map_err(|_| SessionEnd::NoConsumer)
 }
 
-/// The next role to relay, or never when the DPU is not a pair member (or the campaign ended).
-async fn next_role(pair: &mut Option<&mut PairLink>) -> Option<HaRole> {
-    match pair {
-        Some(p) => match p.role.changed().await {
-            Ok(()) => p.role.borrow_and_update().clone(),
-            Err(_) => std::future::pending().await,
-        },
-        None => std::future::pending().await,
+/// The next pair message for the agent: a new role to relay, or a switchover order. Never
+/// when the DPU is not a pair member.
+async fn next_pair_message(pair: &mut Option<&mut PairLink>) -> Message {
+    let Some(p) = pair else {
+        return std::future::pending().await;
+    };
+    let PairLink {
+        role, switchover, ..
+    } = &mut **p;
+    loop {
+        tokio::select! {
+            r = role.changed() => match r {
+                Ok(()) => {
+                    if let Some(r) = role.borrow_and_update().clone() {
+                        return Message::HaRole(r);
+                    }
+                }
+                // The campaign ended (shutdown): nothing more to relay.
+                Err(_) => std::future::pending::<()>().await,
+            },
+            Some(epoch) = switchover.recv() => return Message::HaSwitchover { epoch },
+        }
     }
 }
 

@@ -29,6 +29,19 @@ pub type PairStates = std::sync::Arc<
     std::sync::RwLock<std::collections::BTreeMap<String, flow_offload::wire::HaStatus>>,
 >;
 
+/// The API's handle on a member: its pair, and where to send a switchover order (the epoch it
+/// is active in) for its DPU link to relay.
+#[derive(Debug, Clone)]
+pub struct PairControl {
+    /// The pair.
+    pub group: String,
+    /// Switchover orders.
+    pub switchover: tokio::sync::mpsc::Sender<u64>,
+}
+
+/// Every member's control, by DPU id.
+pub type PairControls = std::sync::Arc<std::collections::BTreeMap<String, PairControl>>;
+
 /// One member's identity in its pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
@@ -77,13 +90,15 @@ async fn until(up: &mut watch::Receiver<bool>, want: bool) -> bool {
 }
 
 /// Runs `member`'s campaign until `shutdown` turns true. `link_up` says whether the DPU's
-/// link is up; every outcome goes to `role`.
+/// link is up; every outcome goes to `role`; `release` names an epoch whose lease the DPU
+/// asks to release (a drained planned switchover).
 pub async fn run(
     store: Store,
     member: Member,
     timing: Timing,
     mut link_up: watch::Receiver<bool>,
     role: watch::Sender<Option<HaRole>>,
+    mut release: watch::Receiver<Option<u64>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut newest_epoch = 0u64;
@@ -147,38 +162,73 @@ pub async fn run(
                     active: true,
                     valid_ms: timing.valid_ms(sent),
                 });
-                hold(
+                let handed = hold(
                     &store,
                     &member,
                     timing,
-                    lease,
-                    epoch,
+                    Held { lease, epoch },
                     &mut link_up,
                     &role,
+                    &mut release,
                     &mut shutdown,
                 )
                 .await;
+                if handed {
+                    // Let the other member take the key before campaigning again; if it
+                    // does not within the bound, campaign (the pair must not stay leaderless).
+                    let end = Instant::now() + HANDOVER_WAIT;
+                    while Instant::now() < end {
+                        match store.leader(&member.group).await {
+                            Ok(Some((holder, e))) if holder != member.member && e > epoch => break,
+                            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    }
+                }
             }
         }
     }
 }
 
-/// Keeps the lease of `epoch` alive while the link is up; resigns when it goes down or at
-/// shutdown; reports a lost lease.
+/// After a planned switchover, how long a member waits for the other to take the key before
+/// it campaigns again.
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// A lease held for an epoch.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    lease: i64,
+    epoch: u64,
+}
+
+/// Keeps the lease of `epoch` alive while the link is up; resigns when it goes down, or when
+/// the DPU asks to release it (returns true then); reports a lost lease.
 #[allow(clippy::too_many_arguments)]
 async fn hold(
     store: &Store,
     member: &Member,
     timing: Timing,
-    lease: i64,
-    epoch: u64,
+    held: Held,
     link_up: &mut watch::Receiver<bool>,
     role: &watch::Sender<Option<HaRole>>,
+    release: &mut watch::Receiver<Option<u64>>,
     shutdown: &mut watch::Receiver<bool>,
-) {
+) -> bool {
+    let Held { lease, epoch } = held;
     let every = timing.ttl() / 4;
     loop {
         tokio::select! {
+            ok = async { release.wait_for(|e| *e == Some(epoch)).await.is_ok() } => {
+                if !ok {
+                    // No link task any more: keep holding until the link says otherwise.
+                    std::future::pending::<()>().await;
+                }
+                tracing::info!(dpu = %member.dpu, group = %member.group, epoch, "planned switchover: releasing the leader key");
+                if let Err(e) = store.resign(lease).await {
+                    tracing::warn!(dpu = %member.dpu, epoch, error = %e, "release failed; the lease expires after its TTL");
+                }
+                role.send_replace(Some(HaRole { epoch, active: false, valid_ms: 0 }));
+                return true;
+            }
             _ = tokio::time::sleep(every) => {
                 let sent = Instant::now();
                 match store.renew(lease).await {
@@ -188,7 +238,7 @@ async fn hold(
                     Ok(Renewal::Gone) => {
                         tracing::warn!(dpu = %member.dpu, group = %member.group, epoch, "pair lease lost");
                         role.send_replace(Some(HaRole { epoch, active: false, valid_ms: 0 }));
-                        return;
+                        return false;
                     }
                     // The DPU fences itself when the last proof runs out; keep trying.
                     Err(e) => tracing::warn!(dpu = %member.dpu, epoch, error = %e, "pair lease renewal failed"),
@@ -202,13 +252,13 @@ async fn hold(
                     tracing::warn!(dpu = %member.dpu, epoch, error = %e, "resign failed; the lease expires after its TTL");
                 }
                 role.send_replace(Some(HaRole { epoch, active: false, valid_ms: 0 }));
-                return;
+                return false;
             }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     // A planned stop of the host agent: leave the key to the lease, so that a
                     // restart within the TTL adopts it and the DPU stays active.
-                    return;
+                    return false;
                 }
             }
         }

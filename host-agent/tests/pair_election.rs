@@ -4,7 +4,8 @@
 //! the old active comes back as standby (no failback); a host agent restarted within the TTL
 //! adopts its member's lease and stays active in the same epoch; one whose keep-alives stop
 //! loses the key to the other member after the TTL; after etcd is killed and restarted, the
-//! members converge on one active again.
+//! members converge on one active again; a released lease (a drained planned switchover)
+//! hands the key to the other member, and the releasing one does not take it back.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -22,6 +23,7 @@ use tokio::time::{timeout, Instant};
 
 struct Side {
     up: watch::Sender<bool>,
+    release: watch::Sender<Option<u64>>,
     role: watch::Receiver<Option<HaRole>>,
     task: JoinHandle<()>,
     _stop: watch::Sender<bool>,
@@ -31,6 +33,7 @@ fn start(store: &Store, member: &str, up: bool) -> Side {
     let (up_tx, up_rx) = watch::channel(up);
     let (role_tx, role_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (release_tx, release_rx) = watch::channel(None);
     let m = Member {
         group: Name::new("site-a").unwrap(),
         member: member.to_owned(),
@@ -40,9 +43,18 @@ fn start(store: &Store, member: &str, up: bool) -> Side {
         ttl_secs: 2,
         retry: Duration::from_millis(200),
     };
-    let task = tokio::spawn(run(store.clone(), m, timing, up_rx, role_tx, stop_rx));
+    let task = tokio::spawn(run(
+        store.clone(),
+        m,
+        timing,
+        up_rx,
+        role_tx,
+        release_rx,
+        stop_rx,
+    ));
     Side {
         up: up_tx,
+        release: release_tx,
         role: role_rx,
         task,
         _stop: stop_tx,
@@ -213,4 +225,31 @@ async fn after_etcd_is_killed_and_restarted_one_member_is_active_again() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_released_lease_hands_over_without_taking_it_back() {
+    let etcd = Etcd::start().await;
+    let store = etcd.store().await;
+    let mut a = start(&store, "a", true);
+    let first = a.wait("a active", active).await;
+    let mut b = start(&store, "b", true);
+    b.wait("b standby", |r| !r.active).await;
+    // A release for another epoch changes nothing.
+    a.release.send_replace(Some(first.epoch + 1000));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(active(&a.now().unwrap()) && !b.now().unwrap().active);
+    // The DPU drained its switchover: the host releases, b takes over.
+    let t = Instant::now();
+    a.release.send_replace(Some(first.epoch));
+    let b_active = b.wait("b active after the release", active).await;
+    println!("handover after a release: {:?}", t.elapsed());
+    assert!(b_active.epoch > first.epoch);
+    a.wait("a standby in b's epoch", |r| {
+        !r.active && r.epoch == b_active.epoch
+    })
+    .await;
+    // a keeps campaigning as a standby only: b stays active.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(active(&b.now().unwrap()) && !a.now().unwrap().active);
 }

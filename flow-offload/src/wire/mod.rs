@@ -80,6 +80,13 @@ pub enum Message {
     HaRole(HaRole),
     /// DPU → host: a pair member's state (with every heartbeat, and when it changes).
     HaStatus(HaStatus),
+    /// Host → DPU: hand the pair's leadership of `epoch` over to the other member (a planned
+    /// switchover): stop allocating, wait until the peer holds every binding, then ask the host
+    /// to release the lease ([`HaStatus::handing_over`]).
+    HaSwitchover {
+        /// The epoch this member is active in.
+        epoch: u64,
+    },
 }
 
 /// Where a pair member stands.
@@ -111,6 +118,9 @@ pub struct HaStatus {
     pub sessions: u64,
     /// Whether the sync channel to the peer is connected.
     pub peer_connected: bool,
+    /// A planned switchover drained the sync stream (the peer holds every binding): the host
+    /// must release this member's lease now.
+    pub handing_over: bool,
 }
 
 impl Message {
@@ -129,6 +139,7 @@ impl Message {
             Message::HostHello(_) => "host hello",
             Message::HaRole(_) => "pair role",
             Message::HaStatus(_) => "pair status",
+            Message::HaSwitchover { .. } => "pair switchover",
         }
     }
 }

@@ -167,6 +167,8 @@ pub struct DaemonViews {
     pub refused: Option<crate::fpm::RefusedRoutes>,
     /// Pair members' reports.
     pub pairs: Option<crate::pair::PairStates>,
+    /// Pair members' switchover controls.
+    pub pair_controls: Option<crate::pair::PairControls>,
 }
 
 /// Binds `addr` and serves the API until `shutdown` completes.

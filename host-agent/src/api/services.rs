@@ -19,6 +19,7 @@ pub struct Api {
     hub: Option<FlashHub>,
     refused: Option<crate::fpm::RefusedRoutes>,
     pairs: Option<crate::pair::PairStates>,
+    pair_controls: Option<crate::pair::PairControls>,
 }
 
 impl Api {
@@ -29,6 +30,7 @@ impl Api {
             hub: views.hub,
             refused: views.refused,
             pairs: views.pairs,
+            pair_controls: views.pair_controls,
         }
     }
 
@@ -453,7 +455,110 @@ impl pb::dpu_service_server::DpuService for Api {
             .collect();
         Ok(Response::new(pb::ListDpusResponse { dpus }))
     }
+
+    async fn switchover(
+        &self,
+        req: Request<pb::SwitchoverRequest>,
+    ) -> Result<Response<pb::SwitchoverResponse>, Status> {
+        use flow_offload::wire::PairRole;
+        let group = req.into_inner().group;
+        let (Some(controls), Some(states)) = (&self.pair_controls, &self.pairs) else {
+            return Err(Status::failed_precondition(
+                "this host agent runs no A/B pair",
+            ));
+        };
+        let members: Vec<&String> = controls
+            .iter()
+            .filter(|(_, c)| group.is_empty() || c.group == group)
+            .map(|(d, _)| d)
+            .collect();
+        let groups: std::collections::BTreeSet<&str> = members
+            .iter()
+            .filter_map(|d| controls.get(*d).map(|c| c.group.as_str()))
+            .collect();
+        if groups.len() != 1 {
+            return Err(super::invalid_field(
+                "switchover",
+                "group",
+                "names no pair of this host agent",
+                format!(
+                    "switchover: field `group`: {group:?} names no pair of this host agent (pairs: {:?})",
+                    controls.values().map(|c| c.group.as_str()).collect::<std::collections::BTreeSet<_>>()
+                ),
+            ));
+        }
+        let snapshot = |states: &crate::pair::PairStates| {
+            let s = states
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            members
+                .iter()
+                .map(|d| ((*d).clone(), s.get(*d).cloned()))
+                .collect::<Vec<_>>()
+        };
+        let now = snapshot(states);
+        let Some((from, epoch)) = now.iter().find_map(|(d, s)| {
+            s.as_ref()
+                .filter(|s| s.role == PairRole::Active)
+                .map(|s| (d.clone(), s.epoch))
+        }) else {
+            return Err(Status::failed_precondition(format!(
+                "pair {}: no member is active now",
+                groups.iter().next().copied().unwrap_or_default()
+            )));
+        };
+        let standby_ready = now.iter().any(|(d, s)| {
+            *d != from
+                && s.as_ref()
+                    .is_some_and(|s| s.role == PairRole::Standby && s.ready)
+        });
+        if !standby_ready {
+            return Err(Status::failed_precondition(format!(
+                "pair {}: the standby is not Ready (it must hold every session before a planned switchover)",
+                groups.iter().next().copied().unwrap_or_default()
+            )));
+        }
+        let started = std::time::Instant::now();
+        let sent = controls
+            .get(&from)
+            .map(|c| c.switchover.try_send(epoch).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            return Err(Status::unavailable(format!(
+                "{from}: its link cannot take a switchover order now"
+            )));
+        }
+        tracing::info!(%from, epoch, "planned switchover requested");
+        let deadline = started + SWITCHOVER_WAIT;
+        loop {
+            let now = snapshot(states);
+            if let Some((to, e)) = now.iter().find_map(|(d, s)| {
+                s.as_ref()
+                    .filter(|s| *d != from && s.role == PairRole::Active && s.epoch > epoch)
+                    .map(|s| (d.clone(), s.epoch))
+            }) {
+                let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                tracing::info!(%from, %to, epoch = e, took_ms, "planned switchover done");
+                return Ok(Response::new(pb::SwitchoverResponse {
+                    from,
+                    to,
+                    epoch: e,
+                    took_ms,
+                }));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "switchover from {from} (epoch {epoch}) not complete after {}s; states: {now:?}",
+                    SWITCHOVER_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 }
+
+/// How long a planned switchover may take before the API gives up waiting (the DPUs go on).
+const SWITCHOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 fn flash_field(field: &str, description: &str) -> Status {
     super::invalid_field(

@@ -71,6 +71,22 @@ enum Cmd {
     /// DPU images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// DPUs: A/B pair operations.
+    #[command(subcommand)]
+    Dpu(DpuCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum DpuCmd {
+    /// Planned switchover of an A/B pair: the active member stops allocating, waits until the
+    /// standby holds every session, and hands the leader key over; no packet is lost. Refused
+    /// while the standby is not Ready. Returns once the other member is active.
+    Switchover {
+        /// The pair (its `group` in the host agent's configuration); may be left out when the
+        /// host agent runs one pair.
+        #[arg(long)]
+        group: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -987,6 +1003,27 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             .map_err(refused)?
             .into_inner();
             ctx.print(&n, || node_rows(&n))?;
+        }
+        Cmd::Dpu(DpuCmd::Switchover { group }) => {
+            let mut c = DpuServiceClient::new(ch());
+            let r = c
+                .switchover(pb::SwitchoverRequest {
+                    group: group.unwrap_or_default(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            ctx.print(&r, || {
+                vec![
+                    header(&["FROM", "TO", "EPOCH", "TOOK"]),
+                    vec![
+                        r.from.clone(),
+                        r.to.clone(),
+                        r.epoch.to_string(),
+                        format!("{} ms", r.took_ms),
+                    ],
+                ]
+            })?;
         }
         Cmd::Dpus => {
             let mut c = DpuServiceClient::new(ch());

@@ -137,6 +137,21 @@ impl Store {
         })
     }
 
+    /// Who holds `group`'s leader key now, and its epoch.
+    pub async fn leader(&self, group: &Name) -> Result<Option<(String, u64)>, StoreError> {
+        let key = keys::pair_leader_key(group);
+        let mut kv = self.client.kv_client();
+        let got = self
+            .bounded("leader read", kv.get(key.as_str(), None))
+            .await?;
+        Ok(got.kvs().first().map(|kv| {
+            (
+                String::from_utf8_lossy(kv.value()).into_owned(),
+                epoch_of(kv.create_revision()),
+            )
+        }))
+    }
+
     /// One keep-alive of `lease`. (The client sends one request and reads its answer; a TTL of
     /// 0 in it comes back as an error saying the lease is not found.)
     pub async fn renew(&self, lease: i64) -> Result<Renewal, StoreError> {
