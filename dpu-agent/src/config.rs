@@ -392,10 +392,21 @@ impl Config {
 
     /// The listen address.
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.link
+        let a: SocketAddr = self
+            .link
             .listen
             .parse()
-            .map_err(|e| invalid("link.listen", format!("not an address:port: {e}")))
+            .map_err(|e| invalid("link.listen", format!("not an address:port: {e}")))?;
+        if !a.ip().is_loopback() {
+            // Nothing listens beyond loopback without TLS, and the link has none yet.
+            return Err(invalid(
+                "link.listen",
+                format!(
+                    "{a} is not a loopback address: the host link has no TLS yet, so it may only listen on 127.0.0.1 or ::1"
+                ),
+            ));
+        }
+        Ok(a)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -584,6 +595,15 @@ listen = "127.0.0.1:7700"
                 "ports[1].name",
             ),
             (GOOD.replace("127.0.0.1:7700", "localhost"), "link.listen"),
+            // Not loopback, and the link has no TLS.
+            (
+                GOOD.replace("127.0.0.1:7700", "0.0.0.0:7700"),
+                "link.listen",
+            ),
+            (
+                GOOD.replace("127.0.0.1:7700", "192.0.2.7:7700"),
+                "link.listen",
+            ),
             (
                 GOOD.replace("\"--no-huge\"", "\"--vdev=net_null0\""),
                 "eal.args[2]",

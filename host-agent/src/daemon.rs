@@ -175,6 +175,22 @@ fn addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// A listener's address, which must be loopback: nothing in this build speaks TLS yet, and
+/// nothing may listen beyond loopback without it (the daemon refuses to start).
+fn loopback(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    let a = addr(field, s)?;
+    if a.ip().is_loopback() {
+        Ok(a)
+    } else {
+        Err(ConfigError::Invalid {
+            field: field.to_owned(),
+            problem: format!(
+                "{a} is not a loopback address: this build has no TLS, and nothing listens beyond loopback without it (use 127.0.0.1 or ::1)"
+            ),
+        })
+    }
+}
+
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -194,10 +210,10 @@ impl Config {
                 problem: "at least one endpoint".into(),
             });
         }
-        addr("api.listen", &c.api.listen)?;
-        addr("metrics.listen", &c.metrics.listen)?;
+        loopback("api.listen", &c.api.listen)?;
+        loopback("metrics.listen", &c.metrics.listen)?;
         if let Some(f) = &c.fpm {
-            addr("fpm.listen", &f.listen)?;
+            loopback("fpm.listen", &f.listen)?;
             match f.table_encoding.as_deref() {
                 None | Some("table-id") | Some("main-as-zero") => {}
                 Some(other) => {
@@ -260,7 +276,7 @@ impl Config {
             }
         }
         if let Some(im) = &c.images {
-            addr("images.listen", &im.listen)?;
+            loopback("images.listen", &im.listen)?;
         }
         Ok(c)
     }
@@ -1812,6 +1828,30 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+
+    #[test]
+    fn every_listener_beyond_loopback_is_refused_naming_its_field() {
+        let good = "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n[api]\nlisten = \"127.0.0.1:50051\"\n[metrics]\nlisten = \"[::1]:9100\"\n[fpm]\nlisten = \"127.0.0.1:2620\"\n[images]\nlisten = \"127.0.0.1:0\"\n";
+        assert!(Config::parse(good).is_ok());
+        for (from, to, field) in [
+            ("127.0.0.1:50051", "0.0.0.0:50051", "api.listen"),
+            ("[::1]:9100", "[::]:9100", "metrics.listen"),
+            ("127.0.0.1:2620", "10.0.0.1:2620", "fpm.listen"),
+            ("127.0.0.1:0", "0.0.0.0:0", "images.listen"),
+        ] {
+            match Config::parse(&good.replace(from, to)) {
+                Err(ConfigError::Invalid { field: f, problem }) => {
+                    assert_eq!(f, field);
+                    assert!(problem.contains("not a loopback address"), "{problem}");
+                }
+                other => panic!("{to}: {other:?}"),
+            }
+        }
+        // Chunk servers default to loopback too.
+        let c = Config::parse(&good.replace("[images]\nlisten = \"127.0.0.1:0\"\n", "[images]\n"))
+            .unwrap();
+        assert_eq!(c.images.unwrap().listen, "127.0.0.1:0");
+    }
 
     fn via_port0(prefix: &str) -> Route {
         Route {

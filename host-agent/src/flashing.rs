@@ -40,7 +40,7 @@ pub struct ImagesSection {
 }
 
 fn default_listen() -> String {
-    "0.0.0.0:0".to_owned()
+    "127.0.0.1:0".to_owned()
 }
 
 impl Default for ImagesSection {
