@@ -27,6 +27,34 @@
 //!   imported (a record its pipeline refused, e.g. a NAT rule the host has not sent here yet,
 //!   makes it ask for another snapshot later, with backoff).
 //!
+//! # Planned switchover
+//! [`HaHandle::request_switchover`] (the host relays `dpuctl dpu switchover`) on the active of
+//! that epoch takes the role machine's steps ([`flow_offload::ha::role`]); the phase shows in
+//! [`HaStatus::switchover`]:
+//! 1. **Waiting for the peer** to be Ready, allocation going on. The active counts its peer
+//!    Ready only while connected, once the standby's snapshot on this connection has started,
+//!    with the sync sender's view (snapshot end and stream
+//!    acknowledged) *and* the standby's own [`StandbyReport`] agreeing: a standby acknowledges
+//!    records its pipeline refused (a NAT rule it lacks), so acknowledgements alone do not
+//!    prove it holds every binding.
+//! 2. **Draining**: the allocation gate closes at once (new flows drop with `NatNotActive`;
+//!    established sessions keep forwarding, and their changes keep streaming). The first time
+//!    the change log is emptied (without loss) after the gate closed, the sender's last seq
+//!    is the target: every binding created before the gate closed is at or below it. Once the
+//!    peer has acknowledged up to the target, with no resync pending and the peer still
+//!    Ready, the runtime feeds `SyncDrained`. With no traffic that is lag 0; changes of
+//!    established sessions made after the target (state changes, deletions) do not hold the
+//!    handover up: they keep streaming while fenced, until the new active takes over.
+//! 3. **Released**: the machine fences the member (not preferred, still forwarding) and says
+//!    `ReleaseLease`; [`HaStatus::release_lease`] asks the host to revoke the lease, until the
+//!    member hears of a newer epoch or stands down (`stand_down_ns` after the release, to
+//!    Standby, asking the new active for a snapshot).
+//!
+//! The peer dropping out of Ready while draining (disconnected, asking for a snapshot,
+//! reporting a refused record), fencing, or `switchover_timeout_ns` passing abandon it
+//! ([`SwitchoverPhase::Aborted`]): the gate opens again on the next tick if the member is
+//! still active.
+//!
 //! Either member can be active, and the role can change at run time: the sender and receiver
 //! are made afresh on every change of direction (a new receiver is seeded with the sessions its
 //! table still holds, so that its first snapshot removes what the new active does not have).
@@ -36,7 +64,8 @@
 //! same member letter (it would allocate from the same block), another protocol, or a stale
 //! epoch is refused; so is a second active (split brain: each keeps its own block, so no
 //! binding is handed out twice, and the lower epoch learns it is stale from the standby's
-//! acknowledgements). A standby drops a connection that has been silent for
+//! acknowledgements). After its hello the standby sends a [`StandbyReport`] (not Ready), and
+//! another whenever that changes. A standby drops a connection that has been silent for
 //! [`SILENCE_LIMIT`] (the active sends a heartbeat every second).
 //!
 //! # Security
@@ -53,7 +82,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use flow_offload::ha::role::{Role, RoleConfig, RoleError, RoleEvent, RoleMachine};
+use flow_offload::ha::role::{
+    Role, RoleAction, RoleConfig, RoleError, RoleEvent, RoleMachine, SwitchoverPhase as RolePhase,
+};
 use flow_offload::ha::sync::{
     Event, Heartbeat, ReadyState, Replicated, SnapshotSource, SyncConfig, SyncError, SyncMessage,
     SyncReceiver, SyncSender, Version,
@@ -93,6 +124,24 @@ pub enum PairFrame {
     Hello(PairHello),
     /// The replication stream.
     Sync(SyncMessage<ReplicatedSession>),
+    /// Standby → active: whether the standby's replica is complete and every record of it
+    /// imported (see [`StandbyReport`]).
+    Standby(StandbyReport),
+}
+
+/// The standby's own view of its replica, sent right after its hello, whenever it changes,
+/// and, when a record is refused, before the acknowledgement that covers it.
+///
+/// The sync sender's acknowledgements say what the standby *received*; only the standby knows
+/// whether its pipeline took every record (one missing the NAT rule refuses them and asks for
+/// another snapshot later). The active counts its peer Ready only when both agree, so that a
+/// planned switchover never hands over to a standby missing bindings. An active that never
+/// hears a report (a peer from before this frame existed) goes by the acknowledgements alone;
+/// a peer that does not know this frame counts it as a frame error and carries on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandbyReport {
+    /// Snapshot complete, stream applied, no record refused since.
+    pub ready: bool,
 }
 
 /// Who is at the other end.
@@ -200,6 +249,56 @@ pub struct HaCounters {
     pub stale_term: u64,
     /// Frames that did not decode, or broke the framing.
     pub frame_errors: u64,
+    /// Planned switchovers started ([`HaHandle::request_switchover`] while active in that
+    /// epoch).
+    pub switchovers_started: u64,
+    /// Switchover requests ignored: this member was not active in the epoch named (or one was
+    /// already under way).
+    pub switchovers_ignored: u64,
+    /// Switchovers that drained the stream and asked for the lease to be released.
+    pub switchovers_released: u64,
+    /// Switchovers abandoned (timeout, peer no longer Ready, fenced, newer epoch).
+    pub switchovers_aborted: u64,
+}
+
+/// Where the last planned switchover of this member is (see [`HaStatus::switchover`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Switchover {
+    /// The epoch handing over.
+    pub epoch: u64,
+    /// How far it got.
+    pub phase: SwitchoverPhase,
+}
+
+/// The steps of a planned switchover, as the runtime takes them (the role machine's
+/// [`flow_offload::ha::role`] "Planned switchover" steps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchoverPhase {
+    /// Requested; the peer is not Ready (as its acknowledgements and its own report say).
+    /// Allocation continues.
+    WaitingForPeer,
+    /// The peer is Ready: allocation is stopped (established sessions keep forwarding), and
+    /// the runtime waits until the change log is empty and the sync sender's lag is 0.
+    Draining,
+    /// Every binding is acknowledged by the peer: this member is fenced (not preferred, still
+    /// forwarding) and asks for its lease to be revoked ([`HaStatus::release_lease`]).
+    Released,
+    /// Abandoned; allocation resumes if this member is still active and its lease valid.
+    Aborted(SwitchoverAbort),
+}
+
+/// Why a planned switchover was abandoned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchoverAbort {
+    /// Not done within the role machine's `switchover_timeout_ns`.
+    Timeout,
+    /// The peer dropped out of Ready while draining (disconnected, asked for a snapshot, or
+    /// refused a record).
+    PeerNotReady,
+    /// This member fenced itself (lease deadline, or lease lost).
+    Fenced,
+    /// This member acquired a newer epoch.
+    NewEpoch,
 }
 
 /// What the rest of the agent (metrics, `dpuctl dpus`) sees.
@@ -216,7 +315,8 @@ pub struct HaStatus {
     /// Whether the sync connection is up.
     pub connected: bool,
     /// Standby: its replica is complete and caught up (a switchover may proceed). Active:
-    /// the peer's replica is (as the acknowledgements show).
+    /// the peer's replica is, as its acknowledgements and its own [`StandbyReport`] show
+    /// (false while the sync connection is down).
     pub ready: bool,
     /// Changes not yet applied by the standby: on the active, pushed and not acknowledged; on
     /// the standby, announced by the active and not applied.
@@ -226,6 +326,14 @@ pub struct HaStatus {
     pub lag_ms: u64,
     /// NAT sessions in this member's tables (on the standby: the synced sessions).
     pub sessions: usize,
+    /// A planned switchover drained the sync stream (every binding acknowledged by the peer):
+    /// "host, revoke my lease now". True from the role machine's `ReleaseLease` until this
+    /// member's role leaves that epoch: a newer epoch is heard of (set_role, or a peer's
+    /// hello), or it stands down to standby (`stand_down_ns` after the release).
+    pub release_lease: bool,
+    /// The last planned switchover requested of this member, with its epoch (kept after it
+    /// completes or is abandoned, until the next request), for logs and metrics.
+    pub switchover: Option<Switchover>,
     /// Counters.
     pub counters: HaCounters,
 }
@@ -237,9 +345,15 @@ struct RoleCommand {
     valid_until: Instant,
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Command {
+    Role(RoleCommand),
+    Switchover { epoch: u64 },
+}
+
 #[derive(Debug)]
 struct Shared {
-    commands: Mutex<Vec<RoleCommand>>,
+    commands: Mutex<Vec<Command>>,
     status: Mutex<HaStatus>,
     stop: AtomicBool,
 }
@@ -261,11 +375,27 @@ impl HaHandle {
             .commands
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(RoleCommand {
+            .push(Command::Role(RoleCommand {
                 epoch,
                 active,
                 valid_until: lease_valid_until,
-            });
+            }));
+    }
+
+    /// The host asks the active member of `epoch` to hand over (a planned switchover): once
+    /// the peer is Ready, the member stops allocating (established sessions keep forwarding),
+    /// waits until the peer has acknowledged every binding, then fences itself and sets
+    /// [`HaStatus::release_lease`], for the host to revoke its lease so that the peer acquires
+    /// a newer epoch. Ignored (logged, counted) unless this member is active in `epoch`, or
+    /// while a switchover of `epoch` is under way. Abandoned after the role machine's
+    /// `switchover_timeout_ns`, or when the peer drops out of Ready while draining: allocation
+    /// then resumes. Takes effect within a tick, in order with [`HaHandle::set_role`].
+    pub fn request_switchover(&self, epoch: u64) {
+        self.shared
+            .commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Command::Switchover { epoch });
     }
 
     /// The runtime's state, for metrics.
@@ -330,6 +460,8 @@ impl HaRuntime {
             lag_events: 0,
             lag_ms: 0,
             sessions: 0,
+            release_lease: false,
+            switchover: None,
             counters: HaCounters::default(),
         };
         let shared = Arc::new(Shared {
@@ -360,6 +492,10 @@ impl HaRuntime {
             was_ready: false,
             last_warn: None,
             dial_backoff: MIN_DIAL_BACKOFF,
+            switchover: None,
+            drain_gate_closed: false,
+            drain_target: None,
+            released: None,
         };
         worker.become_receiver();
         tracing::info!(member = %worker.s.member, listen = %local, peer = %worker.s.peer,
@@ -435,6 +571,13 @@ struct Conn {
     heard: Instant,
     opened: Instant,
     send_errors: u64,
+    /// [`StandbyReport::ready`]: on the standby the value last sent, on the active the value
+    /// last received (`None`: none yet).
+    report: Option<bool>,
+    /// Active: a snapshot was started for the standby on this connection (every standby asks
+    /// for one on every connection). Until then the sender's view of the peer is the previous
+    /// connection's.
+    snapshot_started: bool,
 }
 
 impl Conn {
@@ -451,6 +594,8 @@ impl Conn {
             heard: now,
             opened: now,
             send_errors: 0,
+            report: None,
+            snapshot_started: false,
         })
     }
 
@@ -610,10 +755,44 @@ struct Worker {
     was_ready: bool,
     last_warn: Option<Instant>,
     dial_backoff: Duration,
+    /// The last planned switchover (published as is).
+    switchover: Option<Switchover>,
+    /// Draining: the allocation gate was closed for it (before the change log was drained).
+    drain_gate_closed: bool,
+    /// Draining: the sender's last seq when the change log was first emptied (without loss)
+    /// after the gate closed. Every binding created before the gate closed has a seq at or
+    /// below it; the drain is done once the peer acknowledged up to it.
+    drain_target: Option<u64>,
+    /// The epoch whose lease this member asked to be released (while that still stands).
+    released: Option<u64>,
 }
 
 fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The peer as the active sees it: not Ready while the connection is down or before the
+/// standby asked for its snapshot on this connection (the sender's own view survives a lost
+/// connection), nor while the standby reports that it is not.
+fn peer_view(conn: Option<&Conn>, tx: &SyncSender<ReplicatedSession>) -> ReadyState {
+    let lag = tx.last_seq() - tx.acked();
+    match conn.filter(|c| c.hello.is_some()) {
+        None => ReadyState::Syncing {
+            received: 0,
+            expected: None,
+            lag,
+        },
+        Some(c) => match tx.peer_state() {
+            ReadyState::Ready if c.report == Some(false) || !c.snapshot_started => {
+                ReadyState::Syncing {
+                    received: 0,
+                    expected: None,
+                    lag,
+                }
+            }
+            state => state,
+        },
+    }
 }
 
 fn idle_of(r: &ReplicatedSession) -> u64 {
@@ -665,8 +844,20 @@ impl Worker {
     /// One round; `true` if it moved anything (then the next round comes without sleeping).
     fn tick(&mut self) -> bool {
         self.take_commands();
-        let _ = self.role.handle(RoleEvent::Tick(self.role_now()));
+        self.feed(RoleEvent::Tick(self.role_now()));
         self.follow_role();
+        self.apply_gate();
+        let busy = match self.mode {
+            Mode::Sender(_) => self.sender_round(),
+            Mode::Receiver(_) => self.receiver_round(),
+        };
+        self.switchover_round();
+        self.check_release();
+        busy
+    }
+
+    /// Puts the pipeline's NAT allocation gate where the role machine says.
+    fn apply_gate(&mut self) {
         let allow = self.role.may_allocate(self.role_now());
         if allow != self.allocating {
             self.pipe
@@ -676,14 +867,149 @@ impl Worker {
             self.allocating = allow;
             tracing::info!(member = %self.s.member, allocating = allow, role = ?self.role.role(), "NAT allocation gate");
         }
-        match self.mode {
-            Mode::Sender(_) => self.sender_round(),
-            Mode::Receiver(_) => self.receiver_round(),
+    }
+
+    /// Feeds the role machine, carries out what it asks, and follows the switchover.
+    fn feed(&mut self, event: RoleEvent) {
+        let action = self.role.handle(event);
+        match action {
+            Some(RoleAction::DrainSync { epoch }) => {
+                self.switchover = Some(Switchover {
+                    epoch,
+                    phase: SwitchoverPhase::Draining,
+                });
+                // Close the gate now, before the next drain of the change log: whatever is in
+                // the log after that drain was created before this point.
+                self.apply_gate();
+                self.drain_gate_closed = !self.allocating;
+                self.drain_target = None;
+                tracing::info!(member = %self.s.member, epoch, "switchover: the peer is Ready; allocation stopped, draining the sync stream");
+            }
+            Some(RoleAction::ReleaseLease { epoch }) => {
+                self.switchover = Some(Switchover {
+                    epoch,
+                    phase: SwitchoverPhase::Released,
+                });
+                self.released = Some(epoch);
+                self.drain_gate_closed = false;
+                self.drain_target = None;
+                self.counters.switchovers_released += 1;
+                tracing::info!(member = %self.s.member, epoch, "switchover: every binding acknowledged by the peer; fenced, forwarding; asking the host to release the lease");
+            }
+            None => {}
+        }
+        // A switchover the machine no longer has, and that did not complete: abandoned.
+        let Some(so) = self.switchover else {
+            return;
+        };
+        let running = matches!(
+            so.phase,
+            SwitchoverPhase::WaitingForPeer | SwitchoverPhase::Draining
+        );
+        if !running || self.role.switchover().is_some() {
+            return;
+        }
+        let why = match (self.role.role(), event) {
+            (Role::Active { epoch }, _) | (Role::Fenced { epoch }, _) if epoch > so.epoch => {
+                SwitchoverAbort::NewEpoch
+            }
+            (Role::Fenced { .. } | Role::Standby, _) => SwitchoverAbort::Fenced,
+            (Role::Active { .. }, RoleEvent::PeerSyncState(_)) => SwitchoverAbort::PeerNotReady,
+            (Role::Active { .. }, _) => SwitchoverAbort::Timeout,
+        };
+        self.switchover = Some(Switchover {
+            epoch: so.epoch,
+            phase: SwitchoverPhase::Aborted(why),
+        });
+        self.drain_gate_closed = false;
+        self.drain_target = None;
+        self.counters.switchovers_aborted += 1;
+        tracing::warn!(member = %self.s.member, epoch = so.epoch, reason = ?why, "switchover abandoned; allocation resumes if still active");
+    }
+
+    /// A switchover request from the host.
+    fn request_switchover(&mut self, epoch: u64) {
+        // The machine measures the timeout from its own clock: bring it up to now first.
+        self.feed(RoleEvent::Tick(self.role_now()));
+        let under_way = self
+            .switchover
+            .is_some_and(|so| so.epoch == epoch && self.role.switchover().is_some());
+        if under_way {
+            tracing::debug!(member = %self.s.member, epoch, "switchover already under way");
+            return;
+        }
+        if self.role.role() != (Role::Active { epoch }) {
+            self.counters.switchovers_ignored += 1;
+            tracing::info!(member = %self.s.member, epoch, role = ?self.role.role(),
+                "switchover request ignored: this member is not active in that epoch");
+            return;
+        }
+        // The machine decides on the peer state it was last given: give it the live one (it
+        // may hold one from an earlier term as active).
+        let peer = match &self.mode {
+            Mode::Sender(s) => peer_view(self.conn.as_ref(), &s.tx),
+            Mode::Receiver(_) => ReadyState::Syncing {
+                received: 0,
+                expected: None,
+                lag: 0,
+            },
+        };
+        self.feed(RoleEvent::PeerSyncState(peer));
+        let before = self.role.stats().switchovers_started;
+        // With the peer Ready already, this returns DrainSync (and `feed` records Draining).
+        self.feed(RoleEvent::SwitchoverRequested);
+        if self.role.stats().switchovers_started == before {
+            self.counters.switchovers_ignored += 1;
+            tracing::info!(member = %self.s.member, epoch, "switchover request ignored by the role machine");
+            return;
+        }
+        self.counters.switchovers_started += 1;
+        if self.role.switchover() == Some(RolePhase::WaitingForPeer) {
+            self.switchover = Some(Switchover {
+                epoch,
+                phase: SwitchoverPhase::WaitingForPeer,
+            });
+            tracing::info!(member = %self.s.member, epoch, "switchover requested: waiting for the peer to be Ready; allocation continues");
+        }
+    }
+
+    /// The peer's state as the switchover needs it, fed to the role machine every round, and
+    /// the drain check.
+    fn switchover_round(&mut self) {
+        let Mode::Sender(s) = &self.mode else {
+            return;
+        };
+        let peer = peer_view(self.conn.as_ref(), &s.tx);
+        // Acknowledged up to the target: changes of established sessions that come later keep
+        // streaming (while fenced, too) but do not hold the handover up.
+        let drained = self.drain_target.is_some_and(|t| s.tx.acked() >= t)
+            && !s.tx.needs_resync()
+            && !s.force_resync
+            && peer.is_ready();
+        self.feed(RoleEvent::PeerSyncState(peer));
+        if self.role.switchover() == Some(RolePhase::Draining)
+            && self.drain_gate_closed
+            && !self.allocating
+            && drained
+        {
+            self.feed(RoleEvent::SyncDrained);
+        }
+    }
+
+    /// Withdraws the release request once this member's role has left that epoch.
+    fn check_release(&mut self) {
+        let Some(e) = self.released else {
+            return;
+        };
+        if self.role.role() != (Role::Fenced { epoch: e }) || self.leader_epoch > e {
+            self.released = None;
+            tracing::info!(member = %self.s.member, epoch = e, role = ?self.role.role(), leader_epoch = self.leader_epoch,
+                "switchover: this member left the epoch it released");
         }
     }
 
     fn take_commands(&mut self) {
-        let cmds: Vec<RoleCommand> = std::mem::take(
+        let cmds: Vec<Command> = std::mem::take(
             &mut *self
                 .shared
                 .commands
@@ -691,6 +1017,13 @@ impl Worker {
                 .unwrap_or_else(PoisonError::into_inner),
         );
         for c in cmds {
+            let c = match c {
+                Command::Role(c) => c,
+                Command::Switchover { epoch } => {
+                    self.request_switchover(epoch);
+                    continue;
+                }
+            };
             // The role machine wants the send time of the renewal: the lease is valid for one
             // TTL from it. From the deadline we are given, that is `valid_until - ttl`, but
             // never later than now (a lease longer than the configured TTL is then cut
@@ -721,7 +1054,7 @@ impl Worker {
             }
             let before = self.role.role();
             if let Some(e) = event {
-                let _ = self.role.handle(e);
+                self.feed(e);
             }
             if self.role.role() != before {
                 tracing::info!(member = %self.s.member, epoch = c.epoch, active = c.active, from = ?before, to = ?self.role.role(), "role changed");
@@ -901,7 +1234,10 @@ impl Worker {
         let Mode::Sender(s) = &mut self.mode else {
             return false;
         };
-        // 1. The change log, in bounded chunks.
+        // 1. The change log, in bounded chunks. While draining for a switchover, note whether
+        // it was emptied after the allocation gate closed.
+        let gate_closed = self.drain_gate_closed && !self.allocating;
+        let mut emptied = false;
         for _ in 0..16 {
             let r = {
                 let mut p = self.pipe.lock().unwrap_or_else(PoisonError::into_inner);
@@ -917,6 +1253,7 @@ impl Worker {
                     }
                     busy |= n > 0;
                     if n < DRAIN_CHUNK {
+                        emptied = true;
                         break;
                     }
                 }
@@ -927,6 +1264,9 @@ impl Worker {
                     break;
                 }
             }
+        }
+        if gate_closed && emptied && self.drain_target.is_none() {
+            self.drain_target = Some(s.tx.last_seq());
         }
         let Some(conn) = self.conn.as_mut() else {
             return busy;
@@ -977,6 +1317,7 @@ impl Worker {
                         tracing::warn!(member = %self.s.member, ours, theirs, "the standby follows a newer active: this member is stale");
                     }
                     if s.tx.stats().snapshots > before {
+                        conn.snapshot_started = true;
                         self.counters.snapshots_served += 1;
                         s.started_snapshot = req.unwrap_or(s.started_snapshot);
                         s.force_resync = false;
@@ -986,6 +1327,12 @@ impl Worker {
                         }
                         tracing::info!(member = %self.s.member, id = ?req, "serving a snapshot");
                     }
+                }
+                Ok(Some(PairFrame::Standby(r))) => {
+                    if conn.report != Some(r.ready) {
+                        tracing::info!(member = %self.s.member, ready = r.ready, "the standby reports its replica");
+                    }
+                    conn.report = Some(r.ready);
                 }
                 Ok(Some(PairFrame::Hello(h))) => {
                     if conn.hello.is_some()
@@ -1060,9 +1407,6 @@ impl Worker {
                 s.force_resync = false;
             }
             busy |= sent > 0;
-            let _ = self
-                .role
-                .handle(RoleEvent::PeerSyncState(s.tx.peer_state()));
         }
         let flushed = conn.flush();
         if !matches!(alive, Ok(true)) || flushed.is_err() {
@@ -1188,6 +1532,9 @@ impl Worker {
                     c.hello = Some(h);
                     self.leader_epoch = self.leader_epoch.max(h.epoch);
                     c.send(&self.hello(false));
+                    // A new connection starts with a snapshot: not Ready until it is done.
+                    c.send(&PairFrame::Standby(StandbyReport { ready: false }));
+                    c.report = Some(false);
                     if self.conn.replace(c).is_some() {
                         self.counters.disconnects += 1;
                     }
@@ -1236,11 +1583,19 @@ impl Worker {
                                 }
                             }
                         }
+                        if r.failed > 0 && conn.report != Some(false) {
+                            // Before the acknowledgement of what was refused: the active must
+                            // not count this replica complete on the strength of that ack.
+                            conn.send(&PairFrame::Standby(StandbyReport { ready: false }));
+                            conn.report = Some(false);
+                        }
                         if let Some(a) = answer {
                             conn.send(&PairFrame::Sync(a));
                         }
                     }
-                    Ok(Some(PairFrame::Hello(_))) => self.counters.frame_errors += 1,
+                    Ok(Some(PairFrame::Hello(_) | PairFrame::Standby(_))) => {
+                        self.counters.frame_errors += 1
+                    }
                     Ok(None) => break,
                     Err(e) if e.is_fatal() => {
                         self.counters.frame_errors += 1;
@@ -1267,6 +1622,11 @@ impl Worker {
             }
             if let Some(req) = rx.poll(rnow) {
                 conn.send(&PairFrame::Sync(SyncMessage::SnapshotRequest(req)));
+            }
+            let ready = r.failed == 0 && rx.ready_state().is_ready();
+            if conn.report != Some(ready) {
+                conn.send(&PairFrame::Standby(StandbyReport { ready }));
+                conn.report = Some(ready);
             }
             let silent = conn.heard.elapsed() > SILENCE_LIMIT;
             let flushed = conn.flush();
@@ -1305,7 +1665,7 @@ impl Worker {
             Mode::Sender(s) => {
                 let lag = s.tx.lag(now);
                 (
-                    s.tx.peer_state().is_ready(),
+                    peer_view(self.conn.as_ref(), &s.tx).is_ready(),
                     lag.events,
                     lag.oldest_age_ns / 1_000_000,
                 )
@@ -1333,6 +1693,8 @@ impl Worker {
             lag_events,
             lag_ms,
             sessions,
+            release_lease: self.released.is_some(),
+            switchover: self.switchover,
             counters: HaCounters {
                 frame_errors: self.counters.frame_errors
                     + self.conn.as_ref().map_or(0, |c| c.send_errors),

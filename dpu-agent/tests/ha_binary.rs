@@ -162,6 +162,7 @@ fn a_real_agent_is_a_standby_that_takes_a_snapshot_and_reports_ready() {
     let mut tx: SyncSender<ReplicatedSession> = SyncSender::new(SyncConfig::default(), 1).unwrap();
     let mut reader = FrameReader::new(codec);
     let mut got_hello = None;
+    let mut report = None;
     let mut requests = 0;
     let start = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -180,6 +181,7 @@ fn a_real_agent_is_a_standby_that_takes_a_snapshot_and_reports_ready() {
         while let Some(f) = reader.next::<PairFrame>().unwrap() {
             match f {
                 PairFrame::Hello(h) => got_hello = Some(h),
+                PairFrame::Standby(r) => report = Some(r.ready),
                 PairFrame::Sync(m) => {
                     if matches!(m, SyncMessage::SnapshotRequest(_)) {
                         requests += 1;
@@ -211,6 +213,7 @@ fn a_real_agent_is_a_standby_that_takes_a_snapshot_and_reports_ready() {
         (Member::B, false, PROTOCOL)
     );
     assert!(requests >= 1, "the standby asked for a snapshot");
+    assert!(report.is_some(), "the standby reports its replica");
     // SIGTERM: the agent stops the pair thread with everything else and exits 0.
     let mut agent = agent;
     let status = agent.stop();

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use dpu_agent::agent::SharedPipeline;
 use dpu_agent::config::Member;
-use dpu_agent::ha::{HaRuntime, HaStatus, PairSettings};
+use dpu_agent::ha::{
+    HaRuntime, HaStatus, PairSettings, Switchover, SwitchoverAbort, SwitchoverPhase,
+};
 use flow_offload::ha::role::{Role, RoleConfig};
 use flow_offload::ha::sync::SyncConfig;
 use flow_offload::model::*;
@@ -219,6 +221,26 @@ impl MemberUnderTest {
         keepalive: Duration,
         m: &Model,
     ) -> MemberUnderTest {
+        Self::start_full(
+            member,
+            listen,
+            peer,
+            change_log,
+            keepalive,
+            m,
+            role_config(),
+        )
+    }
+
+    fn start_full(
+        member: Member,
+        listen: u16,
+        peer: u16,
+        change_log: usize,
+        keepalive: Duration,
+        m: &Model,
+        role: RoleConfig,
+    ) -> MemberUnderTest {
         let pipe = Arc::new(Mutex::new(Pipeline::new(m, limits(), 7).unwrap()));
         let clock = Instant::now();
         let settings = PairSettings {
@@ -228,11 +250,7 @@ impl MemberUnderTest {
             change_log,
             keepalive,
             sync: SyncConfig::default(),
-            role: RoleConfig {
-                lease_ttl_ns: 60_000_000_000,
-                stand_down_ns: 200_000_000,
-                ..RoleConfig::default()
-            },
+            role,
         };
         let rt = HaRuntime::start(settings, pipe.clone(), clock).unwrap();
         MemberUnderTest {
@@ -252,6 +270,10 @@ impl MemberUnderTest {
 
     fn set_role(&self, epoch: u64, active: bool) {
         self.set_role_until(epoch, active, Instant::now() + Duration::from_secs(60));
+    }
+
+    fn request_switchover(&self, epoch: u64) {
+        self.rt.as_ref().unwrap().handle().request_switchover(epoch);
     }
 
     fn set_role_until(&self, epoch: u64, active: bool, until: Instant) {
@@ -297,6 +319,15 @@ impl MemberUnderTest {
     }
 }
 
+/// The role timing of the tests: a long lease, a short stand-down.
+fn role_config() -> RoleConfig {
+    RoleConfig {
+        lease_ttl_ns: 60_000_000_000,
+        stand_down_ns: 200_000_000,
+        ..RoleConfig::default()
+    }
+}
+
 fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !ok() {
@@ -315,9 +346,25 @@ fn block_a(port: u16) -> bool {
 
 /// A active (epoch 5), B standby, connected and B Ready.
 fn pair() -> (MemberUnderTest, MemberUnderTest, u16, u16) {
+    pair_with(role_config())
+}
+
+/// [`pair`] with this role timing on both members.
+fn pair_with(role: RoleConfig) -> (MemberUnderTest, MemberUnderTest, u16, u16) {
     let (pa, pb) = (free_port(), free_port());
-    let a = MemberUnderTest::start(Member::A, pa, pb);
-    let b = MemberUnderTest::start(Member::B, pb, pa);
+    let start = |member, listen, peer| {
+        MemberUnderTest::start_full(
+            member,
+            listen,
+            peer,
+            1 << 16,
+            Duration::from_secs(20),
+            &model(),
+            role.clone(),
+        )
+    };
+    let a = start(Member::A, pa, pb);
+    let b = start(Member::B, pb, pa);
     assert_eq!(a.status().role, Role::Standby, "standby until told");
     assert!(!a.status().allocating);
     assert_eq!(
@@ -703,6 +750,418 @@ fn unit_a_standby_without_the_nat_rule_is_not_ready_until_it_has_it_and_a_new_sn
     });
     assert_eq!(b.status().sessions, 50);
     assert_eq!(a.sessions(), b.sessions());
+}
+
+fn phase(m: &MemberUnderTest) -> Option<SwitchoverPhase> {
+    m.status().switchover.map(|s| s.phase)
+}
+
+/// Watches `m` for `limit`: its lease release is never asked for.
+fn never_released(m: &MemberUnderTest, limit: Duration) {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        let s = m.status();
+        assert!(!s.release_lease, "released: {s:?}");
+        std::thread::sleep(Duration::from_millis(3));
+    }
+}
+
+/// B's pipeline rebuilt without the NAT rule (as after a batch that lacks it), pair settings
+/// carried; the guard is handed back so that B stays stopped until the caller lets go.
+fn drop_the_nat_rule(b: &MemberUnderTest) -> std::sync::MutexGuard<'_, Pipeline> {
+    let mut without = model();
+    without.apply(&[Change::DeleteNat(n("out"))]).unwrap();
+    let mut p = b.pipe.lock().unwrap();
+    let mut fresh = Pipeline::new(&without, limits(), 9).unwrap();
+    fresh.carry_nat_from(&mut p);
+    *p = fresh;
+    p
+}
+
+#[test]
+fn unit_planned_switchover_drains_to_the_standby_then_releases_and_the_roles_swap() {
+    let (a, b, _, _) = pair();
+    // Requests in the wrong epoch, or to the standby, are ignored.
+    a.request_switchover(4);
+    b.request_switchover(5);
+    wait_for("both requests ignored", Duration::from_secs(5), || {
+        a.status().counters.switchovers_ignored == 1 && b.status().counters.switchovers_ignored == 1
+    });
+    assert!(a.status().allocating);
+    assert_eq!(a.status().switchover, None);
+    // Established flows: UDP, and TCP answered.
+    let mut flows = Vec::new();
+    for i in 0..200 {
+        let (v, o) = a.out((host(i), 9500), None);
+        assert_eq!(v, Verdict::Tx(UPLINK));
+        flows.push(((host(i), 9500), o, None));
+    }
+    for i in 0..10 {
+        let inside = (host(i), 9501);
+        let (v, o) = a.out(inside, Some(TCP_SYN));
+        assert_eq!(v, Verdict::Tx(UPLINK));
+        assert_eq!(a.reply(o, Some(TCP_SYN | TCP_ACK)).0, Verdict::Tx(VPC_PORT));
+        flows.push((inside, o, Some(TCP_ACK)));
+    }
+    // B stops (its thread blocks on its pipeline) while A creates 3000 more sessions and is
+    // asked to hand over: none of those can be acknowledged until B runs again.
+    let stopped = b.pipe.lock().unwrap();
+    for i in 0..3000 {
+        assert_eq!(a.out((host(i), 9502), None).0, Verdict::Tx(UPLINK));
+    }
+    a.request_switchover(5);
+    wait_for("A draining", Duration::from_secs(5), || {
+        a.status().switchover
+            == Some(Switchover {
+                epoch: 5,
+                phase: SwitchoverPhase::Draining,
+            })
+    });
+    let s = a.status();
+    assert!(
+        !s.allocating && s.role == Role::Active { epoch: 5 },
+        "{s:?}"
+    );
+    // No new binding once draining; established sessions keep forwarding, both ways.
+    assert_eq!(
+        a.out((host(3999), 9503), None).0,
+        Verdict::Drop(DropReason::NatNotActive)
+    );
+    for (inside, outside, tcp) in flows.iter().step_by(7) {
+        assert_eq!(a.out(*inside, *tcp), (Verdict::Tx(UPLINK), *outside));
+        assert_eq!(a.reply(*outside, *tcp), (Verdict::Tx(VPC_PORT), *inside));
+    }
+    let before = a.sessions();
+    assert_eq!(before.len(), 3210);
+    // Nothing is released while B cannot acknowledge.
+    never_released(&a, Duration::from_millis(400));
+    assert!(a.status().lag_events > 0, "{:?}", a.status());
+    drop(stopped);
+    // Released only once B holds every session created before the request.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let at_release = loop {
+        let s = a.status();
+        if s.release_lease {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "never released: {s:?}");
+        std::thread::sleep(Duration::from_micros(500));
+    };
+    let on_b = b.sessions();
+    for (k, v) in &before {
+        assert_eq!(on_b.get(k), Some(v), "not on the standby at release: {k:?}");
+    }
+    assert_eq!(at_release.lag_events, 0, "{at_release:?}");
+    assert_eq!(at_release.role, Role::Fenced { epoch: 5 });
+    assert!(!at_release.allocating);
+    assert_eq!(
+        at_release.switchover,
+        Some(Switchover {
+            epoch: 5,
+            phase: SwitchoverPhase::Released
+        })
+    );
+    assert_eq!(at_release.counters.switchovers_released, 1);
+    assert_eq!(
+        a.sessions(),
+        on_b,
+        "nothing was allocated after the request"
+    );
+    // Fenced: still forwarding what arrives.
+    let (inside, outside, tcp) = flows[3];
+    assert_eq!(a.out(inside, tcp), (Verdict::Tx(UPLINK), outside));
+    // The host revokes A's lease; B acquires the key with a newer epoch.
+    b.set_role(6, true);
+    a.set_role(6, false);
+    wait_for(
+        "A no longer asks for the release",
+        Duration::from_secs(5),
+        || !a.status().release_lease,
+    );
+    wait_for("B active and allocating", Duration::from_secs(5), || {
+        let s = b.status();
+        s.role == Role::Active { epoch: 6 } && s.allocating
+    });
+    let requested = a.status().counters.snapshots_requested;
+    // The established flows keep their bindings on B; new flows use B's block.
+    for (inside, outside, tcp) in flows.iter().step_by(5) {
+        assert_eq!(b.out(*inside, *tcp), (Verdict::Tx(UPLINK), *outside));
+    }
+    let (v, o_b) = b.out((host(4000), 9504), None);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert!(!block_a(o_b.1), "member b allocates from its half: {o_b:?}");
+    // A stands down and follows B: a snapshot, then Ready with B's sessions.
+    wait_for("A standby, Ready behind B", Duration::from_secs(15), || {
+        let s = a.status();
+        s.role == Role::Standby && s.connected && s.ready
+    });
+    assert!(a.status().counters.snapshots_requested > requested);
+    wait_for("A equals B", Duration::from_secs(10), || {
+        b.status().lag_events == 0 && a.sessions() == b.sessions()
+    });
+    assert_eq!(a.status().sessions, 3211);
+    let s = a.status();
+    assert!(!s.allocating && !s.release_lease, "{s:?}");
+    assert_eq!(
+        a.out((host(4001), 9504), None).0,
+        Verdict::Drop(DropReason::NatNotActive)
+    );
+}
+
+#[test]
+fn unit_switchover_waits_for_a_ready_peer_and_allocation_continues_meanwhile() {
+    let (pa, pb) = (free_port(), free_port());
+    let a = MemberUnderTest::start(Member::A, pa, pb);
+    // B has not received the NAT rule yet: it refuses A's records and is not Ready.
+    let mut without = model();
+    without.apply(&[Change::DeleteNat(n("out"))]).unwrap();
+    let b = MemberUnderTest::start_on(
+        Member::B,
+        pb,
+        pa,
+        1 << 16,
+        Duration::from_secs(20),
+        &without,
+    );
+    a.set_role(5, true);
+    b.set_role(5, false);
+    wait_for("A active", Duration::from_secs(5), || a.status().allocating);
+    for i in 0..50 {
+        assert_eq!(a.out((host(i), 9600), None).0, Verdict::Tx(UPLINK));
+    }
+    wait_for("B refuses the records", Duration::from_secs(5), || {
+        b.status().counters.import_errors >= 50
+    });
+    // B acknowledged them, but says it is not Ready: A believes it.
+    wait_for("A sees B not Ready", Duration::from_secs(5), || {
+        let s = a.status();
+        s.connected && !s.ready && s.lag_events == 0
+    });
+    a.request_switchover(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while phase(&a) != Some(SwitchoverPhase::WaitingForPeer) {
+        assert!(
+            Instant::now() < deadline,
+            "A not waiting for B: {:?}\n{:?}",
+            a.status(),
+            b.status()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Allocation continues while waiting; nothing is released.
+    for i in 50..60 {
+        assert_eq!(a.out((host(i), 9600), None).0, Verdict::Tx(UPLINK));
+    }
+    never_released(&a, Duration::from_millis(500));
+    let s = a.status();
+    assert!(s.allocating && s.role == Role::Active { epoch: 5 }, "{s:?}");
+    assert_eq!(phase(&a), Some(SwitchoverPhase::WaitingForPeer));
+    // The rule arrives on B: it asks for another snapshot, is Ready, and A hands over.
+    {
+        let mut p = b.pipe.lock().unwrap();
+        let mut fresh = Pipeline::new(&model(), limits(), 8).unwrap();
+        fresh.carry_nat_from(&mut p);
+        *p = fresh;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let at_release = loop {
+        let s = a.status();
+        if s.release_lease {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "never released: {s:?}");
+        std::thread::sleep(Duration::from_micros(500));
+    };
+    let on_b = b.sessions();
+    assert_eq!(on_b.len(), 60, "B holds every session at release");
+    assert_eq!(a.sessions(), on_b);
+    assert_eq!(at_release.lag_events, 0);
+    assert_eq!(at_release.role, Role::Fenced { epoch: 5 });
+    assert_eq!(phase(&a), Some(SwitchoverPhase::Released));
+}
+
+#[test]
+fn unit_a_switchover_that_times_out_is_abandoned_and_allocation_resumes() {
+    let (a, b, _, _) = pair_with(RoleConfig {
+        switchover_timeout_ns: 1_000_000_000,
+        ..role_config()
+    });
+    let (_, o) = a.out((host(1), 9700), None);
+    wait_for("B has it", Duration::from_secs(5), || {
+        b.status().sessions == 1
+    });
+    // B stops: the drain cannot finish.
+    let stopped = b.pipe.lock().unwrap();
+    for i in 2..102 {
+        assert_eq!(a.out((host(i), 9700), None).0, Verdict::Tx(UPLINK));
+    }
+    a.request_switchover(5);
+    wait_for("A draining", Duration::from_secs(5), || {
+        phase(&a) == Some(SwitchoverPhase::Draining) && !a.status().allocating
+    });
+    assert_eq!(
+        a.out((host(200), 9700), None).0,
+        Verdict::Drop(DropReason::NatNotActive)
+    );
+    assert_eq!(a.out((host(1), 9700), None), (Verdict::Tx(UPLINK), o));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while phase(&a) == Some(SwitchoverPhase::Draining) {
+        assert!(!a.status().release_lease);
+        assert!(
+            Instant::now() < deadline,
+            "never abandoned: {:?}",
+            a.status()
+        );
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    assert_eq!(
+        phase(&a),
+        Some(SwitchoverPhase::Aborted(SwitchoverAbort::Timeout))
+    );
+    wait_for("A allocating again", Duration::from_secs(5), || {
+        a.status().allocating
+    });
+    assert_eq!(a.out((host(200), 9700), None).0, Verdict::Tx(UPLINK));
+    drop(stopped);
+    wait_for("B catches up", Duration::from_secs(10), || {
+        a.status().lag_events == 0 && a.sessions() == b.sessions()
+    });
+    never_released(&a, Duration::from_millis(300));
+    let s = a.status();
+    assert_eq!(s.role, Role::Active { epoch: 5 });
+    assert_eq!(
+        (
+            s.counters.switchovers_started,
+            s.counters.switchovers_aborted,
+            s.counters.switchovers_released
+        ),
+        (1, 1, 0)
+    );
+    // A new request is taken again.
+    a.request_switchover(5);
+    wait_for(
+        "released at the second try",
+        Duration::from_secs(10),
+        || a.status().release_lease,
+    );
+}
+
+#[test]
+fn unit_a_peer_dropping_out_of_ready_while_draining_aborts_the_switchover() {
+    let (a, b, _, _) = pair();
+    for i in 0..20 {
+        assert_eq!(a.out((host(i), 9800), None).0, Verdict::Tx(UPLINK));
+    }
+    wait_for("B has them", Duration::from_secs(5), || {
+        b.status().sessions == 20
+    });
+    // B loses the NAT rule and stops; A creates sessions B will refuse, and drains.
+    let stopped = drop_the_nat_rule(&b);
+    for i in 20..40 {
+        assert_eq!(a.out((host(i), 9800), None).0, Verdict::Tx(UPLINK));
+    }
+    a.request_switchover(5);
+    wait_for("A draining", Duration::from_secs(5), || {
+        phase(&a) == Some(SwitchoverPhase::Draining) && !a.status().allocating
+    });
+    assert_eq!(
+        a.out((host(100), 9800), None).0,
+        Verdict::Drop(DropReason::NatNotActive)
+    );
+    // B runs again: it acknowledges the records it refused, and reports it is not Ready
+    // before that acknowledgement. A must not take the acknowledgement for a drain.
+    drop(stopped);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while phase(&a) == Some(SwitchoverPhase::Draining) {
+        assert!(!a.status().release_lease, "{:?}", a.status());
+        assert!(
+            Instant::now() < deadline,
+            "never abandoned: {:?}",
+            a.status()
+        );
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    assert_eq!(
+        phase(&a),
+        Some(SwitchoverPhase::Aborted(SwitchoverAbort::PeerNotReady)),
+        "{:?}",
+        a.status()
+    );
+    wait_for(
+        "B's count of refused records",
+        Duration::from_secs(5),
+        || b.status().counters.import_errors >= 20,
+    );
+    wait_for("A allocating again", Duration::from_secs(5), || {
+        a.status().allocating
+    });
+    assert_eq!(a.out((host(100), 9800), None).0, Verdict::Tx(UPLINK));
+    never_released(&a, Duration::from_millis(300));
+    assert_eq!(a.status().role, Role::Active { epoch: 5 });
+}
+
+#[test]
+fn unit_a_switchover_is_not_held_up_by_established_sessions_that_keep_changing() {
+    let (a, b, _, _) = pair();
+    const N: usize = 30_000;
+    let mut outs = Vec::with_capacity(N);
+    for i in 0..N as u32 {
+        let (v, o) = a.out((host(i % 20_000), 9900 + (i / 20_000) as u16), None);
+        assert_eq!(v, Verdict::Tx(UPLINK));
+        outs.push(o);
+    }
+    wait_for("B holds them all", Duration::from_secs(30), || {
+        b.status().sessions == N && a.status().lag_events == 0
+    });
+    let before = a.sessions();
+    let sent = a.status().counters.events_sent;
+    // Replies turn the sessions two-way, one change each, every few tens of microseconds, from
+    // before the request to well after it (about a second): the stream keeps moving, and the
+    // handover must not wait for it to stand still. (A liveness check: here the standby's
+    // acknowledgements are quicker than the gaps, so a rule of "lag 0" would pass it too.)
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let blast = {
+        let (pipe, clock, done) = (a.pipe.clone(), a.clock, done.clone());
+        std::thread::spawn(move || {
+            for o in outs {
+                let mut f = frame((SERVER, 53), o, None);
+                let now = clock.elapsed().as_nanos() as u64;
+                let v = pipe.lock().unwrap().process(&mut f, UPLINK, None, now);
+                assert_eq!(v, Verdict::Tx(VPC_PORT));
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_micros(30) {
+                    std::hint::spin_loop();
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    a.request_switchover(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let at_release = loop {
+        let s = a.status();
+        if s.release_lease {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "never released: {s:?}");
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let blast_over = done.load(std::sync::atomic::Ordering::SeqCst);
+    let on_b = b.sessions();
+    for k in before.keys() {
+        assert!(on_b.contains_key(k), "not on the standby at release: {k:?}");
+    }
+    blast.join().unwrap();
+    assert!(
+        !blast_over,
+        "released only once the sessions stopped changing: {at_release:?}"
+    );
+    assert!(
+        a.status().counters.events_sent > sent + 1000,
+        "the changes were streamed: {:?}",
+        a.status()
+    );
 }
 
 /// Measurement, not a check of behaviour: `cargo test -p dpu-agent --test ha_pair -- --ignored
