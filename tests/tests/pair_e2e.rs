@@ -8,9 +8,18 @@
 //! - SIGSTOP of the active for 5 s: the other member takes over, and the stopped one, once
 //!   continued, never reports itself active in an old epoch: it comes back fenced or standby.
 //!
+//! And with nftables cutting links inside the test's own network namespace:
+//! - the sync link cut: both members stay in their roles, the standby goes NotReady, and
+//!   catches up (Ready) once the link is back;
+//! - the host agent cut off from etcd: no renewal proves the active's lease, so it fences
+//!   itself (stops allocating) and nobody is active; healed, one member is active again, in an
+//!   epoch no lower than before;
+//! - `dpuctl dpu switchover` hands over to the other member in a newer epoch, and is refused
+//!   while the standby is not Ready.
+//!
 //! Traffic through the pair (NAT sessions surviving the failover) needs TAP ports and the lab;
-//! see `lab_e2e.rs`. Needs root (EAL) and etcd; run by `scripts/test` after the binaries are
-//! built.
+//! see `lab_e2e.rs`. Every process runs in a network namespace the test creates (and deletes).
+//! Needs root (EAL, namespaces) and etcd; run by `scripts/test` after the binaries are built.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -23,6 +32,10 @@ use common::{bin, eventually, free_port, is_root, Proc};
 use serde_json::Value;
 
 struct Pair {
+    ns: String,
+    sync_ports: (u16, u16),
+    etcd_port: u16,
+    metrics: String,
     dir: PathBuf,
     api: String,
     etcd: Proc,
@@ -44,52 +57,82 @@ fn agent_config(dir: &Path, id: &str, link: u16, member: &str, listen: u16, peer
     p
 }
 
+/// `program` run inside the network namespace `ns`.
+fn in_ns(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(program);
+    c
+}
+
 impl Pair {
-    fn start() -> Pair {
-        let dir = std::env::temp_dir().join(format!("dpucp-pair-e2e-{}", std::process::id()));
+    fn start(tag: &str) -> Pair {
+        let ns = format!("pair{tag}-{}", std::process::id() % 100_000);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(std::process::Stdio::null())
+            .status();
+        assert!(Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .unwrap()
+            .success());
+        assert!(in_ns(&ns, "ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success());
+        let dir = std::env::temp_dir().join(format!("dpucp-pair-e2e-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (client, peer) = (free_port(), free_port());
         let etcd_url = format!("http://127.0.0.1:{client}");
         let etcd = Proc::spawn(
-            Command::new(std::env::var("ETCD_BIN").unwrap_or_else(|_| "/usr/bin/etcd".into()))
-                .args(["--name", "t", "--data-dir"])
-                .arg(dir.join("etcd"))
-                .args([
-                    "--listen-client-urls",
-                    &etcd_url,
-                    "--advertise-client-urls",
-                    &etcd_url,
-                    "--listen-peer-urls",
-                    &format!("http://127.0.0.1:{peer}"),
-                    "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{peer}"),
-                    "--initial-cluster",
-                    &format!("t=http://127.0.0.1:{peer}"),
-                    "--log-level",
-                    "warn",
-                ]),
+            in_ns(
+                &ns,
+                std::env::var("ETCD_BIN").unwrap_or_else(|_| "/usr/bin/etcd".into()),
+            )
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("t=http://127.0.0.1:{peer}"),
+                "--log-level",
+                "warn",
+            ]),
             dir.join("etcd.log"),
         );
         let (link_a, link_b, sync_a, sync_b) = (free_port(), free_port(), free_port(), free_port());
         let cfg_a = agent_config(&dir, "pa", link_a, "a", sync_a, sync_b);
         let cfg_b = agent_config(&dir, "pb", link_b, "b", sync_b, sync_a);
         let api_port = free_port();
+        let metrics_port = free_port();
         let host_cfg = format!(
             "[etcd]\nendpoints = [\"{etcd_url}\"]\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n\
              [[dpus]]\nid = \"pa\"\nlink = \"127.0.0.1:{link_a}\"\npair = {{ group = \"site-a\", member = \"a\" }}\n\
              [[dpus]]\nid = \"pb\"\nlink = \"127.0.0.1:{link_b}\"\npair = {{ group = \"site-a\", member = \"b\" }}\n",
-            free_port()
+            metrics_port
         );
         std::fs::write(dir.join("host-agent.toml"), host_cfg).unwrap();
         let host = Proc::spawn(
-            Command::new(bin("host-agent"))
+            in_ns(&ns, bin("host-agent"))
                 .arg("--config")
                 .arg(dir.join("host-agent.toml"))
                 .env("RUST_LOG", "info"),
             dir.join("host-agent.log"),
         );
         let mut me = Pair {
+            ns,
+            sync_ports: (sync_a, sync_b),
+            etcd_port: client,
+            metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
             api: format!("http://127.0.0.1:{api_port}"),
             dir,
             etcd,
@@ -107,7 +150,7 @@ impl Pair {
     fn spawn_agent(&mut self, id: &str, cfg: &Path) -> Proc {
         self.starts += 1;
         Proc::spawn(
-            Command::new(bin("dpu-agent"))
+            in_ns(&self.ns, bin("dpu-agent"))
                 .arg("--config")
                 .arg(cfg)
                 .env("RUST_LOG", "info"),
@@ -152,7 +195,7 @@ impl Pair {
 
     /// Each DPU's pair state as `dpuctl --json dpus` shows it.
     fn pair_states(&self) -> Vec<(String, Value)> {
-        let o = Command::new(bin("dpuctl"))
+        let o = in_ns(&self.ns, bin("dpuctl"))
             .args(["--server", &self.api, "--json", "dpus"])
             .output()
             .unwrap();
@@ -163,6 +206,62 @@ impl Pair {
         dpus.into_iter()
             .map(|d| (d["id"].as_str().unwrap_or("").to_owned(), d["pair"].clone()))
             .collect()
+    }
+
+    /// Drops, in the test's namespace, every TCP segment to or from `ports` (nftables).
+    fn cut(&self, name: &str, ports: &[u16]) {
+        let set = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = format!(
+            "table inet {name} {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n  tcp dport {{ {set} }} drop\n  tcp sport {{ {set} }} drop\n }}\n}}\n"
+        );
+        let path = self.dir.join(format!("{name}.nft"));
+        std::fs::write(&path, rules).unwrap();
+        let o = in_ns(&self.ns, "nft")
+            .arg("-f")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    fn heal(&self, name: &str) {
+        let o = in_ns(&self.ns, "nft")
+            .args(["delete", "table", "inet", name])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// `dpucp_pair_role{dpu=ID}` from the host agent's metrics (served from memory, so it
+    /// answers while etcd is unreachable, when `dpuctl dpus` cannot): 0 standby, 1 active,
+    /// 2 fenced.
+    fn metric_role(&self, id: &str) -> Option<u8> {
+        let o = in_ns(&self.ns, "python3")
+            .args([
+                "-c",
+                "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())",
+                &self.metrics,
+            ])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let want = format!("dpucp_pair_role{{dpu=\"{id}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&want))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u8)
     }
 
     fn state(&self, id: &str) -> Value {
@@ -207,7 +306,7 @@ fn pair_fails_over_on_kill_and_stop_without_failback_or_stale_epoch() {
         println!("SKIP: needs root (EAL)");
         return;
     }
-    let mut p = Pair::start();
+    let mut p = Pair::start("f");
     let long = Duration::from_secs(60);
     let mut current = None;
     eventually(
@@ -304,4 +403,132 @@ fn pair_fails_over_on_kill_and_stop_without_failback_or_stale_epoch() {
     let s = p.state(&first);
     assert_eq!((role(&s), epoch(&s)), ("active", epoch3), "{}", p.logs());
     drop(p);
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for (_, p, _) in &mut self.agents {
+            p.kill9();
+        }
+        self.host.kill9();
+        self.etcd.kill9();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+#[test]
+fn pair_sync_loss_and_etcd_loss_leave_no_second_active() {
+    if !is_root() {
+        println!("SKIP: needs root (EAL, namespaces)");
+        return;
+    }
+    let p = Pair::start("p");
+    let long = Duration::from_secs(60);
+    let mut current = None;
+    eventually(
+        "one active, one Ready standby",
+        long,
+        || {
+            current = settled(&p);
+            current.is_some()
+        },
+        || format!("{:?}\n{}", p.pair_states(), p.logs()),
+    );
+    let (active, epoch1) = current.unwrap();
+    let standby = if active == "pa" { "pb" } else { "pa" };
+
+    // The sync link cut (both members' sync ports): the standby goes NotReady; nobody moves.
+    p.cut("sync", &[p.sync_ports.0, p.sync_ports.1]);
+    eventually(
+        "the standby NotReady without its sync link",
+        Duration::from_secs(20),
+        || p.state(standby)["ready"] == Value::Bool(false),
+        || format!("{:?}\n{}", p.pair_states(), p.logs()),
+    );
+    let (a, s) = (p.state(&active), p.state(standby));
+    assert_eq!((role(&a), epoch(&a)), ("active", epoch1), "{a} {s}");
+    assert_eq!(role(&s), "standby", "{s}");
+    p.heal("sync");
+    eventually(
+        "the standby Ready again once the link is back",
+        long,
+        || settled(&p) == Some((active.clone(), epoch1)),
+        || format!("{:?}\n{}", p.pair_states(), p.logs()),
+    );
+
+    // The host agent cut off from etcd: no renewal reaches the DPU, the active fences itself;
+    // the standby cannot be elected either. Never two actives, never a lower epoch. (Watched
+    // through the metrics: `dpuctl dpus` reads the DPU records from etcd.)
+    p.cut("etcd", &[p.etcd_port]);
+    eventually(
+        "the active fenced without etcd",
+        Duration::from_secs(20),
+        || p.metric_role(&active) == Some(2),
+        || format!("{:?}\n{}", p.metric_role(&active), p.logs()),
+    );
+    for _ in 0..10 {
+        let roles = (p.metric_role("pa"), p.metric_role("pb"));
+        assert!(
+            roles.0 != Some(1) && roles.1 != Some(1),
+            "an active without etcd: {roles:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    p.heal("etcd");
+    let mut after = None;
+    eventually(
+        "one active and one Ready standby once etcd is back",
+        long,
+        || {
+            after = settled(&p);
+            after.is_some()
+        },
+        || format!("{:?}\n{}", p.pair_states(), p.logs()),
+    );
+    let (holder, epoch2) = after.unwrap();
+    assert!(epoch2 >= epoch1, "epoch went back: {epoch2} < {epoch1}");
+
+    // A planned switchover: the other member takes over in a newer epoch, and the old one is
+    // a Ready standby again.
+    let out = in_ns(&p.ns, bin("dpuctl"))
+        .args(["--server", &p.api, "--json", "dpu", "switchover"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "switchover: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        p.logs()
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("planned switchover: {r}");
+    let other = if holder == "pa" { "pb" } else { "pa" };
+    assert_eq!(r["from"], holder.as_str(), "{r}");
+    assert_eq!(r["to"], other, "{r}");
+    assert!(r["epoch"].as_u64().unwrap() > epoch2, "{r}");
+    eventually(
+        "the old active a Ready standby of the new one",
+        long,
+        || settled(&p).is_some_and(|(a, e)| a == other && e == r["epoch"].as_u64().unwrap()),
+        || format!("{:?}\n{}", p.pair_states(), p.logs()),
+    );
+    // Refused while the standby cannot be Ready: with the sync link cut.
+    p.cut("sync2", &[p.sync_ports.0, p.sync_ports.1]);
+    eventually(
+        "the standby NotReady again",
+        Duration::from_secs(20),
+        || p.state(&holder)["ready"] == Value::Bool(false),
+        || format!("{:?}\n{}", p.pair_states(), p.logs()),
+    );
+    let out = in_ns(&p.ns, bin("dpuctl"))
+        .args(["--server", &p.api, "dpu", "switchover"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not Ready"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p.heal("sync2");
 }
