@@ -34,7 +34,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// What a port is for. The model the host sends must agree: uplinks carry the underlay, VPC
 /// ports face a VPC's hosts.
@@ -149,41 +149,7 @@ pub struct Config {
 }
 
 /// Which member of an A/B pair this DPU is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Member {
-    /// Member a: NAT ports from the first half of every pool's port range.
-    A,
-    /// Member b: the second half.
-    B,
-}
-
-impl Member {
-    /// This member's NAT allocation block: two members never hand out the same binding.
-    pub fn block(self) -> flow_offload::soft::nat::AllocBlock {
-        match self {
-            Member::A => flow_offload::soft::nat::AllocBlock::new(0, 2),
-            Member::B => flow_offload::soft::nat::AllocBlock::new(1, 2),
-        }
-    }
-
-    /// The other member.
-    pub fn other(self) -> Member {
-        match self {
-            Member::A => Member::B,
-            Member::B => Member::A,
-        }
-    }
-}
-
-impl std::fmt::Display for Member {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Member::A => "a",
-            Member::B => "b",
-        })
-    }
-}
+pub use flow_offload::ha::link::Member;
 
 /// `[ha]`: membership of an A/B pair and the NAT session sync channel (see `crate::ha`).
 ///

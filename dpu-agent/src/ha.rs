@@ -91,21 +91,19 @@ use flow_offload::ha::sync::{
 };
 use flow_offload::soft::nat::{NatSessionRecord, ReplicaCursor, ReplicatedSession};
 use flow_offload::wire::frame::{FrameCodec, FrameReader};
-use serde::{Deserialize, Serialize};
 
 use crate::agent::SharedPipeline;
-use crate::config::{ConfigError, HaConfig, Member};
+use crate::config::{ConfigError, HaConfig};
+pub use flow_offload::ha::link::{Member, PairFrame, PairHello, StandbyReport, PROTOCOL};
 
-/// Version of the pair protocol (in [`PairHello`]).
-pub const PROTOCOL: u32 = 1;
 /// Change-log entries drained per pipeline lock.
 pub const DRAIN_CHUNK: usize = 1024;
 /// Session slots a keepalive pass visits per tick.
 pub const KEEPALIVE_SLOTS: usize = 1024;
 /// A standby drops a connection silent for this long.
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(3);
-/// Largest frame accepted from the peer.
-pub const MAX_FRAME: usize = 4 << 20;
+/// Largest frame accepted from the peer (the fuzzed limit).
+pub const MAX_FRAME: usize = flow_offload::ha::fuzz::PAIR_MAX_FRAME;
 /// Largest backlog of unsent bytes before a connection is dropped (the peer does not read).
 const MAX_OUT: usize = 32 << 20;
 /// Redial delays of the active after a lost or refused connection, doubling.
@@ -116,46 +114,6 @@ const TICK: Duration = Duration::from_micros(500);
 /// Role-machine time runs this far ahead of the pipeline clock, so that a lease deadline
 /// converted from an `Instant` never saturates at 0.
 const ROLE_OFFSET_NS: u64 = 3600 * 1_000_000_000;
-
-/// Everything on the sync connection. New variants go at the end (postcard encodes the index).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PairFrame {
-    /// Sent first, by both sides.
-    Hello(PairHello),
-    /// The replication stream.
-    Sync(SyncMessage<ReplicatedSession>),
-    /// Standby → active: whether the standby's replica is complete and every record of it
-    /// imported (see [`StandbyReport`]).
-    Standby(StandbyReport),
-}
-
-/// The standby's own view of its replica, sent right after its hello, whenever it changes,
-/// and, when a record is refused, before the acknowledgement that covers it.
-///
-/// The sync sender's acknowledgements say what the standby *received*; only the standby knows
-/// whether its pipeline took every record (one missing the NAT rule refuses them and asks for
-/// another snapshot later). The active counts its peer Ready only when both agree, so that a
-/// planned switchover never hands over to a standby missing bindings. An active that never
-/// hears a report (a peer from before this frame existed) goes by the acknowledgements alone;
-/// a peer that does not know this frame counts it as a frame error and carries on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StandbyReport {
-    /// Snapshot complete, stream applied, no record refused since.
-    pub ready: bool,
-}
-
-/// Who is at the other end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PairHello {
-    /// [`PROTOCOL`].
-    pub protocol: u32,
-    /// The sender's member letter.
-    pub member: Member,
-    /// The active's epoch (the active), or the newest epoch the standby knows.
-    pub epoch: u64,
-    /// Whether the sender is the active (dialling) side.
-    pub active: bool,
-}
 
 /// Settings of the pair runtime.
 #[derive(Debug, Clone, PartialEq, Eq)]

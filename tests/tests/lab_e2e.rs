@@ -356,8 +356,9 @@ fn lab_evpn_type5_nat_meter_and_restarts() {
     );
 
     // Site a's A/B pair (`lab up` waited for one active and one Ready standby): long-lived
-    // flows through NAPT44 and NAT64 across a kill -9 of the active member. None may be reset,
-    // lose a message or change its outside address and port.
+    // flows through NAPT44 and NAT64 across a kill -9 of the active member. None may be reset
+    // or change its outside address and port (the session moved to the standby with it); a
+    // UDP message in flight while the dead member's ports vanish may be lost, and is reported.
     lab.ok(&["flows", "start", "20"]);
     std::thread::sleep(Duration::from_secs(3));
     let failover = lab.run(&["failover", "a"]);

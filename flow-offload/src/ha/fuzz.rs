@@ -5,9 +5,11 @@
 
 use core::net::Ipv4Addr;
 
+use crate::ha::link::{PairFrame, PROTOCOL};
 use crate::ha::sync::{Event, SyncConfig, SyncMessage, SyncReceiver, SyncSender};
+use crate::soft::nat::ReplicatedSession;
 use crate::soft::nat::{AllocBlock, NatConfig, NatTable, SessionRecord, Timeouts, XorShift32};
-use crate::wire::frame::{FrameCodec, FrameReader};
+use crate::wire::frame::{fuzz_stream, FrameCodec};
 
 /// The record type on the sync link in the fuzz target: a key and one NAPT44 session.
 pub type FuzzRecord = (u32, SessionRecord<Ipv4Addr>);
@@ -60,28 +62,41 @@ pub fn fuzz_sync(data: &[u8]) {
         }
         return;
     }
-    let mut reader = FrameReader::new(FrameCodec::default());
-    let mut rest = data;
-    let mut step = 0usize;
-    while !rest.is_empty() {
-        let selector = data.get(step % data.len()).copied().unwrap_or(0);
-        let size = match selector % 4 {
-            0 => 1,
-            1 => 1 + usize::from(selector >> 2) % 7,
-            2 => 1 + usize::from(selector >> 2) % 64,
-            _ => rest.len(),
-        };
-        let (chunk, tail) = rest.split_at(size.min(rest.len()));
-        rest = tail;
-        step = step.wrapping_add(1);
-        reader.push(chunk);
-        loop {
-            match reader.next::<SyncMessage<FuzzRecord>>() {
-                Ok(Some(m)) => feed(m, selector),
-                Ok(None) => break,
-                Err(e) if e.is_fatal() => return,
-                Err(_) => {}
+    fuzz_stream::<SyncMessage<FuzzRecord>>(data, FrameCodec::default(), feed);
+}
+
+/// The real pair connection's decoder, as the DPU agent runs it: `data` as frames of
+/// [`PairFrame`]s (in [`crate::wire::frame::fuzz_chunks`]) under the agent's frame limit; the
+/// replication stream of [`ReplicatedSession`]s goes to a receiver and a sender, hellos and
+/// reports are read. A hostile peer must not panic the agent nor grow its memory without bound.
+pub fn fuzz_pair(data: &[u8]) {
+    let cfg = SyncConfig::default();
+    let Ok(mut rx) = SyncReceiver::<ReplicatedSession>::new(cfg.clone(), 0) else {
+        return;
+    };
+    let Ok(mut tx) = SyncSender::<ReplicatedSession>::new(cfg, 1) else {
+        return;
+    };
+    let mut now = 0u64;
+    let mut hellos = 0usize;
+    fuzz_stream::<PairFrame>(data, FrameCodec::new(PAIR_MAX_FRAME), |f, step| {
+        now = now.saturating_add(u64::from(step) * 1_000_000);
+        match f {
+            PairFrame::Hello(h) => hellos += usize::from(h.protocol == PROTOCOL),
+            PairFrame::Standby(_) => {}
+            PairFrame::Sync(m) => {
+                let _ = tx.handle(m.clone());
+                let (delivered, _reply) = rx.handle(m, now);
+                for d in delivered {
+                    let _ = d.event.key();
+                }
+                let _ = rx.poll(now);
+                let _ = tx.poll_transmit(now);
             }
         }
-    }
+    });
+    let _ = hellos;
 }
+
+/// The largest pair frame the agent accepts (its `MAX_FRAME`).
+pub const PAIR_MAX_FRAME: usize = 4 << 20;

@@ -8,6 +8,7 @@
 //!   no longer vouch for its lease fences itself (stops allocating, keeps forwarding
 //!   established sessions); nothing ever goes back to an older epoch; there is no automatic
 //!   failback; a planned switchover hands over only once the standby is Ready.
+//! - [`link`]: the frames the two members exchange (hello, stream, standby report).
 //! - [`sync`]: the replication stream from active to standby: versioned changes in ordered,
 //!   acknowledged batches, with a bulk snapshot for a standby that joins, and the
 //!   [`sync::ReadyState`] the role machine waits for before a switchover.
@@ -18,5 +19,6 @@
 //! delivered. Bindings created but not yet acknowledged are lost (the sync lag is the bound).
 
 pub mod fuzz;
+pub mod link;
 pub mod role;
 pub mod sync;

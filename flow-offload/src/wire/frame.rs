@@ -492,18 +492,16 @@ impl FrameReader {
     }
 }
 
-/// Fuzzing entry point: streams `data` through a [`FrameReader`] in chunks whose sizes are
-/// derived from the data itself, decoding every frame as [`crate::wire::Message`], until the
-/// stream fails fatally or the data runs out. Also decodes `data` once with
-/// [`FrameCodec::decode`]. Never panics; memory stays bounded by `data.len()`.
-pub fn fuzz_frames(data: &[u8]) {
-    let codec = FrameCodec::default();
-    let _ = codec.decode::<crate::wire::Message>(data);
-
-    let mut reader = FrameReader::new(codec);
+/// The fuzzers' way of delivering a byte stream: `data` cut into chunks whose sizes come from
+/// the data itself (1 byte, up to 7, up to 64, or the rest), each with the byte that chose its
+/// size, so that one input exercises many ways a socket can split the same stream.
+pub fn fuzz_chunks(data: &[u8]) -> impl Iterator<Item = (&[u8], u8)> + '_ {
     let mut rest = data;
     let mut step: usize = 0;
-    while !rest.is_empty() {
+    core::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
         let selector = data.get(step % data.len()).copied().unwrap_or(0);
         let size = match selector % 4 {
             0 => 1,
@@ -514,14 +512,42 @@ pub fn fuzz_frames(data: &[u8]) {
         let (chunk, tail) = rest.split_at(size.min(rest.len()));
         rest = tail;
         step = step.wrapping_add(1);
+        Some((chunk, selector))
+    })
+}
+
+/// Streams `data` through a [`FrameReader`] of `codec` in [`fuzz_chunks`], handing every frame
+/// that decodes as a `T` to `on` with its chunk's selector byte, until the stream fails fatally
+/// or the data runs out. For the fuzz targets of every framed decoder.
+pub fn fuzz_stream<T: DeserializeOwned>(data: &[u8], codec: FrameCodec, mut on: impl FnMut(T, u8)) {
+    let mut reader = FrameReader::new(codec);
+    for (chunk, selector) in fuzz_chunks(data) {
         reader.push(chunk);
         loop {
-            match reader.next::<crate::wire::Message>() {
-                Ok(Some(_)) => {}
+            match reader.next::<T>() {
+                Ok(Some(m)) => on(m, selector),
                 Ok(None) => break,
                 Err(e) if e.is_fatal() => return,
                 Err(_) => {}
             }
+        }
+    }
+}
+
+/// Fuzzing entry point: streams `data` through a [`FrameReader`] in chunks whose sizes are
+/// derived from the data itself, decoding every frame as [`crate::wire::Message`] the way the
+/// agents do ([`crate::wire::read_message`], whose refusals peek at the payload), until the
+/// stream fails fatally or the data runs out. Also decodes `data` once with
+/// [`FrameCodec::decode`]. Never panics; memory stays bounded by `data.len()`.
+pub fn fuzz_frames(data: &[u8]) {
+    let codec = FrameCodec::default();
+    let _ = codec.decode::<crate::wire::Message>(data);
+    let mut reader = FrameReader::new(codec);
+    for (chunk, _) in fuzz_chunks(data) {
+        reader.push(chunk);
+        while let Ok(Some(_)) = reader.next_payload(crate::wire::read_message) {}
+        if reader.is_poisoned() {
+            return;
         }
     }
 }
