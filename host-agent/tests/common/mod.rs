@@ -55,8 +55,17 @@ impl Etcd {
             client_port: free_port(),
             peer_port: free_port(),
         };
-        e.spawn().await;
-        e
+        // A free port found by binding and releasing it can be taken by a parallel test before
+        // etcd binds it: then try again with new ports.
+        for _ in 0..5 {
+            if e.spawn_once().await {
+                return e;
+            }
+            e.client_port = free_port();
+            e.peer_port = free_port();
+            let _ = std::fs::remove_dir_all(e.dir.join("data"));
+        }
+        panic!("etcd could not bind free ports in 5 attempts");
     }
 
     /// The client URL.
@@ -70,6 +79,11 @@ impl Etcd {
     }
 
     async fn spawn(&mut self) {
+        assert!(self.spawn_once().await, "etcd could not bind its ports");
+    }
+
+    /// Starts etcd; false if it exited because a port was taken.
+    async fn spawn_once(&mut self) -> bool {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
@@ -105,11 +119,15 @@ impl Etcd {
         loop {
             if let Ok(store) = Store::connect(&self.config()).await {
                 if store.snapshot().await.is_ok() {
-                    return;
+                    return true;
                 }
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 let log = std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+                if log.contains("address already in use") {
+                    self.child = None;
+                    return false;
+                }
                 panic!("etcd exited with {status}: {log}");
             }
             assert!(Instant::now() < deadline, "etcd not healthy within 30 s");
